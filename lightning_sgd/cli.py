@@ -1,0 +1,156 @@
+"""The ``lightning-sgd`` command: LightningCLI's ``fit``/``validate``/``test`` plus project subcommands.
+
+``fit``, ``validate`` and ``test`` are LightningCLI with ``subclass_mode`` for both model and data, so any recipe
+(or user) LightningModule / LightningDataModule is named by ``class_path`` in YAML or on the command line. Other
+subcommands (``sweep``, ``nqm``, ...) are registered in :data:`EXTRA_COMMANDS` as ``module:function`` entries that
+take the remaining arguments.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import CSVLogger
+
+#: name -> (``module:function`` taking ``argv``, one-line help). Add new subcommands here.
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    "sweep": ("lightning_sgd.sweep.cli:main", "steps-to-target vs batch size with tuned learning rates (Optuna)"),
+    "nqm": ("lightning_sgd.nqm.cli:main", "noisy quadratic model predictions and the paper's figures"),
+}
+
+LIGHTNING_COMMANDS: dict[str, str] = {
+    "fit": "train a recipe (add --test_after_fit=true to test the final model too)",
+    "validate": "run one evaluation epoch on the validation set",
+    "test": "run one evaluation epoch on the test set",
+}
+
+#: Every recipe logs to W&B (offline unless credentials are present) and to CSV, under ``runs/``.
+DEFAULT_LOGGERS: list[dict[str, Any]] = [
+    {"class_path": "lightning_sgd.loggers.WandbLogger", "init_args": {"save_dir": "runs", "project": "lightning-sgd"}},
+    {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "csv"}},
+]
+
+
+class LightningSGDCLI(LightningCLI):
+    """LightningCLI restricted to fit/validate/test, with W&B + CSV logging and an optional test after fit."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {name: kwargs for name, kwargs in LightningCLI.subcommands().items() if name in LIGHTNING_COMMANDS}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=False,
+            help="fit only: after training, test the final model on the datamodule's test set and print the metrics.",
+        )
+
+    def after_fit(self) -> None:
+        metrics = _scalar_metrics(self.trainer)  # trainer.test replaces callback_metrics: keep fit's
+        if self.config["fit"].get("test_after_fit"):
+            self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            metrics.update(_scalar_metrics(self.trainer))
+        print_run_summary(self.trainer, metrics)
+        _finish_loggers(self.trainer)
+
+    def after_validate(self) -> None:
+        _finish_loggers(self.trainer)
+
+    def after_test(self) -> None:
+        _finish_loggers(self.trainer)
+
+
+def _finish_loggers(trainer: pl.Trainer) -> None:
+    """Close W&B runs so the offline run file is complete and a later run in this process starts a new one."""
+    for logger in trainer.loggers:
+        finish = getattr(logger, "finish", None)
+        if callable(finish):
+            finish()
+
+
+def _scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+def print_run_summary(trainer: pl.Trainer, metrics: dict[str, float] | None = None) -> None:
+    """Print the final metrics and where each logger wrote (rank 0 only)."""
+    if trainer.global_rank != 0:
+        return
+    metrics = _scalar_metrics(trainer) if metrics is None else metrics
+    keys = sorted(k for k in metrics if k.startswith(("val/", "test/")))
+    print("\n== lightning-sgd run summary ==")
+    print(f"steps: {trainer.global_step}, epochs: {trainer.current_epoch}")
+    for key in keys:
+        print(f"{key:>24s}: {metrics[key]:.4f}")
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            print(f"CSV metrics: {os.path.join(logger.log_dir, 'metrics.csv')}")
+        elif hasattr(logger, "run_dir"):
+            run_dir = logger.run_dir()
+            if run_dir:
+                print(f"W&B run: {run_dir} (upload later with `wandb sync {run_dir}`)")
+
+
+def _help_text() -> str:
+    lines = [
+        "usage: lightning-sgd <command> [options]",
+        "",
+        "Measure and act on gradient noise, curvature and batch size in PyTorch Lightning training.",
+        "",
+        "commands:",
+    ]
+    commands = {**LIGHTNING_COMMANDS, **{name: text for name, (_, text) in EXTRA_COMMANDS.items()}}
+    lines += [f"  {name:<10s}{text}" for name, text in commands.items()]
+    lines += [
+        "",
+        "examples:",
+        "  lightning-sgd fit --config recipes/mnist1d.yaml",
+        "  lightning-sgd fit --help          (all options of a command)",
+        "  lightning-sgd fit --config recipes/mnist1d.yaml --print_config   (the resolved configuration)",
+    ]
+    return "\n".join(lines)
+
+
+def _run_extra(name: str, argv: Sequence[str]) -> Any:
+    target, _ = EXTRA_COMMANDS[name]
+    module_name, function_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise SystemExit(f"lightning-sgd {name}: this installation lacks {module_name} ({err}).") from err
+    return getattr(module, function_name)(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``lightning-sgd`` console script (returns nothing: a return value becomes the exit code)."""
+    run(sys.argv[1:] if argv is None else argv)
+
+
+def run(argv: Sequence[str]) -> Any:
+    """Run a ``lightning-sgd`` command; return the LightningCLI object (fit/validate/test) or the command's result."""
+    args = list(argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_help_text())
+        return None
+    if args[0] in EXTRA_COMMANDS:
+        return _run_extra(args[0], args[1:])
+    if args[0] not in LIGHTNING_COMMANDS:
+        raise SystemExit(f"lightning-sgd: unknown command {args[0]!r}.\n\n{_help_text()}")
+    return LightningSGDCLI(
+        model_class=pl.LightningModule,
+        datamodule_class=pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults={"logger": DEFAULT_LOGGERS},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Dataset generators and file-format readers (pure: no Lightning). DataModules live in lightning_sgd.recipes."""

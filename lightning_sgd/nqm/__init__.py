@@ -1,0 +1,1 @@
+"""Noisy quadratic model (Zhang et al. 2019): exact expected-risk dynamics and batch-size predictions."""

@@ -1,0 +1,169 @@
+"""MNIST-1D recipe: the data module and the two networks of the MNIST-1D paper (Greydanus & Kobak 2020).
+
+The data is generated offline by :func:`lightning_sgd.data.mnist1d.generate_mnist1d`, so this recipe needs no
+download. Train, val and test sets use disjoint seeds derived from one ``seed``; the generated tensors are cached
+under ``cache_dir`` so a second run starts instantly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sgd.data.mnist1d import NUM_CLASSES, SEQUENCE_LENGTH, generate_mnist1d
+
+_SPLITS = ("train", "val", "test")
+_CACHE_VERSION = 1  # bump when the generator or normalization changes
+
+
+def split_seed(seed: int, stream: int) -> int:
+    """Independent 32-bit seed for stream ``stream`` (0 train, 1 val, 2 test, 3+ fresh samples) of run ``seed``."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+
+
+class MNIST1DDataModule(pl.LightningDataModule):
+    """MNIST-1D train/val/test sets, i.i.d. from the same generator, normalized with the train set's statistics.
+
+    Args:
+        num_train: training examples (the paper uses 4000).
+        num_val: validation examples.
+        num_test: test examples (the paper uses 1000).
+        batch_size: per-device training batch size; evaluation uses ``eval_batch_size``.
+        eval_batch_size: batch size for val/test loaders.
+        seed: determines every split (and any fresh-sample stream) of this data module.
+        cache_dir: where generated tensors are cached; ``None`` disables the cache.
+        num_workers: DataLoader workers (0 is fastest for in-memory tensors).
+    """
+
+    def __init__(
+        self,
+        num_train: int = 4000,
+        num_val: int = 1000,
+        num_test: int = 1000,
+        batch_size: int = 100,
+        eval_batch_size: int = 1000,
+        seed: int = 0,
+        cache_dir: str | None = ".data/mnist1d",
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_train", num_train), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise ValueError(f"MNIST1DDataModule: {name} must be >= 1, got {value}.")
+        for name, value in (("num_val", num_val), ("num_test", num_test), ("num_workers", num_workers)):
+            if value < 0:
+                raise ValueError(f"MNIST1DDataModule: {name} must be >= 0, got {value}.")
+        self.save_hyperparameters()
+        self.num_train, self.num_val, self.num_test = num_train, num_val, num_test
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.seed, self.num_workers = seed, num_workers
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.num_classes = NUM_CLASSES
+        self.input_shape = (SEQUENCE_LENGTH,)
+        self.tensors: dict[str, tuple[Tensor, Tensor]] = {}
+        self.mean: float | None = None
+        self.std: float | None = None
+
+    # ----------------------------------------------------------------------------------------------- generation
+    def _generate(self, split: str, num_samples: int) -> tuple[Tensor, Tensor]:
+        stream = _SPLITS.index(split)
+        seed = split_seed(self.seed, stream)
+        if self.cache_dir is None:
+            return generate_mnist1d(num_samples, seed)
+        key = hashlib.sha1(f"v{_CACHE_VERSION}-{num_samples}-{seed}".encode()).hexdigest()[:16]
+        path = self.cache_dir / f"{split}-{num_samples}-{key}.pt"
+        if path.exists():
+            x, y = torch.load(path)
+            return x, y
+        x, y = generate_mnist1d(num_samples, seed)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save((x, y), tmp)
+        tmp.replace(path)  # atomic: a killed run never leaves a truncated cache file
+        return x, y
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Apply the training set's normalization (available after ``setup``)."""
+        if self.mean is None or self.std is None:
+            raise RuntimeError("MNIST1DDataModule.normalize needs setup() to have run first.")
+        return (x - self.mean) / self.std
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tensors:
+            return
+        x_train, y_train = self._generate("train", self.num_train)
+        self.mean, self.std = float(x_train.mean()), float(x_train.std())
+        self.tensors["train"] = (self.normalize(x_train), y_train)
+        for split, n in (("val", self.num_val), ("test", self.num_test)):
+            x, y = self._generate(split, n)
+            self.tensors[split] = (self.normalize(x), y)
+
+    # ---------------------------------------------------------------------------------------------- dataloaders
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        x, y = self.tensors[split]
+        if len(y) == 0:
+            raise ValueError(f"MNIST1DDataModule: the {split} split is empty; set num_{split} >= 1 to use it.")
+        generator = torch.Generator().manual_seed(split_seed(self.seed, 100 + _SPLITS.index(split)))
+        return DataLoader(
+            TensorDataset(x, y),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator if shuffle else None,
+            num_workers=self.num_workers,
+            drop_last=shuffle and len(y) >= batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False)
+
+
+class MNIST1DMLP(nn.Module):
+    """The MNIST-1D paper's MLP: 40 → hidden → hidden → 10 with ReLU (hidden = 100 in the paper)."""
+
+    def __init__(self, hidden: int = 100, num_classes: int = NUM_CLASSES, input_length: int = SEQUENCE_LENGTH) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(input_length, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 40) -> (B, 10)
+        return self.net(x.flatten(1))
+
+
+class MNIST1DCNN(nn.Module):
+    """The MNIST-1D paper's CNN: three strided Conv1d layers (25 channels) and a linear head (~5.2k parameters)."""
+
+    def __init__(self, channels: int = 25, num_classes: int = NUM_CLASSES, input_length: int = SEQUENCE_LENGTH) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(1, channels, 5, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+        )
+        length = input_length
+        for kernel in (5, 3, 3):
+            length = (length + 2 - kernel) // 2 + 1
+        self.head = nn.Linear(channels * length, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 40) -> (B, 1, 40) -> (B, C, 5) -> (B, 10)
+        h = self.features(x.reshape(x.shape[0], 1, x.shape[-1]))
+        return self.head(h.flatten(1))
