@@ -32,7 +32,7 @@ LIGHTNING_COMMANDS: dict[str, str] = {
 
 #: Every recipe logs to W&B (offline unless credentials are present) and to CSV, under ``runs/``.
 DEFAULT_LOGGERS: list[dict[str, Any]] = [
-    {"class_path": "lightning_sgd.loggers.WandbLogger", "init_args": {"save_dir": "runs", "project": "lightning-sgd"}},
+    {"class_path": "lightning_sgd.loggers.WandbLogger", "init_args": {"save_dir": "runs"}},  # project: $WANDB_PROJECT
     {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "csv"}},
 ]
 

@@ -63,7 +63,7 @@ class WandbLogger(_PLWandbLogger):
         if offline is None:
             mode = os.environ.get("WANDB_MODE", "").lower()
             offline = mode in ("offline", "dryrun") or (mode == "" and not wandb_credentials_present())
-        kwargs.setdefault("project", "lightning-sgd")
+        kwargs.setdefault("project", os.environ.get("WANDB_PROJECT", "lightning-sgd"))
         save_dir = kwargs.get("save_dir")
         if save_dir is not None:
             os.makedirs(save_dir, exist_ok=True)  # wandb falls back to /tmp when the directory does not exist
