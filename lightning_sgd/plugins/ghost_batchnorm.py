@@ -1,0 +1,245 @@
+"""Ghost batch normalization (Hoffer, Hubara & Soudry 2017, "Train longer, generalize better").
+
+In training mode every chunk of ``ghost_batch_size`` consecutive examples is normalized with its own mean and
+variance, as if the batch had been fed to :class:`torch.nn.BatchNorm` chunk by chunk; evaluation uses the running
+statistics exactly like plain batch norm. Large-batch training keeps the small-batch regularization of BN this way
+(ghost sizes in the sources: 32 for ResNet32/VGG11, 64 for Wide-ResNet, 256 for ResNet-50).
+
+- :class:`GhostBatchNorm`: one layer for 1d/2d/3d inputs (``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ...). Its
+  parameters and buffers are those of ``nn.BatchNorm*`` (same names), so ``state_dict`` loads both ways.
+- :func:`convert_to_ghost_batchnorm`: swap every BatchNorm of a model (a layer + converter pair like timm's
+  ``layers/split_batchnorm.py``).
+- :class:`GhostBatchNormCallback`: does the conversion in ``setup()``, before the optimizers are built, so a
+  LightningCLI YAML can switch ghost BN on: ``trainer.callbacks: [{class_path:
+  lightning_sgd.plugins.GhostBatchNormCallback, init_args: {ghost_batch_size: 32}}]``.
+
+Vectorized: the ``K = N // G`` full chunks are reshaped into the channel axis, ``(N, C, *S) -> (G, K*C, *S)``, and
+normalized by ONE native ``F.batch_norm`` call (no Python loop over chunks). A remainder of ``N % G`` examples is
+normalized with its OWN statistics (one more call, like the last chunk of ``torch.split``), never merged into a
+full chunk. The running statistics receive exactly the updates that ``K (+1)`` sequential ``nn.BatchNorm`` calls
+on the chunks would make (with ``momentum=None`` the cumulative average counts each chunk as one batch);
+``num_batches_tracked`` grows by the number of chunks.
+
+Under DDP each process normalizes its own per-device batch, so the ghost size stays a fixed number of examples as
+devices are added (the global batch holds ``world_size * N / G`` ghost batches). ``SyncBatchNorm`` layers are left
+alone unless ``include_sync_batchnorm=True`` (then they become local ghost BN: synchronizing statistics across
+devices is the opposite of what ghost BN wants).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from typing_extensions import override
+
+__all__ = ["GhostBatchNorm", "GhostBatchNormCallback", "convert_to_ghost_batchnorm"]
+
+
+def _check_ghost_batch_size(ghost_batch_size: int) -> int:
+    if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size <= 0:
+        raise ValueError(f"ghost_batch_size must be a positive integer (examples per ghost batch), got "
+                         f"{ghost_batch_size!r}.")
+    return ghost_batch_size
+
+
+def _running_stat_coefficients(factors: list[float]) -> tuple[float, list[float]]:
+    """Coefficients of ``K`` sequential EMA updates ``r <- (1 - f_j) r + f_j s_j`` folded into one.
+
+    Returns ``(c, [c_0, ..., c_{K-1}])`` with ``r_K = c * r_0 + sum_j c_j s_j``, i.e. ``c = prod_j (1 - f_j)`` and
+    ``c_j = f_j prod_{i > j} (1 - f_i)``.
+    """
+    coefficients = [0.0] * len(factors)
+    tail = 1.0  # prod_{i > j} (1 - f_i)
+    for j in range(len(factors) - 1, -1, -1):
+        coefficients[j] = factors[j] * tail
+        tail *= 1.0 - factors[j]
+    return tail, coefficients
+
+
+class GhostBatchNorm(_BatchNorm):
+    """Batch norm whose training statistics come from chunks of ``ghost_batch_size`` examples.
+
+    Same arguments, parameters and buffers as :class:`torch.nn.BatchNorm2d` (and 1d/3d: any input ``(N, C, *)``)
+    plus ``ghost_batch_size``. Training mode: the batch is split into ``N // G`` ghost batches of ``G`` examples
+    (vectorized) and a remainder of ``N % G`` examples with its own statistics; a batch of at most ``G`` examples
+    is plain batch norm. Eval mode: plain batch norm with the running statistics.
+
+    The first training batch must hold at least ``ghost_batch_size`` examples (a ``ValueError`` otherwise: the
+    ghost size is probably mistyped); later smaller batches (the last batch of an epoch) are allowed.
+
+    Example:
+        >>> bn = GhostBatchNorm(8, ghost_batch_size=32)
+        >>> bn(torch.randn(128, 8, 4, 4)).shape
+        torch.Size([128, 8, 4, 4])
+        >>> int(bn.num_batches_tracked)  # four ghost batches, as four nn.BatchNorm2d calls
+        4
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        ghost_batch_size: int = 32,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.ghost_batch_size = _check_ghost_batch_size(ghost_batch_size)
+        self._seen_training_batch = False
+
+    @classmethod
+    def from_batchnorm(cls, bn: _BatchNorm, ghost_batch_size: int) -> GhostBatchNorm:
+        """A ghost BN that SHARES ``bn``'s parameters and buffers (no copy; optimizer references stay valid)."""
+        ghost = cls(bn.num_features, ghost_batch_size, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                    device="meta")
+        for name, param in bn.named_parameters(recurse=False):
+            setattr(ghost, name, param)
+        for name, buffer in bn.named_buffers(recurse=False):
+            setattr(ghost, name, buffer)
+        ghost.train(bn.training)
+        return ghost
+
+    @override
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"GhostBatchNorm expects input of shape (N, C, *), got {tuple(input.shape)}.")
+
+    @override
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}"
+
+    @override
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(input)  # running statistics (or batch statistics if not tracked): plain BN
+        self._check_input_dim(input)
+        n, g = input.shape[0], self.ghost_batch_size
+        if not self._seen_training_batch:
+            if n < g:
+                raise ValueError(
+                    f"GhostBatchNorm: ghost_batch_size={g} is larger than the (per-device) training batch of {n} "
+                    f"examples; choose a ghost size <= the batch size."
+                )
+            self._seen_training_batch = True
+        if n <= g:
+            return super().forward(input)  # one ghost batch: exactly nn.BatchNorm
+        return self._ghost_forward(input)
+
+    def _ghost_forward(self, input: Tensor) -> Tensor:
+        n, c, g = input.shape[0], input.shape[1], self.ghost_batch_size
+        k, r = divmod(n, g)  # k full ghost batches, a remainder of r examples
+        spatial = input.shape[2:]
+        track = self.track_running_stats and self.running_mean is not None and self.running_var is not None
+        stats_dtype = self.running_mean.dtype if track else input.dtype
+
+        # Full chunks into the channel axis: (k*g, C, *S) -> (k, g, C, *S) -> (g, k, C, *S) -> (g, k*C, *S).
+        head = input[: k * g].reshape(k, g, c, *spatial).transpose(0, 1).reshape(g, k * c, *spatial)
+        weight = self.weight.repeat(k) if self.weight is not None else None
+        bias = self.bias.repeat(k) if self.bias is not None else None
+        # momentum 1 on zero buffers: the kernel writes each chunk's mean and UNBIASED variance into them.
+        means = torch.zeros(k * c, device=input.device, dtype=stats_dtype) if track else None
+        variances = torch.zeros(k * c, device=input.device, dtype=stats_dtype) if track else None
+        out = F.batch_norm(head, means, variances, weight, bias, True, 1.0, self.eps)  # (g, k*C, *S)
+        out = out.reshape(g, k, c, *spatial).transpose(0, 1).reshape(k * g, c, *spatial)
+        chunk_means = [means.view(k, c)] if track else []
+        chunk_vars = [variances.view(k, c)] if track else []
+
+        if r:  # the remainder: its own statistics (like the last chunk of torch.split(input, g))
+            rest_mean = torch.zeros(c, device=input.device, dtype=stats_dtype) if track else None
+            rest_var = torch.zeros(c, device=input.device, dtype=stats_dtype) if track else None
+            rest = F.batch_norm(input[k * g:], rest_mean, rest_var, self.weight, self.bias, True, 1.0, self.eps)
+            out = torch.cat([out, rest])
+            if track:
+                chunk_means.append(rest_mean.view(1, c))
+                chunk_vars.append(rest_var.view(1, c))
+
+        if track:
+            self._update_running_stats(torch.cat(chunk_means), torch.cat(chunk_vars))
+        return out
+
+    @torch.no_grad()
+    def _update_running_stats(self, means: Tensor, variances: Tensor) -> None:
+        """Apply the updates of ``len(means)`` sequential nn.BatchNorm calls in one weighted sum."""
+        chunks = means.shape[0]
+        start = int(self.num_batches_tracked) if self.num_batches_tracked is not None else 0
+        if self.momentum is None:  # cumulative moving average: the j-th chunk is batch number start + j + 1
+            factors = [1.0 / (start + j + 1) for j in range(chunks)]
+        else:
+            factors = [float(self.momentum)] * chunks
+        keep, coefficients = _running_stat_coefficients(factors)
+        weights = torch.tensor(coefficients, device=means.device, dtype=means.dtype)  # (K,)
+        self.running_mean.mul_(keep).add_(weights @ means)  # (C,)
+        self.running_var.mul_(keep).add_(weights @ variances)
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(chunks)
+
+
+def convert_to_ghost_batchnorm(
+    module: nn.Module, ghost_batch_size: int, *, include_sync_batchnorm: bool = False
+) -> nn.Module:
+    """Replace every BatchNorm layer of ``module`` by a :class:`GhostBatchNorm` sharing its parameters and buffers.
+
+    Works in place on children and returns the model (a new object only if ``module`` itself is a BatchNorm).
+    ``SyncBatchNorm`` is skipped unless ``include_sync_batchnorm``; existing ghost layers get the new ghost size.
+    The ``state_dict`` keys do not change, so checkpoints of the original model load into the converted one and
+    back. A model without any BatchNorm triggers a warning (not an error) and is returned unchanged.
+    """
+    _check_ghost_batch_size(ghost_batch_size)
+    counts = {"converted": 0}
+
+    def convert(child: nn.Module) -> nn.Module:
+        if isinstance(child, GhostBatchNorm):
+            child.ghost_batch_size = ghost_batch_size
+            counts["converted"] += 1
+            return child
+        if isinstance(child, nn.SyncBatchNorm) and not include_sync_batchnorm:
+            return child
+        if isinstance(child, _BatchNorm) and not isinstance(child, nn.modules.lazy.LazyModuleMixin):
+            counts["converted"] += 1
+            return GhostBatchNorm.from_batchnorm(child, ghost_batch_size)
+        for name, grandchild in child.named_children():
+            new = convert(grandchild)
+            if new is not grandchild:
+                setattr(child, name, new)
+        return child
+
+    converted = convert(module)
+    if counts["converted"] == 0:
+        warnings.warn(
+            f"convert_to_ghost_batchnorm: {type(module).__name__} has no BatchNorm layer to convert "
+            f"(SyncBatchNorm is skipped unless include_sync_batchnorm=True); ghost batch norm has no effect.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return converted
+
+
+class GhostBatchNormCallback(Callback):
+    """Convert the LightningModule's BatchNorm layers to :class:`GhostBatchNorm` in ``setup()``.
+
+    ``setup()`` runs before ``configure_optimizers`` and before DDP wraps the model, so optimizers see the ghost
+    layers' (shared, unchanged) parameters. The ghost size is a number of examples per device.
+
+    Args:
+        ghost_batch_size: examples per ghost batch (the sources use 32, 64 or 256).
+        include_sync_batchnorm: also convert ``SyncBatchNorm`` layers (into local ghost BN).
+    """
+
+    def __init__(self, ghost_batch_size: int, include_sync_batchnorm: bool = False) -> None:
+        self.ghost_batch_size = _check_ghost_batch_size(ghost_batch_size)
+        self.include_sync_batchnorm = include_sync_batchnorm
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        convert_to_ghost_batchnorm(pl_module, self.ghost_batch_size,
+                                   include_sync_batchnorm=self.include_sync_batchnorm)

@@ -1,0 +1,151 @@
+"""Ghost batch norm against its ground truth: nn.BatchNorm fed the ghost chunks one by one.
+
+Tolerances: with ghost size = batch the layer calls the same kernel as nn.BatchNorm, so outputs, gradients and
+buffers are compared with ``torch.equal``. For several chunks the vectorized path reduces over the same elements in
+another memory layout and folds the running-statistic updates into one weighted sum, so float64 inputs are compared
+at rtol 1e-12 (a few ulps of the reductions), float32 at 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_sgd.plugins.ghost_batchnorm import GhostBatchNorm, GhostBatchNormCallback, convert_to_ghost_batchnorm
+
+
+def _pair(bn_cls, features, ghost, dtype=torch.float64, **kwargs):
+    torch.manual_seed(0)
+    bn = bn_cls(features, dtype=dtype, **kwargs)
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    ghost = GhostBatchNorm.from_batchnorm(copy.deepcopy(bn), ghost)
+    return bn, ghost
+
+
+def _run(layer, x, upstream):
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    (out * upstream).sum().backward()
+    params = [p.grad for p in layer.parameters()]
+    return out.detach(), x.grad, params
+
+
+def test_ghost_equals_batch_is_exactly_batchnorm():
+    bn, ghost = _pair(nn.BatchNorm2d, 6, ghost=16, dtype=torch.float32)
+    x = torch.randn(16, 6, 5, 5)
+    upstream = torch.randn(16, 6, 5, 5)
+    for _ in range(2):  # two steps: buffers after the first feed the second
+        ref, mine = _run(bn, x, upstream), _run(ghost, x, upstream)
+        assert torch.equal(ref[0], mine[0]) and torch.equal(ref[1], mine[1])
+        assert all(torch.equal(a, b) for a, b in zip(ref[2], mine[2]))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(bn, name), getattr(ghost, name)), name
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("bn_cls,shape", [(nn.BatchNorm1d, (7,)), (nn.BatchNorm1d, (7, 9)),
+                                          (nn.BatchNorm2d, (7, 4, 3)), (nn.BatchNorm3d, (7, 2, 3, 2))])
+@pytest.mark.parametrize("batch", [128, 137])  # 4 chunks of 32; 4 chunks + a remainder of 9
+def test_ghost_equals_bn_on_each_chunk(bn_cls, shape, momentum, batch):
+    bn, ghost = _pair(bn_cls, shape[0], ghost=32, momentum=momentum)
+    with torch.no_grad():
+        bn.num_batches_tracked.fill_(3)  # the cumulative average must continue from an existing count
+        ghost.num_batches_tracked.fill_(3)
+    torch.manual_seed(1)
+    x = torch.randn(batch, *shape, dtype=torch.float64) * 3 + 1
+    upstream = torch.randn(batch, *shape, dtype=torch.float64)
+    # Ground truth: one nn.BatchNorm call per chunk, in order.
+    xs = x.clone().requires_grad_(True)
+    outs = [bn(chunk) for chunk in torch.split(xs, 32)]
+    (torch.cat(outs) * upstream).sum().backward()
+    out, grad_x, grad_params = _run(ghost, x, upstream)
+    torch.testing.assert_close(out, torch.cat(outs).detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_x, xs.grad, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grad_params, [p.grad for p in bn.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ghost.running_mean, bn.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ghost.running_var, bn.running_var, rtol=1e-12, atol=1e-12)
+    assert int(ghost.num_batches_tracked) == int(bn.num_batches_tracked) == 3 + -(-batch // 32)
+    # Eval mode is plain batch norm with the running statistics (equal to a few ulps, like the buffers).
+    ghost.eval(), bn.eval()
+    torch.testing.assert_close(ghost(x), bn(x), rtol=1e-12, atol=1e-12)
+
+
+def test_float32_matches_chunks():
+    bn, ghost = _pair(nn.BatchNorm2d, 8, ghost=32, dtype=torch.float32)
+    x = torch.randn(128, 8, 4, 4)
+    ref = torch.cat([bn(c) for c in x.split(32)])
+    torch.testing.assert_close(ghost(x), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ghost.running_var, bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_no_affine_no_running_stats():
+    bn, ghost = _pair(nn.BatchNorm1d, 5, ghost=4, affine=False)
+    x = torch.randn(12, 5, dtype=torch.float64)
+    torch.testing.assert_close(ghost(x), torch.cat([bn(c) for c in x.split(4)]))
+    plain = nn.BatchNorm1d(5, track_running_stats=False, dtype=torch.float64)
+    ghost = GhostBatchNorm.from_batchnorm(plain, 4)
+    torch.testing.assert_close(ghost(x), torch.cat([plain(c) for c in x.split(4)]))
+
+
+def test_bad_ghost_sizes():
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="ghost_batch_size"):
+            GhostBatchNorm(4, ghost_batch_size=bad)
+        with pytest.raises(ValueError, match="ghost_batch_size"):
+            GhostBatchNormCallback(bad)
+    layer = GhostBatchNorm(4, ghost_batch_size=64)
+    layer.eval()
+    layer(torch.randn(8, 4))  # evaluation batches are never checked
+    layer.train()
+    with pytest.raises(ValueError, match="larger than"):
+        layer(torch.randn(16, 4))
+    layer = GhostBatchNorm(4, ghost_batch_size=8)
+    layer(torch.randn(16, 4))
+    layer(torch.randn(5, 4))  # after the first batch, a short last batch is plain BN
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 4, 6), nn.BatchNorm1d(6)),
+                         nn.SyncBatchNorm(6))
+
+
+def test_converter_state_dict_both_ways_and_sync_skipped():
+    net = _net()
+    keys = list(net.state_dict())
+    ghost = convert_to_ghost_batchnorm(copy.deepcopy(net), 8)
+    assert isinstance(ghost[1], GhostBatchNorm) and isinstance(ghost[3][2], GhostBatchNorm)
+    assert type(ghost[4]) is nn.SyncBatchNorm  # skipped unless asked
+    assert list(ghost.state_dict()) == keys
+    ghost.load_state_dict(net.state_dict())  # plain -> ghost
+    fresh = _net()
+    with torch.no_grad():
+        for p in ghost.parameters():
+            p.add_(1.0)
+    fresh.load_state_dict(ghost.state_dict())  # ghost -> plain
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), ghost.state_dict().values()))
+    with_sync = convert_to_ghost_batchnorm(_net(), 8, include_sync_batchnorm=True)
+    assert isinstance(with_sync[4], GhostBatchNorm)
+    root = convert_to_ghost_batchnorm(nn.BatchNorm1d(3), 4)
+    assert isinstance(root, GhostBatchNorm)
+
+
+def test_converter_shares_parameters_and_warns_without_bn():
+    net = _net()
+    weight = net[1].weight
+    convert_to_ghost_batchnorm(net, 8)
+    assert net[1].weight is weight  # an optimizer built before conversion still updates the layer
+    with pytest.warns(UserWarning, match="no BatchNorm"):
+        out = convert_to_ghost_batchnorm(nn.Linear(3, 3), 8)
+    assert isinstance(out, nn.Linear)
