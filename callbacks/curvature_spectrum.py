@@ -1,0 +1,310 @@
+"""CurvatureSpectrum: Hessian / GGN / empirical-Fisher eigenvalues, trace and density during training.
+
+A thin Lightning adapter over :mod:`lightning_sgd.curvature` (the maths, on hessian-eigenthings): it draws a fixed
+probe set once, measures on a schedule and at fit end without disturbing training (BN buffers, modes, RNG and
+``.grad`` are restored bit-for-bit), reads the optimizer's current LR and momentum for the sharpness ratio, and
+logs under ``curvature/<operator>/...``. Sources: seed 000 and 003 (stability 2/η), seed 002 (‖H‖_F ≤ O(√B/η)),
+seed 003 App. E.2 (C ≈ H).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
+from torch.utils.data import DataLoader, IterableDataset
+from typing_extensions import override
+
+from lightning_sgd.curvature import (
+    OPERATORS,
+    CheckedOperator,
+    CurvatureError,
+    CurvatureResult,
+    MeasureConfig,
+    check_k,
+    frobenius_bound,
+    make_operator,
+    measure,
+    num_parameters,
+    optimizer_state,
+    preserved_training_state,
+    probe_indices,
+    projection_variance,
+    sharpness,
+)
+from lightning_sgd.protocols import require_supervised
+from lightning_sgd.schedules import Schedule, as_schedule
+
+
+class CurvatureSpectrum(Callback):
+    """Curvature eigenspectrum of the training loss on a fixed probe set, measured on a schedule.
+
+    Each measurement logs, under ``curvature/<operator>/``: ``eig_<i>`` and ``residual_<i>`` (top-k Lanczos Ritz
+    values, descending, and ``‖Hv − λv‖``), ``lanczos_iterations``, ``truncated`` (1 when the time budget cut
+    Lanczos short), ``trace`` and ``trace_stderr`` (Hutch++), ``frobenius`` (``sqrt(tr H²)``), ``sharpness``
+    (``λ_max·η``), ``sharpness_threshold`` (``2(1+β)``) and ``sharpness_ratio``, ``frobenius_bound``
+    (``‖H‖_F·η/√B``), ``alignment_corr``/``alignment_slope`` (log-log fit of ``Var(vᵀg_i)`` on ``vᵀHv``),
+    ``seconds``, ``matvecs``, and ``skipped`` (1 when a measurement could not be made: non-finite curvature,
+    failure). With the W&B logger it also logs the spectrum as a histogram, the SLQ density as a line plot and
+    the alignment pairs as a table and scatter plot.
+
+    Args:
+        schedule: when to measure: every n optimizer steps (int) or a :class:`lightning_sgd.schedules.Schedule`;
+            step 0 (before training) is measured when the schedule includes it.
+        operator: ``"hessian"``, ``"ggn"`` (the true Fisher for softmax cross-entropy) or ``"empirical_fisher"``.
+        k: number of top eigenvalues.
+        lanczos_iterations: Krylov dimension (>= k); ``None``: ``max(2k, k + 20)``.
+        trace_matvecs: Hutch++ matvecs for the trace (0: off).
+        frobenius_matvecs: Hutch++ samples of ``H²`` for ``‖H‖_F`` (2 matvecs each; 0: off).
+        density_runs: stochastic Lanczos quadrature runs for the spectral density (0: off).
+        density_steps: Lanczos steps per SLQ run.
+        alignment: the NQM ``C ≈ H`` check on the top-k eigenvectors and k random directions (per-example
+            gradients over the probe set).
+        probe_batches: number of probe batches per rank (drawn once from the training set with ``seed``).
+        probe_batch_size: examples per probe batch; ``None``: the training DataLoader's batch size.
+        mode: ``"eval"`` (default: BN running statistics, no dropout) or ``"train"`` (batch statistics and
+            dropout with masks fixed across matvecs).
+        time_budget: seconds per measurement; Lanczos is truncated to fit and later stages are skipped.
+        at_fit_end: also measure when training ends.
+        seed: probe-set draw, Lanczos start vector and random probes (the same every measurement).
+    """
+
+    def __init__(
+        self,
+        schedule: int | Schedule = 100,
+        operator: Literal["hessian", "ggn", "empirical_fisher"] = "hessian",
+        k: int = 5,
+        lanczos_iterations: int | None = None,
+        trace_matvecs: int = 30,
+        frobenius_matvecs: int = 0,
+        density_runs: int = 0,
+        density_steps: int = 30,
+        alignment: bool = False,
+        probe_batches: int = 1,
+        probe_batch_size: int | None = None,
+        mode: Literal["eval", "train"] = "eval",
+        time_budget: float | None = None,
+        at_fit_end: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if operator not in OPERATORS:
+            raise ValueError(f"CurvatureSpectrum: operator must be one of {OPERATORS}, got {operator!r}.")
+        if mode not in ("eval", "train"):
+            raise ValueError(f"CurvatureSpectrum: mode must be 'eval' or 'train', got {mode!r}.")
+        if probe_batches < 1:
+            raise ValueError(f"CurvatureSpectrum: the probe set is empty (probe_batches={probe_batches}); use >= 1.")
+        if probe_batch_size is not None and probe_batch_size < 1:
+            raise ValueError(f"CurvatureSpectrum: probe_batch_size must be >= 1, got {probe_batch_size}.")
+        self.schedule = as_schedule(schedule)
+        self.operator = operator
+        self.config = MeasureConfig(
+            k=k, lanczos_iterations=lanczos_iterations, trace_matvecs=trace_matvecs,
+            frobenius_matvecs=frobenius_matvecs, density_runs=density_runs, density_steps=density_steps,
+            alignment=alignment, time_budget=time_budget, seed=seed)
+        try:
+            self.config.validate()
+        except ValueError as err:
+            raise ValueError(f"CurvatureSpectrum: {err}") from None
+        self.probe_batches, self.probe_batch_size = probe_batches, probe_batch_size
+        self.mode, self.at_fit_end, self.seed = mode, at_fit_end, seed
+        self.probe: list[Any] = []  # this rank's probe batches, on the module's device
+        self.history: list[dict[str, Any]] = []  # one summary dict per measurement (step, eigenvalues, trace, ...)
+        self.last_result: CurvatureResult | None = None
+        self._last_step: int | None = None
+        self._global_batch_size: int | None = None
+        self._warned_adaptive = False
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(operator=self.operator, k=self.config.k, mode=self.mode)
+
+    # ------------------------------------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        require_supervised(pl_module, "CurvatureSpectrum")
+        check_k(self.config.k, num_parameters(pl_module))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.probe = self._draw_probe(trainer, pl_module)
+        self._validate_operator(pl_module)  # a clear error now rather than a skip at every measurement
+        if self.schedule(trainer.global_step) and self._last_step != trainer.global_step:
+            self._measure(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step != self._last_step and self.schedule(step):
+            self._measure(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_fit_end and self.probe and self._last_step != trainer.global_step:
+            self._measure(trainer, pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self._last_step, "history": self.history, "seed": self.seed,
+                "probe_batches": self.probe_batches, "probe_batch_size": self.probe_batch_size}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = state_dict.get("last_step")
+        self.history = list(state_dict.get("history", []))
+        if state_dict.get("seed", self.seed) != self.seed:
+            rank_zero_warn("CurvatureSpectrum: resuming with another seed draws another probe set; values before "
+                           "and after the resume are not comparable.")
+
+    # ----------------------------------------------------------------------------------------------- probe set
+    def _draw_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
+        loader = trainer.train_dataloader
+        if isinstance(loader, (list, tuple)) and len(loader) == 1:
+            loader = loader[0]
+        if not isinstance(loader, DataLoader):
+            raise TypeError("CurvatureSpectrum draws its probe set from a single training DataLoader; got "
+                            f"{type(loader).__name__}.")
+        batch_size = self.probe_batch_size or loader.batch_size
+        if batch_size is None:
+            raise ValueError("CurvatureSpectrum: the training DataLoader has no batch_size (custom batch_sampler); "
+                             "set probe_batch_size.")
+        world, rank = trainer.world_size, trainer.global_rank
+        if loader.batch_size is not None:
+            self._global_batch_size = loader.batch_size * world * trainer.accumulate_grad_batches
+        with torch.random.fork_rng(devices=[]):  # dataset transforms may draw random numbers: keep training's
+            dataset = loader.dataset
+            if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+                raise TypeError("CurvatureSpectrum needs a map-style training dataset (with __len__) to draw a "
+                                "fixed probe set.")
+            chunks = probe_indices(len(dataset), self.probe_batches, batch_size, seed=self.seed, rank=rank,
+                                   world_size=world)
+            batches = [loader.collate_fn([dataset[i] for i in chunk]) for chunk in chunks]
+        return [trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(b)) for b in batches]
+
+    def _validate_operator(self, pl_module: pl.LightningModule) -> None:
+        """One matvec before training: a loss that is not twice differentiable fails here, with a clear error."""
+        with preserved_training_state(pl_module, self.mode):
+            op = CheckedOperator(make_operator(pl_module, self.probe, self.operator),
+                                 fixed_seed=self.seed if self.mode == "train" else None)
+            try:
+                op.matvec(torch.zeros(op.size, dtype=op.dtype, device=op.device))
+            except CurvatureError as err:
+                if "NaN/Inf" in str(err):
+                    return  # non-finite at these weights: measurements will log skips
+                raise type(err)(f"CurvatureSpectrum(operator={self.operator!r}, mode={self.mode!r}): {err}") from err
+            except RuntimeError as err:
+                raise RuntimeError(
+                    f"CurvatureSpectrum(operator={self.operator!r}, mode={self.mode!r}) cannot build its operator "
+                    f"on this model: {err}"
+                ) from err
+
+    # --------------------------------------------------------------------------------------------- measuring
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """One measurement; overridable. Never raises: a failure is logged as a skip and training goes on."""
+        step = trainer.global_step
+        self._last_step = step
+        prefix = f"curvature/{self.operator}"
+        try:
+            with preserved_training_state(pl_module, self.mode):
+                op = CheckedOperator(make_operator(pl_module, self.probe, self.operator),
+                                     fixed_seed=self.seed if self.mode == "train" else None)
+                variance_fn = functools.partial(projection_variance, pl_module, self.probe)
+                result = measure(op, self.config, name=self.operator, variance_fn=variance_fn)
+        except Exception as err:  # noqa: BLE001 - a measurement must never end the run
+            rank_zero_warn(f"CurvatureSpectrum: skipped the measurement at step {step}: {err}")
+            self._log(trainer, {f"{prefix}/skipped": 1.0}, step)
+            return
+        if trainer.world_size > 1:  # every rank computed the same numbers; make them identical bit for bit
+            result = trainer.strategy.broadcast(result, src=0)
+        self.last_result = result
+        metrics = self._metrics(trainer, result)
+        self.history.append({"step": step, **{k.rsplit("/", 1)[-1]: v for k, v in metrics.items()}})
+        if result.truncated:
+            rank_zero_info(f"CurvatureSpectrum: the time budget ({self.config.time_budget}s) truncated Lanczos to "
+                           f"{result.lanczos_iterations} iterations at step {step}.")
+        for stage, why in result.skipped.items():
+            rank_zero_info(f"CurvatureSpectrum: skipped {stage} at step {step}: {why}")
+        self._log(trainer, metrics, step)
+        self._log_wandb(trainer, result, step)
+
+    def _metrics(self, trainer: pl.Trainer, result: CurvatureResult) -> dict[str, float]:
+        prefix = f"curvature/{self.operator}"
+        out: dict[str, float] = {f"{prefix}/skipped": 0.0, f"{prefix}/seconds": result.seconds,
+                                 f"{prefix}/matvecs": float(result.matvecs),
+                                 f"{prefix}/truncated": float(result.truncated)}
+        for i, (value, residual) in enumerate(zip(result.eigenvalues, result.residuals)):
+            out[f"{prefix}/eig_{i}"] = value
+            out[f"{prefix}/residual_{i}"] = residual
+        if result.eigenvalues:
+            out[f"{prefix}/lanczos_iterations"] = float(result.lanczos_iterations)
+        if result.trace is not None:
+            out[f"{prefix}/trace"] = result.trace
+            out[f"{prefix}/trace_stderr"] = result.trace_stderr
+        if result.frobenius is not None:
+            out[f"{prefix}/frobenius"] = result.frobenius
+            out[f"{prefix}/frobenius_stderr"] = result.frobenius_stderr
+        if result.alignment is not None:
+            out[f"{prefix}/alignment_corr"] = result.alignment.loglog_corr
+            out[f"{prefix}/alignment_slope"] = result.alignment.loglog_slope
+        if trainer.optimizers:
+            state = optimizer_state(trainer.optimizers[0])
+            if state.adaptive and not self._warned_adaptive:
+                self._warned_adaptive = True
+                rank_zero_warn("CurvatureSpectrum: the optimizer is adaptive (Adam-like); sharpness λ_max·η is "
+                               "logged, but its threshold 2(1+β) holds for (heavy-ball) SGD only.")
+            if result.lambda_max is not None:
+                value, threshold = sharpness(result.lambda_max, state)
+                out[f"{prefix}/sharpness"] = value
+                out[f"{prefix}/sharpness_threshold"] = threshold
+                out[f"{prefix}/sharpness_ratio"] = value / threshold
+            if result.frobenius is not None and self._global_batch_size:
+                out[f"{prefix}/frobenius_bound"] = frobenius_bound(result.frobenius, state.lr,
+                                                                    self._global_batch_size)
+        return {k: float(v) for k, v in out.items() if v is not None and not math.isnan(float(v))}
+
+    # ---------------------------------------------------------------------------------------------- logging
+    @staticmethod
+    def _log(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+        for logger in trainer.loggers:  # loggers are rank-zero only; self.log is not allowed in on_train_end
+            logger.log_metrics(metrics, step=step)
+
+    @rank_zero_only
+    def _log_wandb(self, trainer: pl.Trainer, result: CurvatureResult, step: int) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers:
+            return
+        try:
+            import wandb
+
+            prefix = f"curvature/{self.operator}"
+            payload: dict[str, Any] = {"trainer/global_step": step}
+            if result.eigenvalues:
+                payload[f"{prefix}/spectrum"] = wandb.Histogram(result.eigenvalues)
+            if result.density is not None:
+                table = wandb.Table(data=list(zip(result.density_grid, result.density)),
+                                    columns=["eigenvalue", "density"])
+                payload[f"{prefix}/density"] = wandb.plot.line(table, "eigenvalue", "density",
+                                                               title=f"{self.operator} spectral density")
+            if result.alignment is not None:
+                a = result.alignment
+                table = wandb.Table(columns=["step", "direction", "kind", "curvature", "grad_variance"],
+                                    data=[[step, i, kind, c, v] for i, (kind, c, v)
+                                          in enumerate(zip(a.kind, a.curvature, a.grad_variance))])
+                payload[f"{prefix}/alignment_table"] = table
+                payload[f"{prefix}/alignment"] = wandb.plot.scatter(
+                    table, "curvature", "grad_variance", title="vᵀHv vs Var(vᵀg_i)")
+            for logger in loggers:
+                experiment = logger.experiment
+                if experiment:
+                    experiment.log(payload)
+        except Exception as err:  # noqa: BLE001 - plots are extras; never end the run over them
+            rank_zero_warn(f"CurvatureSpectrum: W&B plots failed at step {step}: {err}")
