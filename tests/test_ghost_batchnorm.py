@@ -9,9 +9,11 @@ at rtol 1e-12 (a few ulps of the reductions), float32 at 1e-5.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from lightning_sgd.plugins.ghost_batchnorm import GhostBatchNorm, GhostBatchNormCallback, convert_to_ghost_batchnorm
@@ -149,3 +151,52 @@ def test_converter_shares_parameters_and_warns_without_bn():
     with pytest.warns(UserWarning, match="no BatchNorm"):
         out = convert_to_ghost_batchnorm(nn.Linear(3, 3), 8)
     assert isinstance(out, nn.Linear)
+
+
+# ------------------------------------------------------------------- YAML switches (shared with the other plugin tests)
+REPO = Path(__file__).resolve().parents[1]
+
+
+class MNIST1DBNNet(nn.Module):
+    """A tiny MNIST-1D CNN with BatchNorm (the recipe's CNN has none), for the YAML tests of the plugins."""
+
+    def __init__(self, channels: int = 8, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv1d(1, channels, 5, stride=2, padding=1), nn.BatchNorm1d(channels),
+                                      nn.ReLU(), nn.AdaptiveAvgPool1d(4), nn.Flatten())
+        self.head = nn.Linear(4 * channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 40) -> (B, 1, 40) -> (B, C*4) -> (B, 10)
+        return self.head(self.features(x.reshape(x.shape[0], 1, -1)))
+
+
+def cli_fit(overrides: dict, max_steps: int = 4, *args: str):
+    """``lightning-sgd fit`` on recipes/mnist1d.yaml shrunk to 200 examples, plus ``overrides`` as a second YAML."""
+    from lightning_sgd.cli import run
+
+    tiny = {
+        "test_after_fit": False,
+        "trainer": {"max_steps": max_steps, "logger": False, "enable_checkpointing": False,
+                    "enable_model_summary": False, "num_sanity_val_steps": 0, "limit_val_batches": 1},
+        "data": {"init_args": {"num_train": 200, "num_val": 50, "num_test": 50, "batch_size": 50,
+                               "eval_batch_size": 50}},
+        "model": {"init_args": {"network": {"init_args": {"channels": 8}}}},
+    }
+    Path("tiny.yaml").write_text(yaml.safe_dump(tiny))
+    Path("plugin.yaml").write_text(yaml.safe_dump(overrides))
+    return run(["fit", "--config", str(REPO / "recipes" / "mnist1d.yaml"), "--config", "tiny.yaml",
+                "--config", "plugin.yaml", *args])
+
+
+def test_yaml_switch_ghost_batchnorm():
+    cli = cli_fit({
+        "trainer": {"callbacks": [{"class_path": "lightning_sgd.plugins.GhostBatchNormCallback",
+                                   "init_args": {"ghost_batch_size": 10}}]},
+        "model": {"init_args": {"network": {"class_path": "tests.test_ghost_batchnorm.MNIST1DBNNet",
+                                            "init_args": {"channels": 8}}}},
+    })
+    bn = cli.model.network.features[1]
+    assert isinstance(bn, GhostBatchNorm) and bn.ghost_batch_size == 10
+    assert int(bn.num_batches_tracked) == 4 * 5  # 4 steps x (50 / 10) ghost batches
+    optimizer_params = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
+    assert id(bn.weight) in optimizer_params
