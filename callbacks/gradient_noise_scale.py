@@ -1,0 +1,501 @@
+"""GradientNoiseScale: B_simple, B_noise and the critical batch size, measured during training.
+
+McCandlish et al. 2018, "An Empirical Model of Large-Batch Training" (formulas: shared/REFERENCE.md). The maths
+lives in :mod:`lightning_sgd.noise_scale` (pure functions) and :mod:`lightning_sgd.per_example` (the per-example
+engine shared with GradientDiversity); this file only decides where the two batch sizes come from.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
+from typing_extensions import override
+
+from lightning_sgd.noise_scale import (
+    NoiseScaleEMA,
+    NoiseScaleSample,
+    per_example_estimate,
+    regime,
+    two_batch_estimate,
+)
+from lightning_sgd.per_example import batchnorm_eval, layer_of, per_example_gradient_stats, trainable_parameters
+from lightning_sgd.protocols import require_supervised
+from lightning_sgd.schedules import Schedule, as_schedule
+
+__all__ = ["GradientNoiseScale"]
+
+_SOURCES = ("auto", "ddp", "accumulation", "per_example", "split")
+_HOOK_SOURCES = ("ddp", "accumulation")
+#: Default schedule when none is given: the hook sources cost almost nothing, the compute sources re-run the batch.
+_DEFAULT_INTERVAL = {"ddp": 1, "accumulation": 1, "per_example": 20, "split": 20}
+
+
+def _has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def _num_examples(pl_module: Any, batch: Any) -> int:
+    inputs, _ = pl_module.split_batch(batch) if callable(getattr(pl_module, "split_batch", None)) else (batch, None)
+    leaves = [leaf for leaf in tree_flatten(inputs)[0] if isinstance(leaf, Tensor)]
+    if not leaves:
+        raise TypeError("GradientNoiseScale: cannot find a tensor in the batch to read its batch size from.")
+    return int(leaves[0].shape[0])
+
+
+def _cut(tree: Any, part: slice) -> Any:
+    """The examples ``part`` of every tensor in a (possibly nested) batch."""
+    return tree_map(lambda t: t[part] if isinstance(t, Tensor) else t, tree)
+
+
+class GradientNoiseScale(Callback):
+    r"""Measure the gradient noise scale B_simple = tr Σ / |G|² (and optionally B_noise) during training.
+
+    Every measurement takes squared norms of gradients of the **same step** (same parameters) at two batch sizes,
+    turns them into unbiased samples of |G|² and tr Σ (:mod:`lightning_sgd.noise_scale`), and feeds two separate
+    bias-corrected EMAs; B_simple is the ratio of the EMAs. Norms are measured in ``on_before_optimizer_step``, which
+    Lightning 2.x calls after AMP unscaling and before gradient clipping. Steps with non-finite gradients are
+    skipped and counted (``skipped["nonfinite"]``).
+
+    Sources of the two batch sizes (``source``):
+
+    - ``"ddp"``: each rank's local gradient (small) vs the all-reduced gradient (big). If the strategy publishes
+      ``latest_grad_stats`` (:class:`lightning_sgd.plugins.GradStatsDDPStrategy`) its record for the current step is
+      used, at no extra communication; otherwise each parameter's local gradient is read by a tensor hook *before*
+      DDP overwrites ``.grad`` with the average, and one all-reduce of a few scalars per measured step combines the
+      ranks. With accumulation, every micro-batch on every rank is one small batch.
+    - ``"accumulation"`` (``accumulate_grad_batches > 1``): each micro-batch's gradient (read by the same hooks while
+      it is being accumulated) vs their mean: zero extra FLOPs.
+    - ``"per_example"``: per-example gradient norms from the shared engine
+      (:func:`lightning_sgd.per_example.per_example_gradient_stats`, ``vmap(grad)`` in chunks of ``chunk_size``).
+    - ``"split"``: the batch split into ``split_parts`` equal parts (remainder dropped), one extra forward/backward
+      per part. BatchNorm buffers and the RNG are restored afterwards, so training is unaffected.
+    - ``"auto"`` (default): ``"ddp"`` with more than one process, else ``"accumulation"`` when accumulating, else
+      ``"per_example"``, except for models with BatchNorm, whose per-example gradients in train mode are
+      ill-defined: those fall back to ``"split"`` (each part normalized by its own statistics, like ghost batch
+      norm). Why per-example over split on one device: both re-run the batch once (≈ one extra forward+backward),
+      but per-example uses b = 1, the largest possible gap between the two batch sizes, so each sample of tr Σ has
+      the lowest variance; split only wins when #params × chunk_size does not fit in memory (then lower
+      ``chunk_size`` or pick ``"split"``).
+
+    Args:
+        schedule: when to measure (``int`` n = every n steps, or a :class:`lightning_sgd.schedules.Schedule`).
+            ``None``: every step for the hook sources (nearly free), every 20 steps for per_example/split.
+        source: ``"auto"``, ``"ddp"``, ``"accumulation"``, ``"per_example"`` or ``"split"`` (see above).
+        split_parts: parts for the ``"split"`` source (>= 2).
+        chunk_size: examples per ``vmap`` chunk for the ``"per_example"`` source (memory ≈ chunk × #params).
+        beta: EMA decay per measurement.
+        per_layer: also estimate B_simple per layer (the module owning the parameters); logged under
+            ``gns/layer/<name>/...``. Not available when the numbers come from a strategy's record.
+        b_noise_schedule: when to also estimate B_noise = tr(HΣ)/(GᵀHG) with Hessian-vector products; ``None``
+            disables it. Uses the current batch: the first half gives ``b_noise_groups`` group gradients, the second
+            half the Hessian, so H is independent of the gradients and the two-batch-size estimator stays unbiased.
+            Costs ``b_noise_groups + 1`` HVPs per estimate. BatchNorm runs in eval mode for it.
+        b_noise_groups: group gradients for the B_noise estimate (>= 2).
+
+    Logs (every logger, at the measured step): ``gns/grad_sq_norm`` (|G|²), ``gns/trace_cov`` (tr Σ),
+    ``gns/b_simple``, ``gns/b_noise`` (when enabled), ``gns/batch_size`` (the training batch, all devices and
+    micro-batches) and ``gns/regime`` = log2(batch_size / B_simple): below 0 the run is noise-dominated (a larger
+    batch still cuts steps almost linearly), above 0 curvature-dominated (diminishing returns). The current
+    smoothed values are the attributes ``b_simple``, ``grad_sq_norm``, ``trace_cov``, ``b_noise``.
+
+    Raises:
+        ValueError: on a source that cannot work for this run (e.g. ``"ddp"`` on one process, ``"accumulation"``
+            without accumulation: B_small == B_big), ``"per_example"`` with BatchNorm, or a batch of 1 example with
+            the per_example/split source.
+    """
+
+    def __init__(
+        self,
+        schedule: int | Schedule | None = None,
+        source: str = "auto",
+        split_parts: int = 4,
+        chunk_size: int | None = 64,
+        beta: float = 0.95,
+        per_layer: bool = False,
+        b_noise_schedule: int | Schedule | None = None,
+        b_noise_groups: int = 4,
+    ) -> None:
+        if source not in _SOURCES:
+            raise ValueError(f"GradientNoiseScale: source must be one of {_SOURCES}, got {source!r}.")
+        if split_parts < 2:
+            raise ValueError(f"GradientNoiseScale: split_parts must be >= 2, got {split_parts}.")
+        if b_noise_groups < 2:
+            raise ValueError(f"GradientNoiseScale: b_noise_groups must be >= 2, got {b_noise_groups}.")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"GradientNoiseScale: chunk_size must be >= 1 or None, got {chunk_size}.")
+        self.schedule = None if schedule is None else as_schedule(schedule)
+        self.source = source
+        self.split_parts = split_parts
+        self.chunk_size = chunk_size
+        self.beta = beta
+        self.per_layer = per_layer
+        self.b_noise_schedule = None if b_noise_schedule is None else as_schedule(b_noise_schedule)
+        self.b_noise_groups = b_noise_groups
+        self.ema = NoiseScaleEMA(beta)
+        self.layer_ema: dict[str, NoiseScaleEMA] = {}
+        self.b_noise_ema = NoiseScaleEMA(beta)
+        self.measured = 0
+        self.skipped = {"nonfinite": 0, "stale": 0, "too_few": 0}
+        self.last_sample: NoiseScaleSample | None = None
+        self.last_metrics: dict[str, float] = {}
+        # per-run state (setup)
+        self._source: str | None = None
+        self._schedule: Schedule | None = None
+        self._use_record = False
+        self._handles: list[Any] = []
+        self._layers: list[str] = []
+        self._acc: Tensor | None = None
+        self._micro: list[Tensor] = []
+        self._micro_sizes: list[int] = []
+        self._step_examples = 0
+        self._batch: Any = None
+        self._batch_step = -1
+        self._last_step = -1
+
+    # ------------------------------------------------------------------------------------------- public values
+    @property
+    def b_simple(self) -> float:
+        """Smoothed B_simple = EMA(tr Σ) / EMA(|G|²); NaN before the first measurement."""
+        return self.ema.b_simple
+
+    @property
+    def grad_sq_norm(self) -> float:
+        """Smoothed unbiased |G|²."""
+        return self.ema.grad_sq_norm
+
+    @property
+    def trace_cov(self) -> float:
+        """Smoothed unbiased tr Σ."""
+        return self.ema.trace_cov
+
+    @property
+    def b_noise(self) -> float:
+        """Smoothed B_noise = EMA(tr HΣ) / EMA(GᵀHG); NaN unless ``b_noise_schedule`` is set and has run."""
+        return self.b_noise_ema.b_simple
+
+    # ---------------------------------------------------------------------------------------------------- setup
+    def _resolve_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
+        source = self.source
+        if source == "auto":
+            if world > 1:
+                source = "ddp"
+            elif accumulate > 1:
+                source = "accumulation"
+            else:
+                source = "split" if _has_batchnorm(pl_module) else "per_example"
+        if source == "ddp" and world < 2:
+            raise ValueError("GradientNoiseScale(source='ddp') needs more than one process (B_small == B_big on one "
+                             "device); use source='auto'.")
+        if source == "accumulation" and accumulate < 2:
+            raise ValueError("GradientNoiseScale(source='accumulation') needs Trainer(accumulate_grad_batches >= 2): "
+                             "with one micro-batch B_small == B_big. Use source='auto'.")
+        if source in _HOOK_SOURCES and not pl_module.automatic_optimization:
+            raise ValueError(f"GradientNoiseScale(source={source!r}) reads gradients as Lightning's automatic "
+                             "optimization accumulates them; use source='per_example' or 'split' with manual "
+                             "optimization.")
+        if source == "per_example" and _has_batchnorm(pl_module):
+            raise ValueError(
+                "GradientNoiseScale(source='per_example'): the model has BatchNorm, whose per-example gradients in "
+                "train mode are ill-defined (each example's loss depends on the whole batch). Use source='split' "
+                "(or 'auto', which picks it), or replace BatchNorm by GroupNorm/LayerNorm."
+            )
+        if source in ("per_example", "split") or self.b_noise_schedule is not None:
+            require_supervised(pl_module, "GradientNoiseScale")
+        return source
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._source = self._resolve_source(trainer, pl_module)
+        self._schedule = self.schedule or as_schedule(_DEFAULT_INTERVAL[self._source])
+        params = trainable_parameters(pl_module)
+        self._layers = list(dict.fromkeys(layer_of(name) for name in params))
+        self._use_record = self._source == "ddp" and hasattr(trainer.strategy, "latest_grad_stats")
+        if self._use_record and self.per_layer:
+            rank_zero_warn("GradientNoiseScale: per_layer is not available from the strategy's grad-stats record; "
+                           "only the total is measured.")
+        if self._source in _HOOK_SOURCES and not self._use_record:
+            self._register_hooks(params)
+
+    def _register_hooks(self, params: dict[str, Tensor]) -> None:
+        """A tensor hook on each parameter sees that parameter's gradient of the current backward pass (one
+        micro-batch, this rank only) before it is accumulated into ``.grad`` and before DDP averages it."""
+        self._remove_hooks()
+        index = {layer: i for i, layer in enumerate(self._layers)}
+        for name, param in params.items():
+            slot = 1 + index[layer_of(name)] if self.per_layer else None
+            self._handles.append(param.register_hook(self._make_hook(slot)))
+
+    def _make_hook(self, slot: int | None):
+        def hook(grad: Tensor) -> None:
+            if self._acc is None:
+                return None
+            sq = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
+            self._acc[0] += sq
+            if slot is not None:
+                self._acc[slot] += sq
+            return None
+
+        return hook
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+        self._acc, self._batch = None, None
+
+    # --------------------------------------------------------------------------------------------------- hooks
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        step = trainer.global_step
+        if step != self._batch_step:  # first micro-batch of this optimizer step
+            self._batch_step = step
+            self._micro, self._micro_sizes, self._step_examples = [], [], 0
+        n = _num_examples(pl_module, batch)
+        self._step_examples += n
+        measuring = self._schedule(step)
+        b_noise = self.b_noise_schedule is not None and self.b_noise_schedule(step)
+        if self._source in _HOOK_SOURCES and not self._use_record and measuring:
+            width = 1 + len(self._layers) if self.per_layer else 1
+            self._acc = torch.zeros(width, dtype=torch.float32, device=pl_module.device)
+            self._micro_sizes.append(n)
+        self._batch = batch if (measuring and self._source in ("per_example", "split")) or b_noise else None
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._acc is not None:
+            self._micro.append(self._acc)
+            self._acc = None
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # several optimizers: measure once per step
+            return
+        self._last_step = step
+        metrics: dict[str, float] = {}
+        if self._schedule(step):
+            metrics.update(self._measure(trainer, pl_module))
+        if self.b_noise_schedule is not None and self.b_noise_schedule(step):
+            metrics.update(self._measure_b_noise(pl_module))
+        self._micro, self._micro_sizes, self._batch = [], [], None
+        if metrics:
+            self.last_metrics = metrics
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=step)
+
+    # ----------------------------------------------------------------------------------------------- measuring
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        if self._source in _HOOK_SOURCES:
+            samples = self._record_samples(trainer) if self._use_record else self._hook_samples(trainer, pl_module)
+        elif self._source == "per_example":
+            samples = self._per_example_samples(pl_module)
+        else:
+            samples = self._split_samples(pl_module)
+        if samples is None:
+            return {}
+        total = samples.pop("")
+        if not (math.isfinite(total.grad_sq_norm) and math.isfinite(total.trace_cov)):
+            self.skipped["nonfinite"] += 1
+            return {"gns/skipped_nonfinite": float(self.skipped["nonfinite"])}
+        self.ema.update(total)
+        self.last_sample = total
+        self.measured += 1
+        batch_size = float(self._step_examples * trainer.world_size)
+        metrics = {
+            "gns/grad_sq_norm": self.grad_sq_norm,
+            "gns/trace_cov": self.trace_cov,
+            "gns/b_simple": self.b_simple,
+            "gns/batch_size": batch_size,
+            "gns/regime": regime(batch_size, self.b_simple),
+        }
+        for layer, sample in samples.items():
+            if math.isfinite(sample.grad_sq_norm) and math.isfinite(sample.trace_cov):
+                ema = self.layer_ema.setdefault(layer, NoiseScaleEMA(self.beta))
+                ema.update(sample)
+                metrics[f"gns/layer/{layer}/grad_sq_norm"] = ema.grad_sq_norm
+                metrics[f"gns/layer/{layer}/trace_cov"] = ema.trace_cov
+                metrics[f"gns/layer/{layer}/b_simple"] = ema.b_simple
+        return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+    def _grad_sq_norms(self, grads: list[Tensor | None], names: list[str]) -> Tensor:
+        """(1 + L,) squared norms of a gradient list: total, then per layer when per_layer."""
+        width = 1 + len(self._layers) if self.per_layer else 1
+        out = torch.zeros(width, dtype=torch.float64)
+        index = {layer: i for i, layer in enumerate(self._layers)}
+        for name, g in zip(names, grads):
+            if g is None:
+                continue
+            sq = float(torch.linalg.vector_norm(g.detach(), dtype=torch.float32).square())
+            out[0] += sq
+            if self.per_layer:
+                out[1 + index[layer_of(name)]] += sq
+        return out
+
+    def _samples(self, small: Tensor, b_small: float, big: Tensor, b_big: float) -> dict[str, NoiseScaleSample]:
+        """Per entry of the (1 + L,) vectors of mean small-batch and big-batch squared norms."""
+        keys = [""] + (self._layers if self.per_layer else [])
+        out = {}
+        for i, key in enumerate(keys):
+            out[key] = two_batch_estimate(float(small[i]), b_small, float(big[i]), b_big)
+        return out
+
+    def _record_samples(self, trainer: pl.Trainer) -> dict[str, NoiseScaleSample] | None:
+        record = getattr(trainer.strategy, "latest_grad_stats", None)
+        if record is None or record.step != trainer.global_step:
+            self.skipped["stale"] += 1  # never pair norms from different steps
+            if self.skipped["stale"] == 1:
+                rank_zero_warn(f"GradientNoiseScale: the strategy's grad-stats record is "
+                               f"{'missing' if record is None else f'for step {record.step}'} at step "
+                               f"{trainer.global_step}; skipping (counted in skipped['stale']).")
+            return None
+        small = torch.as_tensor(record.local_sq_norms, dtype=torch.float64).mean().reshape(1)
+        big = torch.tensor([float(record.global_sq_norm)], dtype=torch.float64)
+        return self._samples(small, record.local_batch_size, big, record.global_batch_size)
+
+    def _hook_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, NoiseScaleSample] | None:
+        if not self._micro or len(self._micro) != len(self._micro_sizes):
+            self.skipped["too_few"] += 1
+            return None
+        # Lightning divides each micro-batch loss by accumulate_grad_batches (A); AMP multiplies it by the scale.
+        accumulate = trainer.accumulate_grad_batches
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        local_w = len(self._micro)
+        micro = torch.stack(self._micro).double() * (accumulate / scale) ** 2  # (W, 1 + L) |g_k|² (mean losses)
+        params = trainable_parameters(pl_module)
+        # .grad = (1/A) Σ_k g_k (averaged over ranks by DDP); the mean of the small-batch gradients is .grad·A/W.
+        big = self._grad_sq_norms([p.grad for p in params.values()], list(params)) * (accumulate / local_w) ** 2
+        stats = torch.cat([micro.sum(0), torch.tensor([sum(1.0 / b for b in self._micro_sizes), float(local_w)],
+                                                      dtype=torch.float64)])
+        if trainer.world_size > 1:
+            stats = trainer.strategy.reduce(stats.to(pl_module.device), reduce_op="sum").double().cpu()
+        total_w, inv_b = float(stats[-1]), float(stats[-2])
+        if total_w < 2:
+            self.skipped["too_few"] += 1
+            return None
+        # Unequal small batches: E mean_k|g_k|² = |G|² + trΣ/b_eff with b_eff = W / Σ_k 1/b_k, and the mean of the
+        # W small gradients has E|.|² = |G|² + trΣ/(W·b_eff).
+        b_eff = total_w / inv_b
+        return self._samples(stats[:-2] / total_w, b_eff, big, total_w * b_eff)
+
+    def _per_example_samples(self, pl_module: pl.LightningModule) -> dict[str, NoiseScaleSample] | None:
+        batch = self._batch
+        n = _num_examples(pl_module, batch)
+        if n < 2:
+            raise ValueError("GradientNoiseScale(source='per_example') got a batch of 1 example: the per-example "
+                             "estimator needs B >= 2. Use a larger batch, gradient accumulation or DDP.")
+        stats = per_example_gradient_stats(pl_module, batch, chunk_size=self.chunk_size, per_layer=self.per_layer)
+        names = list(trainable_parameters(pl_module))
+        big = self._grad_sq_norms(stats.mean_grad, names)
+        out = {"": per_example_estimate(stats.sq_norms, float(big[0]))}
+        for i, layer in enumerate(self._layers if self.per_layer else []):
+            out[layer] = per_example_estimate(stats.layer_sq_norms[layer], float(big[1 + i]))
+        return out
+
+    def _split_samples(self, pl_module: pl.LightningModule) -> dict[str, NoiseScaleSample] | None:
+        batch = self._batch
+        inputs, targets = pl_module.split_batch(batch)
+        n = _num_examples(pl_module, batch)
+        parts = min(self.split_parts, n)
+        if parts < 2:
+            raise ValueError("GradientNoiseScale(source='split') got a batch of 1 example; it needs B >= 2.")
+        size = n // parts
+        params = trainable_parameters(pl_module)
+        names, tensors = list(params), list(params.values())
+        buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
+        small = []
+        mean = [torch.zeros_like(p) for p in tensors]
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                for k in range(parts):
+                    part = slice(k * size, (k + 1) * size)
+                    x, y = _cut(inputs, part), _cut(targets, part)
+                    grads = torch.autograd.grad(pl_module.loss(pl_module(x), y), tensors, allow_unused=True)
+                    small.append(self._grad_sq_norms(list(grads), names))
+                    for m, g in zip(mean, grads):
+                        if g is not None:
+                            m.add_(g, alpha=1.0 / parts)
+        finally:  # BatchNorm running statistics etc.: the extra forwards must not change the model
+            with torch.no_grad():
+                for name, b in pl_module.named_buffers():
+                    b.copy_(buffers[name])
+        big = self._grad_sq_norms(mean, names)
+        return self._samples(torch.stack(small).mean(0), size, big, parts * size)
+
+    def _measure_b_noise(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        """B_noise = tr(HΣ)/(GᵀHG): the two-batch-size estimator with the quadratic form of H instead of |·|²."""
+        from torch.func import functional_call, grad, jvp
+
+        inputs, targets = pl_module.split_batch(self._batch)
+        n = _num_examples(pl_module, self._batch)
+        groups = self.b_noise_groups
+        size = (n // 2) // groups
+        if size < 1:
+            self.skipped["too_few"] += 1
+            return {}
+        params = {k: v.detach() for k, v in trainable_parameters(pl_module).items()}
+
+        def loss_fn(p: dict[str, Tensor], x: Any, y: Any) -> Tensor:
+            return pl_module.loss(functional_call(pl_module, p, (x,)), y)
+
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with batchnorm_eval(pl_module), torch.random.fork_rng(devices=devices), torch.enable_grad():
+            group_grads = [grad(loss_fn)(params, _cut(inputs, slice(k * size, (k + 1) * size)),
+                                         _cut(targets, slice(k * size, (k + 1) * size))) for k in range(groups)]
+            hx, hy = _cut(inputs, slice(n // 2, n)), _cut(targets, slice(n // 2, n))  # Hessian from the other half
+
+            def quad(v: dict[str, Tensor]) -> float:
+                hv = jvp(lambda p: grad(loss_fn)(p, hx, hy), (params,), (v,))[1]
+                return float(sum((v[k].double() * hv[k].double()).sum() for k in v))
+
+            q_small = sum(quad(g) for g in group_grads) / groups
+            mean = {k: sum(g[k] for g in group_grads) / groups for k in params}
+            q_big = quad(mean)
+        sample = two_batch_estimate(q_small, size, q_big, groups * size)  # (GᵀHG, tr HΣ) in (|G|², trΣ) slots
+        if not (math.isfinite(sample.grad_sq_norm) and math.isfinite(sample.trace_cov)):
+            self.skipped["nonfinite"] += 1
+            return {}
+        self.b_noise_ema.update(sample)
+        out = {"gns/b_noise": self.b_noise, "gns/gHg": self.b_noise_ema.grad_sq_norm,
+               "gns/trace_h_cov": self.b_noise_ema.trace_cov}
+        return {k: v for k, v in out.items() if math.isfinite(v)}
+
+    # --------------------------------------------------------------------------------------------------- state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "ema": self.ema.state_dict(),
+            "layer_ema": {k: v.state_dict() for k, v in self.layer_ema.items()},
+            "b_noise_ema": self.b_noise_ema.state_dict(),
+            "measured": self.measured,
+            "skipped": dict(self.skipped),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.ema.load_state_dict(state_dict["ema"])
+        self.layer_ema = {}
+        for k, v in state_dict.get("layer_ema", {}).items():
+            self.layer_ema[k] = NoiseScaleEMA(self.beta)
+            self.layer_ema[k].load_state_dict(v)
+        self.b_noise_ema.load_state_dict(state_dict["b_noise_ema"])
+        self.measured = int(state_dict["measured"])
+        self.skipped = {**self.skipped, **state_dict["skipped"]}
