@@ -144,3 +144,14 @@ def test_bad_input():
                    {"update_every_n_steps": 0}, {"start_step": -1}):
         with pytest.raises(ValueError):
             EMAWeights(**kwargs)
+
+
+def test_yaml_switch():
+    from tests.test_ghost_batchnorm import cli_fit
+
+    cli = cli_fit({"trainer": {"val_check_interval": 4, "callbacks": [{
+        "class_path": "lightning_sgd.plugins.EMAWeights",
+        "init_args": {"half_life_samples": 100, "warmup": True, "validate": "both"}}]}})
+    ema = next(cb for cb in cli.trainer.callbacks if isinstance(cb, EMAWeights))
+    assert ema.num_updates == 4 and ema.half_life_samples == 100
+    assert {"val/loss", "val_ema/loss", "val_ema/acc"} <= set(cli.trainer.callback_metrics)

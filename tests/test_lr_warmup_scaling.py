@@ -87,3 +87,17 @@ def test_bad_input():
             LRWarmupScaling(**kwargs)
     with pytest.raises(ValueError, match="longer than training"):
         _fit(4, LRWarmupScaling(reference_batch_size=4, warmup_steps=10))
+
+
+def test_yaml_switch():
+    from tests.test_ghost_batchnorm import cli_fit
+
+    # recipes/mnist1d.yaml: Adam lr 0.01; batch 50 here, B_ref 25: the sqrt rule scales the LR by sqrt(2).
+    cli = cli_fit({"trainer": {"callbacks": [
+        {"class_path": "lightning_sgd.plugins.LRWarmupScaling",
+         "init_args": {"reference_batch_size": 25, "rule": "sqrt", "warmup_steps": 2}},
+        {"class_path": "tests.test_lr_warmup_scaling._RecordLR"}]}})
+    recorder = cli.trainer.callbacks[1]
+    target = 0.01 * math.sqrt(2)
+    expected = [target * (1 / math.sqrt(2) + (1 - 1 / math.sqrt(2)) * min(1.0, t / 2)) for t in range(4)]
+    assert recorder.lrs == pytest.approx(expected, rel=1e-12)
