@@ -1,0 +1,314 @@
+"""DDP that measures local and global gradient norms inside its all-reduce (the comm hook), at near-zero cost.
+
+:class:`GradStatsDDPStrategy` is Lightning's ``DDPStrategy`` plus a DDP communication hook, registered on every
+backend (Lightning itself registers comm hooks on CUDA only; gloo/CPU works too). Per gradient bucket the hook
+
+- takes the local squared norm |g_r|² of the bucket before the all-reduce (this rank's mean-loss gradient),
+- takes the global squared norm |ḡ|² of the all-reduced (averaged) bucket after it, and
+- gathers every rank's total local squared norm in the *same* collective: the last bucket is all-reduced as
+  ``[bucket / W, 0, …, |g_r|², …, 0]`` (W extra floats, this rank's norm in slot r, zeros elsewhere), so the
+  summed tail holds all W local norms. No extra collective per step.
+
+Each optimizer step it publishes an :class:`lightning_sgd.grad_stats.AllReduceGradStats` as
+``strategy.latest_grad_stats`` (read by :class:`lightning_sgd.callbacks.GradientNoiseScale`: W small batches of
+``local_batch_size`` and one big batch of ``global_batch_size``, McCandlish et al. 2018, App. A.1) and logs
+``ddp/local_grad_norm_rank{r}`` (the straggler / outlier view) and ``ddp/global_grad_norm``.
+
+Semantics (all norms are of mean-loss gradients as they reach the optimizer):
+
+- Gradient accumulation: DDP skips the hook on ``no_sync`` micro-batches; on the last one it all-reduces the
+  accumulated ``.grad``, which Lightning has built from losses divided by ``accumulate_grad_batches``: the mean-loss
+  gradient of all micro-batches. So the local batch is ``micro-batches × per-device batch`` (counted from the
+  batches ``training_step`` saw since the last synced backward); per-micro-batch norms are never seen.
+- AMP: with a ``GradScaler`` (fp16 on CUDA) the bucket holds scaled gradients; norms are divided by the scale²
+  used for that backward. Steps whose gradients overflowed (the scaler skips them) are not published.
+  bf16 autocast (CPU or CUDA) has no scaler and gradients are fp32: nothing to undo.
+- Clipping happens after backward, so the hook always sees the norms before clipping.
+- A user hook (``ddp_comm_hook``, optionally with ``ddp_comm_wrapper``) is wrapped, not replaced: the local norm is
+  taken from the bucket before the user hook runs, the global norm from what it returns, and the local norms then
+  travel in one extra W-float all-reduce per step (the user hook owns the bucket's collective). With fp16/bf16
+  compression the global norm is of the rounded average; with PowerSGD or any other hook that changes the
+  gradient's meaning, it is of the *compressed* gradient and a warning says so.
+- Manual optimization: stats are published after every synced backward; ``local_batch_size`` counts the examples
+  of the ``training_step`` calls since the previous one.
+
+Cost: two dot products per bucket, and for the last bucket a copy into a buffer W floats longer; one device-to-host
+copy of W + 1 numbers per optimizer step. ``benchmarks/ddp_overhead.py`` measures it against plain DDP.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.utilities.data import extract_batch_size
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
+
+from lightning_sgd.grad_stats import AllReduceGradStats
+
+__all__ = ["GradStatsDDPStrategy"]
+
+# Hooks whose all-reduced result is the plain average of the local gradients (up to fp16/bf16 rounding).
+_MEAN_PRESERVING_HOOKS = {
+    "allreduce_hook",
+    "fp16_compress_hook",
+    "bf16_compress_hook",
+}
+_SUPPORTED_BACKENDS = ("gloo", "nccl")
+
+
+def _sq_norm(t: Tensor) -> Tensor:
+    """|t|² as a 0-dim fp32/fp64 tensor (one dot product; half-precision buffers are upcast first)."""
+    t = t.detach().reshape(-1)
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    return torch.dot(t, t)
+
+
+def _hook_name(hook: Callable | None) -> str:
+    if hook is None:
+        return "allreduce_hook"
+    return getattr(hook, "__name__", type(hook).__name__)
+
+
+class _BucketNormRecorder:
+    """State of the comm hook: per-bucket squared norms of one synced backward, and every rank's local total."""
+
+    def __init__(self, process_group: Any, user_hook: Callable | None = None, user_state: Any = None) -> None:
+        self.process_group = process_group if process_group is not None else dist.group.WORLD
+        self.world_size = dist.get_world_size(self.process_group)
+        self.rank = dist.get_rank(self.process_group)
+        self.user_hook, self.user_state = user_hook, user_state
+        self.local_parts: dict[int, Tensor] = {}  # bucket index -> |local bucket|²
+        self.global_parts: dict[int, Tensor] = {}  # bucket index -> |averaged bucket|²
+        self.rank_sq_norms: Tensor | None = None  # (W,) every rank's total local |g_r|², after the collective
+        self.synced = False  # set when the last bucket of a backward has been all-reduced
+
+    def _local_total(self) -> Tensor:
+        return torch.stack(list(self.local_parts.values())).sum()
+
+    def _start(self, bucket: dist.GradBucket) -> Tensor:
+        buffer = bucket.buffer()
+        if bucket.index() == 0:  # the reducer launches buckets in index order: a new synced backward begins
+            self.local_parts, self.global_parts, self.rank_sq_norms = {}, {}, None
+        self.local_parts[bucket.index()] = _sq_norm(buffer)
+        return buffer
+
+    def plain(self, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+        """Average the bucket like DDP's default hook; the last bucket also carries the W local norms."""
+        buffer = self._start(bucket)
+        index, world = bucket.index(), self.world_size
+        if not bucket.is_last() or buffer.dtype not in (torch.float32, torch.float64):
+            return self._with_global_norm(default_hooks._allreduce_fut(self.process_group, buffer), index,
+                                          bucket.is_last())
+        n = buffer.numel()
+        packed = buffer.new_zeros(n + world)  # (n + W,): [bucket / W, one slot per rank]
+        torch.div(buffer, world, out=packed[:n])
+        packed[n + self.rank] = self._local_total()
+
+        def unpack(fut: torch.futures.Future) -> Tensor:
+            out = fut.value()[0]
+            grad = out[:n]
+            self.global_parts[index] = _sq_norm(grad)
+            self.rank_sq_norms = out[n:]
+            self.synced = True
+            return grad
+
+        return dist.all_reduce(packed, group=self.process_group, async_op=True).get_future().then(unpack)
+
+    def wrapped(self, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+        """Run the user's hook on the bucket, taking the norm before it and the norm of its result.
+
+        The user hook owns the bucket's collective, so the local norms cannot ride along: :meth:`gather_rank_norms`
+        all-reduces them (W floats) after backward. Launching it here instead would race with hooks that start
+        their own collectives from future callbacks (PowerSGD), and gloo needs the same collective order on all ranks.
+        """
+        self._start(bucket)
+        assert self.user_hook is not None
+        return self._with_global_norm(self.user_hook(self.user_state, bucket), bucket.index(), bucket.is_last())
+
+    def _with_global_norm(self, fut: torch.futures.Future, index: int,
+                          last: bool = False) -> torch.futures.Future[Tensor]:
+        def record(fut: torch.futures.Future) -> Tensor:
+            value = fut.value()
+            out = value[0] if isinstance(value, (list, tuple)) else value
+            self.global_parts[index] = _sq_norm(out)
+            if last:
+                self.synced = True
+            return out
+
+        return fut.then(record)
+
+    def gather_rank_norms(self) -> None:
+        """All-reduce the W local totals (only needed when the bucket collectives could not carry them)."""
+        local = self._local_total()
+        slots = torch.zeros(self.world_size, dtype=local.dtype, device=local.device)  # (W,)
+        slots[self.rank] = local
+        dist.all_reduce(slots, group=self.process_group)
+        self.rank_sq_norms = slots
+
+
+def _grad_stats_hook(recorder, bucket):  # noqa: ANN001, ANN202 - DDP checks real (not string) annotations
+    """The registered comm hook: ``(recorder, GradBucket) -> Future[Tensor]``."""
+    if recorder.user_hook is None:
+        return recorder.plain(bucket)
+    return recorder.wrapped(bucket)
+
+
+class _GradStatsLogger(pl.Callback):
+    """Logs the strategy's per-step gradient norms through the LightningModule (added by the strategy)."""
+
+    def __init__(self, max_logged_ranks: int) -> None:
+        self.max_logged_ranks = max_logged_ranks
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        stats = getattr(trainer.strategy, "latest_grad_stats", None)
+        if stats is None or stats.step != trainer.global_step:
+            return
+        local = stats.local_sq_norms.clamp_min(0).sqrt()  # (W,)
+        metrics = {"ddp/global_grad_norm": math.sqrt(max(stats.global_sq_norm, 0.0)),
+                   "ddp/local_grad_norm_max": float(local.max()), "ddp/local_grad_norm_min": float(local.min())}
+        for r in range(min(len(local), self.max_logged_ranks)):
+            metrics[f"ddp/local_grad_norm_rank{r}"] = float(local[r])
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=stats.local_batch_size)
+
+
+class GradStatsDDPStrategy(DDPStrategy):
+    """Lightning's ``DDPStrategy`` whose all-reduce also measures local (per-rank) and global gradient norms.
+
+    Args:
+        log_grad_norms: log ``ddp/global_grad_norm``, ``ddp/local_grad_norm_{min,max}`` and
+            ``ddp/local_grad_norm_rank{r}`` every optimizer step (at the Trainer's ``log_every_n_steps``).
+        max_logged_ranks: log per-rank norms for the first this many ranks only (min/max cover the rest).
+        **kwargs: everything ``DDPStrategy`` takes, e.g. ``ddp_comm_hook``, ``ddp_comm_state``,
+            ``ddp_comm_wrapper`` (wrapped, see the module docstring), ``static_graph``, ``bucket_cap_mb``.
+
+    After each synced backward ``latest_grad_stats`` holds an :class:`AllReduceGradStats` (``None`` before the
+    first step).
+
+    Example::
+
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=GradStatsDDPStrategy())
+    """
+
+    def __init__(self, *args: Any, log_grad_norms: bool = True, max_logged_ranks: int = 16, **kwargs: Any) -> None:
+        if max_logged_ranks < 0:
+            raise ValueError(f"max_logged_ranks must be >= 0, got {max_logged_ranks}.")
+        super().__init__(*args, **kwargs)
+        self.log_grad_norms = log_grad_norms
+        self.max_logged_ranks = max_logged_ranks
+        self.latest_grad_stats: AllReduceGradStats | None = None
+        self._recorder: _BucketNormRecorder | None = None
+        self._examples_since_sync = 0
+        self._warned_batch_size = False
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        if self.log_grad_norms and not any(isinstance(c, _GradStatsLogger) for c in trainer.callbacks):
+            trainer.callbacks.append(_GradStatsLogger(self.max_logged_ranks))
+
+    @override
+    def _register_ddp_hooks(self) -> None:
+        """Register the measuring hook (wrapping the user's) on every device type, not only CUDA."""
+        assert isinstance(self.model, DistributedDataParallel)
+        user_hook = self._ddp_comm_hook
+        if self._ddp_comm_wrapper is not None:
+            user_hook = self._ddp_comm_wrapper(user_hook if user_hook is not None else default_hooks.allreduce_hook)
+        self._warn_if_meaning_changes(user_hook)
+        backend = dist.get_backend(self.model.process_group)
+        if backend not in _SUPPORTED_BACKENDS:
+            rank_zero_warn(f"GradStatsDDPStrategy: comm hooks are only tested on {_SUPPORTED_BACKENDS}, the process "
+                           f"group uses {backend!r}; if the hook cannot be registered no gradient stats are recorded.")
+        recorder = _BucketNormRecorder(self.model.process_group, user_hook, self._ddp_comm_state)
+        try:
+            self.model.register_comm_hook(recorder, _grad_stats_hook)
+        except RuntimeError as err:  # e.g. a backend without Future-based collectives
+            rank_zero_warn(f"GradStatsDDPStrategy: could not register the gradient-norm comm hook on backend "
+                           f"{backend!r} ({err}); training continues as plain DDP without gradient stats.")
+            if user_hook is not None:
+                self.model.register_comm_hook(self._ddp_comm_state, user_hook)
+            return
+        self._recorder = recorder
+
+    def _warn_if_meaning_changes(self, user_hook: Callable | None) -> None:
+        names = [_hook_name(self._ddp_comm_hook)]
+        if self._ddp_comm_wrapper is not None:
+            names.append(_hook_name(self._ddp_comm_wrapper))
+        wrapper = _hook_name(self._ddp_comm_wrapper) if self._ddp_comm_wrapper is not None else None
+        inner_ok = _hook_name(self._ddp_comm_hook) in _MEAN_PRESERVING_HOOKS
+        wrapper_ok = wrapper in (None, "fp16_compress_wrapper", "bf16_compress_wrapper")
+        if user_hook is None or (inner_ok and wrapper_ok):
+            return
+        rank_zero_warn(
+            f"GradStatsDDPStrategy: the comm hook {' + '.join(names)} changes what is all-reduced (e.g. "
+            "PowerSGD's low-rank approximation, or local SGD's subgroup averaging), so the recorded global gradient "
+            "norm is the norm of the *compressed* averaged gradient, not of the true mean gradient; gradient noise "
+            "scale estimates from it are biased. Local norms are still of the uncompressed local gradients.",
+            category=UserWarning,
+        )
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        batch = args[0] if args else kwargs.get("batch")
+        self._examples_since_sync += self._count_examples(batch)
+        return super().training_step(*args, **kwargs)
+
+    def _count_examples(self, batch: Any) -> int:
+        module = self.lightning_module
+        split = getattr(module, "split_batch", None)
+        try:
+            if callable(split):
+                return len(split(batch)[1])
+            return extract_batch_size(batch)
+        except Exception:  # noqa: BLE001 - any batch type we cannot size
+            if not self._warned_batch_size:
+                self._warned_batch_size = True
+                rank_zero_warn("GradStatsDDPStrategy: could not infer the batch size of a training batch; "
+                               "local_batch_size of the gradient stats will be 0.")
+            return 0
+
+    @override
+    def post_backward(self, closure_loss: Tensor) -> None:
+        super().post_backward(closure_loss)
+        recorder = self._recorder
+        if recorder is None or not recorder.synced:
+            return  # a no_sync micro-batch, or no hook
+        recorder.synced = False
+        if recorder.rank_sq_norms is None:  # a user hook, or a half-precision last bucket
+            recorder.gather_rank_norms()
+        assert recorder.rank_sq_norms is not None
+        global_sq = torch.stack(list(recorder.global_parts.values())).sum()
+        values = torch.cat([recorder.rank_sq_norms.reshape(-1).double(), global_sq.double().reshape(1)]).cpu()
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        if scaler is not None:  # GradScaler: the hook saw scaled gradients
+            values = values / float(scaler.get_scale()) ** 2
+        local_batch = self._examples_since_sync
+        self._examples_since_sync = 0
+        if not bool(torch.isfinite(values).all()):
+            return  # overflow: the scaler skips this step, so do not publish it
+        world = recorder.world_size
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        self.latest_grad_stats = AllReduceGradStats(
+            step=trainer.global_step if trainer is not None else -1,
+            local_sq_norms=values[:world],
+            global_sq_norm=float(values[world]),
+            local_batch_size=local_batch,
+            global_batch_size=world * local_batch,
+        )
+
+    @override
+    def teardown(self) -> None:
+        self._recorder = None
+        super().teardown()
+

@@ -1,0 +1,83 @@
+"""DDP entry functions for the GradStatsDDPStrategy tests (see tests.ddp; each job runs several short fits)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+
+from lightning_sgd.plugins.grad_stats_ddp import GradStatsDDPStrategy
+from tests.ddp import ddp_trainer_kwargs, dump
+from tests.helpers import TinyDataModule, tiny_module
+
+
+def _flat_grad(module: pl.LightningModule) -> torch.Tensor:
+    return torch.cat([p.grad.detach().flatten().double() for p in module.parameters()])
+
+
+class _Probe(pl.Callback):
+    """Per micro-batch: this rank's local mean-loss gradient computed by hand (torch.autograd.grad, no DDP).
+    Per optimizer step: the all-reduced ``.grad`` and the strategy's published stats."""
+
+    def __init__(self, autocast: bool) -> None:
+        self.autocast = autocast
+        self.micro: list[list[float]] = []
+        self.steps: list[dict[str, Any]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        inputs, targets = pl_module.split_batch(batch)
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with ctx:
+            loss = pl_module.loss(pl_module(inputs), targets)
+        grads = torch.autograd.grad(loss, list(pl_module.parameters()))
+        self.micro.append(torch.cat([g.flatten().double() for g in grads]).tolist())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        stats = trainer.strategy.latest_grad_stats
+        self.steps.append({
+            "step": trainer.global_step, "stats_step": stats.step,
+            "local_sq_norms": stats.local_sq_norms.tolist(), "global_sq_norm": stats.global_sq_norm,
+            "local_batch_size": stats.local_batch_size, "global_batch_size": stats.global_batch_size,
+            "reduced_grad": _flat_grad(pl_module).tolist(),
+        })
+
+
+def _strategy(config: str) -> GradStatsDDPStrategy:
+    if config == "fp16_hook":
+        return GradStatsDDPStrategy(ddp_comm_hook=default_hooks.fp16_compress_hook)
+    if config == "powersgd":
+        state = powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=1,
+                                       use_error_feedback=False, warm_start=False)
+        return GradStatsDDPStrategy(ddp_comm_state=state, ddp_comm_hook=powersgd.powerSGD_hook)
+    # tiny buckets: one per parameter, so the per-bucket sums and the packed last bucket are both exercised
+    return GradStatsDDPStrategy(bucket_cap_mb=1e-4)
+
+
+def norms_by_hand(outdir: Path, configs: list[str], steps: int = 2, batch_size: int = 8) -> None:
+    """One short fit per config; each rank dumps its hand-computed gradients and what the strategy published."""
+    results: dict[str, Any] = {}
+    for config in configs:
+        pl.seed_everything(0)
+        probe = _Probe(autocast=config == "bf16")
+        extra: dict[str, Any] = {}
+        if config == "accumulate":
+            extra["accumulate_grad_batches"] = 2
+        if config == "bf16":
+            extra["precision"] = "bf16-mixed"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer = pl.Trainer(**ddp_trainer_kwargs(max_steps=steps, callbacks=[probe], strategy=_strategy(config),
+                                                      **extra))
+            trainer.fit(tiny_module(), datamodule=TinyDataModule(n=128, batch_size=batch_size))
+        results[config] = {
+            "micro": probe.micro, "steps": probe.steps,
+            "warnings": [str(w.message) for w in caught if "GradStatsDDPStrategy" in str(w.message)],
+        }
+    dump(outdir, int(os.environ.get("RANK", trainer.global_rank)), results)
