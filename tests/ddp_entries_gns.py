@@ -36,19 +36,23 @@ class StepRecorder(Callback):
         self.gns.last_sample = None
 
 
-def gns_ddp(outdir: Path, accumulate_values: list[int], max_steps: int = 3) -> None:
+def gns_ddp(outdir: Path, configs: list[list[Any]], max_steps: int = 3) -> None:
+    """``configs``: ``[accumulate_grad_batches, use GradStatsDDPStrategy]`` pairs, run one after another."""
     from lightning_sgd.callbacks import GradientNoiseScale
+    from lightning_sgd.plugins.grad_stats_ddp import GradStatsDDPStrategy
 
     results = {}
     rank = 0
-    for accumulate in accumulate_values:
+    for accumulate, record in configs:
         pl.seed_everything(0)
         gns = GradientNoiseScale(source="ddp", schedule=1)
         recorder = StepRecorder(gns)
+        extra = {"strategy": GradStatsDDPStrategy(log_grad_norms=False)} if record else {}
         trainer = pl.Trainer(**ddp_trainer_kwargs(max_steps=max_steps, accumulate_grad_batches=accumulate,
-                                                  callbacks=[gns, recorder]))
+                                                  callbacks=[gns, recorder], **extra))
         trainer.fit(tiny_module(lr=0.5), datamodule=TinyDataModule(n=64, batch_size=4))
         rank = trainer.global_rank
-        results[str(accumulate)] = {"steps": recorder.steps, "b_simple": gns.b_simple, "measured": gns.measured}
+        results[f"{accumulate}-{int(record)}"] = {"steps": recorder.steps, "b_simple": gns.b_simple,
+                                                  "measured": gns.measured, "used_record": gns._use_record}
     dump(outdir, rank, results)
     torch.distributed.barrier() if torch.distributed.is_initialized() else None

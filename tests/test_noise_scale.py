@@ -261,22 +261,30 @@ def test_each_source_matches_brute_force_on_tiny_mlp(source, accumulate):
 
 @pytest.mark.ddp
 def test_ddp_source_matches_per_rank_brute_force(tmp_path):
-    # A real 2-process gloo job, without and with accumulation (2 micro-batches): the small batches are every
-    # micro-batch of every rank, read by tensor hooks before DDP averages .grad; one all-reduce of scalars combines
-    # them. Ground truth: each rank's gradient recomputed here from the batches that rank saw.
-    results = run_ddp("tests.ddp_entries_gns:gns_ddp", tmp_path, accumulate_values=[1, 2])
+    # A real 2-process gloo job, three runs: plain DDP without and with accumulation (2 micro-batches), where the
+    # callback's tensor hooks read every micro-batch gradient of every rank before DDP averages .grad and one
+    # all-reduce of scalars combines them; and GradStatsDDPStrategy, whose comm-hook record the callback consumes
+    # (small batch = one rank's whole step). Ground truth: the gradients recomputed here from the batches each
+    # rank saw, at the recorded parameters.
+    results = run_ddp("tests.ddp_entries_gns:gns_ddp", tmp_path, configs=[[1, False], [2, False], [2, True]])
     module = tiny_module()
-    for accumulate in ("1", "2"):
-        ranks = [r[accumulate] for r in results]
+    for key in ("1-0", "2-0", "2-1"):
+        ranks = [r[key] for r in results]
         assert ranks[0]["measured"] == 3 and ranks[0]["b_simple"] == ranks[1]["b_simple"]
+        assert ranks[0]["used_record"] == key.endswith("1")
         for step in range(3):
             entries = [r["steps"][step] for r in ranks]
             params = [torch.tensor(p) for p in entries[0]["params"]]
             assert entries[0]["params"] == entries[1]["params"]
-            grads = [flat_grads(module, params, torch.tensor(x), torch.tensor(y))
-                     for e in entries for x, y in e["batches"]]
-            g = torch.stack(grads)  # (ranks × micro-batches, P)
-            truth = small_batches_estimate(g.pow(2).sum(1), 4, g.mean(0).pow(2).sum())
+            if key.endswith("1"):  # the record: one gradient per rank over its micro-batches
+                g = torch.stack([torch.stack([flat_grads(module, params, torch.tensor(x), torch.tensor(y))
+                                              for x, y in e["batches"]]).mean(0) for e in entries])
+                b_small = 4 * len(entries[0]["batches"])
+            else:
+                g = torch.stack([flat_grads(module, params, torch.tensor(x), torch.tensor(y))
+                                 for e in entries for x, y in e["batches"]])  # (ranks × micro-batches, P)
+                b_small = 4
+            truth = small_batches_estimate(g.pow(2).sum(1), b_small, g.mean(0).pow(2).sum())
             for e in entries:
                 got = e["sample"]
                 assert got[2:] == [truth.b_small, truth.b_big]
