@@ -1,0 +1,409 @@
+"""DataModules of the benchmark recipes: MNIST, Fashion-MNIST, CIFAR-10, Penn Treebank, LM1B, ImageNet.
+
+Each reads the standard distribution files from ``root`` (see ``lightning_sgd.data``) and raises an error naming
+the expected files and where to get them when they are missing.
+
+Fast path: the small data sets (MNIST, Fashion-MNIST, CIFAR-10, PTB) are kept as tensors on the training device
+and served by :class:`DeviceTensorLoader`, which draws a shuffled mini-batch by indexing and applies the
+augmentation to the whole batch on the device (random crop with padding + horizontal flip for CIFAR-10), as fast
+CIFAR trainers do, instead of per-sample DataLoader workers. Batches come out ready to use (normalized floats), so
+callbacks that draw their own batches from ``trainer.train_dataloader`` see the same data as ``training_step``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_sgd.data.cifar import load_cifar10
+from lightning_sgd.data.idx import load_idx_split
+from lightning_sgd.data.imagenet import MEAN as IMAGENET_MEAN
+from lightning_sgd.data.imagenet import STD as IMAGENET_STD
+from lightning_sgd.data.imagenet import ImageFolderDataset, list_image_folder, worker_init_fn
+from lightning_sgd.data.text import encode_shards, lm1b_shards, lm1b_vocab, load_ptb
+
+Batch = tuple[Tensor, ...]
+
+
+# ------------------------------------------------------------------------------------------ on-device batching
+def random_crop_flip(images: Tensor, padding: int, generator: torch.Generator | None = None,
+                     flip: bool = True) -> Tensor:
+    """Batched augmentation on the images' device: zero-pad by ``padding``, crop back at a random offset per image,
+    and flip each image horizontally with probability 1/2. ``images``: ``(B, C, H, W)``."""
+    b, c, h, w = images.shape
+    device = images.device
+    out = images
+    if padding > 0:
+        padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+        offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator).to(device)
+        rows = (offsets[0][:, None] + torch.arange(h, device=device))[:, None, :, None]  # (B, 1, H, 1)
+        cols = (offsets[1][:, None] + torch.arange(w, device=device))[:, None, None, :]  # (B, 1, 1, W)
+        batch_idx = torch.arange(b, device=device)[:, None, None, None]
+        chan_idx = torch.arange(c, device=device)[None, :, None, None]
+        out = padded[batch_idx, chan_idx, rows, cols]  # (B, C, H, W)
+    if flip:
+        flips = (torch.rand(b, generator=generator) < 0.5).to(device)
+        out = torch.where(flips[:, None, None, None], out.flip(-1), out)
+    return out
+
+
+class DeviceTensorLoader:
+    """Mini-batches of tensors that live on one device: shuffle by index, then ``transform`` the whole batch.
+
+    Each epoch draws a fresh permutation from ``seed`` and the epoch number (identical on every rank), and rank
+    ``r`` of ``world_size`` takes every ``world_size``-th index, so data-parallel ranks see disjoint examples and
+    equal numbers of batches. ``batch_size`` is per rank.
+    """
+
+    def __init__(self, tensors: tuple[Tensor, ...], batch_size: int, shuffle: bool, drop_last: bool,
+                 transform: Callable[[tuple[Tensor, ...], torch.Generator | None], Batch] | None = None,
+                 device: torch.device | str = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if batch_size < 1:
+            raise ValueError(f"DeviceTensorLoader: batch_size must be >= 1, got {batch_size}.")
+        n = len(tensors[0])
+        if any(len(t) != n for t in tensors):
+            raise ValueError("DeviceTensorLoader: tensors must have the same first dimension.")
+        self.device = torch.device(device)
+        self.tensors = tuple(t.to(self.device) for t in tensors)
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.transform, self.seed, self.rank, self.world_size = transform, seed, rank, world_size
+        self.epoch = 0
+        self.num_examples = n // world_size  # per rank; the remainder is dropped so ranks stay in step
+        if self.num_examples == 0:
+            raise ValueError(f"DeviceTensorLoader: {n} examples cannot be split over {world_size} ranks.")
+
+    def __len__(self) -> int:
+        if self.drop_last and self.num_examples >= self.batch_size:
+            return self.num_examples // self.batch_size
+        return -(-self.num_examples // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        self.epoch += 1
+        n = len(self.tensors[0])
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        order = order[self.rank :: self.world_size][: self.num_examples].to(self.device)
+        for i in range(len(self)):
+            index = order[i * self.batch_size : (i + 1) * self.batch_size]
+            batch = tuple(t[index] for t in self.tensors)
+            yield self.transform(batch, generator if self.shuffle else None) if self.transform else batch
+
+
+class TensorDataModule(pl.LightningDataModule):
+    """Base for data sets held as tensors: subclasses fill ``self.tensors[split]`` in ``load`` and define ``transform``.
+
+    Args:
+        root: folder with the data set's distribution files.
+        batch_size: per-device training batch size.
+        eval_batch_size: batch size of the validation and test loaders.
+        num_val: training examples held out (the last ones) as the validation set; the test set is the official one.
+        device: where the tensors live: ``"auto"`` (the Trainer's device) or e.g. ``"cpu"``.
+        seed: shuffling and augmentation seed.
+    """
+
+    def __init__(self, root: str = ".data", batch_size: int = 128, eval_batch_size: int = 1000, num_val: int = 5000,
+                 device: str = "auto", seed: int = 0) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"batch_size and eval_batch_size must be >= 1, got {batch_size}, {eval_batch_size}.")
+        if num_val < 0:
+            raise ValueError(f"num_val must be >= 0, got {num_val}.")
+        self.root, self.batch_size, self.eval_batch_size = Path(root), batch_size, eval_batch_size
+        self.num_val, self.device_name, self.seed = num_val, device, seed
+        self.tensors: dict[str, tuple[Tensor, ...]] = {}
+
+    # subclasses -------------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def transform(self, batch: tuple[Tensor, ...], train: bool, generator: torch.Generator | None) -> Batch:
+        return batch
+
+    # helpers ----------------------------------------------------------------------------------------------------
+    def split_off_val(self, tensors: tuple[Tensor, ...]) -> None:
+        n = len(tensors[0])
+        if self.num_val >= n:
+            raise ValueError(f"num_val={self.num_val} leaves no training examples out of {n}.")
+        self.tensors["train"] = tuple(t[: n - self.num_val] for t in tensors)
+        self.tensors["val"] = tuple(t[n - self.num_val :] for t in tensors)
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.tensors:
+            self.load()
+
+    def _device(self) -> torch.device:
+        if self.device_name != "auto":
+            return torch.device(self.device_name)
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _loader(self, split: str, train: bool) -> DeviceTensorLoader:
+        self.setup()
+        tensors = self.tensors[split]
+        if len(tensors[0]) == 0:
+            raise ValueError(f"{type(self).__name__}: the {split} split is empty.")
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None and train else (0, 1)
+        return DeviceTensorLoader(
+            tensors, self.batch_size if train else self.eval_batch_size, shuffle=train, drop_last=train,
+            transform=lambda batch, gen: self.transform(batch, train, gen), device=self._device(), seed=self.seed,
+            rank=rank, world_size=world,
+        )
+
+    def train_dataloader(self) -> DeviceTensorLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DeviceTensorLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DeviceTensorLoader:
+        return self._loader("test", train=False)
+
+
+# ------------------------------------------------------------------------------------------------------- images
+class MNISTDataModule(TensorDataModule):
+    """MNIST from the four IDX ``.gz`` files in ``root``: 55,000 train / 5,000 val (the last of the official
+    training set, as in Shallue et al. 2018) / 10,000 test. Batches: ``(B, 1, 28, 28)`` float, ``(B,)`` labels.
+
+    Args:
+        normalize: subtract the training mean and divide by its std; ``False`` gives pixels in [0, 1]
+            (the auto-encoder's targets).
+    """
+
+    dataset = "mnist"
+
+    def __init__(self, root: str = ".data/mnist", batch_size: int = 128, eval_batch_size: int = 1000,
+                 num_val: int = 5000, normalize: bool = True, device: str = "auto", seed: int = 0) -> None:
+        super().__init__(root, batch_size, eval_batch_size, num_val, device, seed)
+        self.normalize = normalize
+        self.num_classes = 10
+        self.mean, self.std = 0.0, 1.0
+
+    def load(self) -> None:
+        self.split_off_val(load_idx_split(self.root, "train", self.dataset))
+        self.tensors["test"] = load_idx_split(self.root, "test", self.dataset)
+        if self.normalize:
+            pixels = self.tensors["train"][0].float() / 255
+            self.mean, self.std = float(pixels.mean()), float(pixels.std())
+
+    def transform(self, batch: tuple[Tensor, ...], train: bool, generator: torch.Generator | None) -> Batch:
+        images, labels = batch
+        x = images.unsqueeze(1).float().div_(255)  # (B, 1, 28, 28)
+        if self.normalize:
+            x = (x - self.mean) / self.std
+        return x, labels
+
+
+class FashionMNISTDataModule(MNISTDataModule):
+    """Fashion-MNIST (Xiao et al. 2017): the same IDX files and splits as :class:`MNISTDataModule`."""
+
+    dataset = "fashion_mnist"
+
+    def __init__(self, root: str = ".data/fashion_mnist", batch_size: int = 128, eval_batch_size: int = 1000,
+                 num_val: int = 5000, normalize: bool = True, device: str = "auto", seed: int = 0) -> None:
+        super().__init__(root, batch_size, eval_batch_size, num_val, normalize, device, seed)
+
+
+class CIFAR10DataModule(TensorDataModule):
+    """CIFAR-10 from the python pickle batches: 45,000 train / 5,000 val (the last of the official training set,
+    as in Zhang et al. 2019, Table 1) / 10,000 test. Per-channel normalization with the training statistics;
+    training batches get a random crop after zero-padding by ``crop_padding`` and a random horizontal flip
+    (Zhang et al. App. F.1), batched on the device. Batches: ``(B, 3, 32, 32)`` float, ``(B,)`` labels.
+
+    Args:
+        augment: apply flip + crop to training batches.
+        crop_padding: zero padding (pixels per side) before the random 32×32 crop.
+    """
+
+    def __init__(self, root: str = ".data/cifar10", batch_size: int = 128, eval_batch_size: int = 1000,
+                 num_val: int = 5000, augment: bool = True, crop_padding: int = 4, device: str = "auto",
+                 seed: int = 0) -> None:
+        super().__init__(root, batch_size, eval_batch_size, num_val, device, seed)
+        if crop_padding < 0:
+            raise ValueError(f"crop_padding must be >= 0, got {crop_padding}.")
+        self.augment, self.crop_padding = augment, crop_padding
+        self.num_classes = 10
+        self.mean = torch.zeros(1, 3, 1, 1)
+        self.std = torch.ones(1, 3, 1, 1)
+
+    def load(self) -> None:
+        self.split_off_val(load_cifar10(self.root, "train"))
+        self.tensors["test"] = load_cifar10(self.root, "test")
+        pixels = self.tensors["train"][0].float().div_(255)
+        self.mean = pixels.mean(dim=(0, 2, 3)).reshape(1, 3, 1, 1)
+        self.std = pixels.std(dim=(0, 2, 3)).reshape(1, 3, 1, 1)
+
+    def transform(self, batch: tuple[Tensor, ...], train: bool, generator: torch.Generator | None) -> Batch:
+        images, labels = batch
+        x = images.float().div_(255)
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)  # zero padding below is then the mean colour
+        if train and self.augment:
+            x = random_crop_flip(x, self.crop_padding, generator)
+        return x, labels
+
+
+# --------------------------------------------------------------------------------------------------------- text
+def token_windows(ids: np.ndarray, length: int) -> Tensor:
+    """Non-overlapping windows of ``length`` tokens ``(N, length)`` int64 (the ragged tail is dropped)."""
+    n = len(ids) // length
+    return torch.from_numpy(np.asarray(ids[: n * length], dtype=np.int64).reshape(n, length))
+
+
+def lm_transform(batch: tuple[Tensor, ...]) -> Batch:
+    (windows,) = batch
+    return windows[:, :-1], windows[:, 1:]  # inputs (B, T), next-token targets (B, T)
+
+
+class PTBDataModule(TensorDataModule):
+    """Penn Treebank (Mikolov's ``ptb.{train,valid,test}.txt``) as independent windows of ``seq_len`` + 1 tokens.
+
+    Batches are ``(inputs (B, T), targets (B, T))`` with ``targets`` the inputs shifted by one token. The corpus
+    is cut into non-overlapping windows that are shuffled as independent examples (no hidden state carried
+    between batches), so the loss is a mean of per-example losses as the measurement callbacks need.
+    ``vocab_size`` (10,000 on the real data) is set after ``setup``.
+    """
+
+    def __init__(self, root: str = ".data/ptb", seq_len: int = 35, batch_size: int = 20, eval_batch_size: int = 100,
+                 device: str = "auto", seed: int = 0) -> None:
+        super().__init__(root, batch_size, eval_batch_size, 0, device, seed)
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}.")
+        self.seq_len = seq_len
+        self.vocab_size: int | None = None
+
+    def load(self) -> None:
+        ids, vocab = load_ptb(self.root)
+        self.vocab_size = len(vocab)
+        for split, tokens in ids.items():
+            self.tensors[split] = (token_windows(tokens, self.seq_len + 1),)
+
+    def transform(self, batch: tuple[Tensor, ...], train: bool, generator: torch.Generator | None) -> Batch:
+        return lm_transform(batch)
+
+
+class _TokenWindows(Dataset):
+    """Windows of ``length`` tokens of a (memory-mapped) id array, as ``(inputs, targets)``."""
+
+    def __init__(self, ids: np.ndarray, length: int) -> None:
+        self.ids, self.length = ids, length
+
+    def __len__(self) -> int:
+        return len(self.ids) // self.length
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        window = torch.from_numpy(np.asarray(self.ids[i * self.length : (i + 1) * self.length], dtype=np.int64))
+        return window[:-1], window[1:]
+
+
+class LM1BDataModule(pl.LightningDataModule):
+    """One Billion Word (LM1B) as windows of ``seq_len`` + 1 tokens of the concatenated, ``<eos>``-separated sentences.
+
+    Tokenizer: whitespace words + ``<eos>`` with the ``vocab_size`` most frequent words of the first
+    ``vocab_shards`` training shards (see :mod:`lightning_sgd.data.text`). Token ids are cached per shard under
+    ``cache_dir`` as ``.npy`` and memory-mapped, so the corpus never has to fit in memory. Validation uses held-out
+    shard 1 and test held-out shard 0 (the usual LM1B test set); with a single held-out shard both use it.
+
+    Args:
+        num_train_shards: use only the first N training shards (``None``: all 99).
+    """
+
+    def __init__(self, root: str = ".data/lm1b", seq_len: int = 128, batch_size: int = 64, eval_batch_size: int = 64,
+                 vocab_size: int = 32768, vocab_shards: int = 10, num_train_shards: int | None = None,
+                 cache_dir: str | None = ".data/lm1b-cache", num_workers: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        if seq_len < 1 or batch_size < 1 or vocab_size < 3:
+            raise ValueError("LM1BDataModule: seq_len, batch_size must be >= 1 and vocab_size >= 3.")
+        self.root, self.seq_len = Path(root), seq_len
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.max_vocab, self.vocab_shards, self.num_train_shards = vocab_size, vocab_shards, num_train_shards
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.num_workers, self.seed = num_workers, seed
+        self.datasets: dict[str, _TokenWindows] = {}
+        self.vocab_size: int | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        train, heldout = lm1b_shards(self.root)
+        vocab = lm1b_vocab(train, self.max_vocab, self.vocab_shards, self.cache_dir)
+        self.vocab_size = len(vocab)
+        if self.num_train_shards is not None:
+            train = train[: self.num_train_shards]
+        splits = {"train": train, "val": heldout[1:2] or heldout[:1], "test": heldout[:1]}
+        for split, shards in splits.items():
+            self.datasets[split] = _TokenWindows(encode_shards(shards, vocab, self.cache_dir), self.seq_len + 1)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        self.setup()
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size,
+                          shuffle=train, drop_last=train, generator=generator if train else None,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+
+# ----------------------------------------------------------------------------------------------------- ImageNet
+class ImageNetDataModule(pl.LightningDataModule):
+    """ImageNet from ``root/{train,val}/<wnid>/*.JPEG`` (see :mod:`lightning_sgd.data.imagenet`).
+
+    Workers decode and crop (random-resized crop + flip for training, resize + center crop for evaluation) to uint8;
+    the batch is normalized on the device after transfer. There is no separate validation split: ``val`` is the
+    official validation set, also used as the test set.
+    """
+
+    def __init__(self, root: str = ".data/imagenet", image_size: int = 224, batch_size: int = 256,
+                 eval_batch_size: int = 250, num_workers: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        if image_size < 8 or batch_size < 1:
+            raise ValueError("ImageNetDataModule: image_size must be >= 8 and batch_size >= 1.")
+        self.root, self.image_size, self.batch_size = Path(root), image_size, batch_size
+        self.eval_batch_size, self.num_workers, self.seed = eval_batch_size, num_workers, seed
+        self.samples: dict[str, list] = {}
+        self.classes: list[str] = []
+        self.mean = torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1) * 255
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.samples:
+            return
+        self.samples["train"], self.classes = list_image_folder(self.root, "train")
+        self.samples["val"], _ = list_image_folder(self.root, "val", self.classes)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        self.setup()
+        dataset = ImageFolderDataset(self.samples[split], self.image_size, train=train, seed=self.seed)
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
+                          drop_last=train, generator=generator if train else None, num_workers=self.num_workers,
+                          worker_init_fn=worker_init_fn, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, labels = batch
+        if images.dtype == torch.uint8:
+            images = (images.float() - self.mean.to(images.device)) / self.std.to(images.device)
+        return images, labels
