@@ -1,0 +1,155 @@
+"""Learning-rate schedules for the NQM and the optimized piecewise-constant schedule (seed 003, Fig. 3b/3c).
+
+Schedules are plain per-step arrays, so :func:`lightning_sgd.nqm.risk` (dynamic programming on eq. 3) takes any
+of them. :func:`optimize_piecewise_constant` reproduces the paper's footnote 3: for a fixed number of steps the
+exact risk of a 50-piece schedule is minimised with (L-)BFGS under α ≤ 2/h̃₁, and the number of steps is found
+by binary search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import minimize
+
+from lightning_sgd.nqm.core import Spectrum, _direction_terms
+
+__all__ = [
+    "constant",
+    "piecewise_constant",
+    "linear_decay",
+    "piece_lengths",
+    "piecewise_risk",
+    "PiecewiseResult",
+    "optimize_piecewise_constant",
+]
+
+
+def constant(lr: float, steps: int) -> np.ndarray:
+    return np.full(int(steps), float(lr))
+
+
+def piece_lengths(total_steps: int, pieces: int) -> np.ndarray:
+    """Integer lengths of ``pieces`` near-equal consecutive pieces covering ``total_steps`` steps."""
+    edges = np.floor(np.arange(pieces + 1) * total_steps / pieces).astype(np.int64)
+    return np.diff(edges)
+
+
+def piecewise_constant(values, total_steps: int) -> np.ndarray:
+    """Per-step array holding ``values[k]`` on the k-th of len(values) near-equal pieces."""
+    values = np.asarray(values, float)
+    return np.repeat(values, piece_lengths(int(total_steps), values.size))
+
+
+def linear_decay(lr0: float, total_steps: int, *, decay: float = 0.01, decay_steps: int | None = None) -> np.ndarray:
+    """Linear decay of seed 003 App. F.3: α(t) = α₀(1 − (1 − γ) t/T) for t ≤ T, then α₀γ (γ = ``decay``)."""
+    T = int(decay_steps or total_steps)
+    t = np.arange(int(total_steps), dtype=float)
+    return lr0 * np.where(t <= T, 1.0 - (1.0 - decay) * t / T, decay)
+
+
+def piecewise_risk(spec: Spectrum, lrs, total_steps: int, batch_size: float, *, precondition_power=0.0) -> float:
+    """Exact SGD risk after ``total_steps`` steps of the piecewise-constant schedule with piece values ``lrs``."""
+    h_tilde, sigma2, weight = _direction_terms(spec, precondition_power)
+    lengths = piece_lengths(int(total_steps), len(lrs)).astype(float)
+    log_r, _ = _log_risk_and_grad(np.log(np.asarray(lrs, float)), lengths, h_tilde, sigma2, weight, spec.init,
+                                  float(batch_size))
+    return float(np.exp(log_r))
+
+
+@dataclass
+class PiecewiseResult:
+    batch_size: float
+    steps: int  # fewest steps found for which an optimized schedule reaches the target
+    lrs: np.ndarray  # (pieces,) the optimized schedule at that number of steps
+    risk: float  # its final risk (≤ target)
+
+
+def _log_risk_and_grad(x, lengths, h_tilde, sigma2, weight, init, bs):
+    """log of the exact piecewise SGD risk and its gradient w.r.t. x = log α (numpy, pieces × bins).
+
+    With ℓ_k = L_k log a_k², A_k = e^{ℓ_k}, ss_k the steady state of piece k and after_k = Σ_{j>k} ℓ_j:
+    v = init·e^{Σℓ} + Σ_k ss_k (1 − A_k) e^{after_k}, and ℓ_k enters e^{Σℓ}, A_k and every after_j, j < k.
+    """
+    lr = np.exp(x)[:, None]  # (K, 1)
+    a = 1.0 - lr * h_tilde  # (K, k)
+    a2 = a * a + 1e-300
+    ell = lengths[:, None] * np.log(a2)
+    A = np.exp(ell)
+    denom = 2.0 - lr * h_tilde
+    ss = lr * sigma2 / (bs * h_tilde * denom)
+    suffix = np.cumsum(ell[::-1], axis=0)[::-1]  # Σ_{j≥k}
+    after = np.vstack([suffix[1:], np.zeros_like(suffix[:1])])
+    e_after = np.exp(after)
+    contrib = ss * (-np.expm1(ell)) * e_after  # (K, k)
+    v = init * np.exp(suffix[0]) + contrib.sum(0)
+    R = float(np.sum(weight * v))
+    prefix = np.vstack([np.zeros_like(contrib[:1]), np.cumsum(contrib, axis=0)[:-1]])  # Σ_{j<k}
+    dv_dell = init * np.exp(suffix[0]) - ss * A * e_after + prefix
+    dell_dlr = -2.0 * lengths[:, None] * h_tilde * a / a2
+    dss_dlr = 2.0 * sigma2 / (bs * h_tilde * denom * denom)
+    dv_dlr = dv_dell * dell_dlr + dss_dlr * (-np.expm1(ell)) * e_after
+    grad = lr[:, 0] * np.sum(weight * dv_dlr, axis=1) / R
+    return np.log(R), grad
+
+
+def _optimize_fixed_T(spec, T, bs, pieces, power, x0, max_lr):
+    h_tilde, sigma2, weight = _direction_terms(spec, power)
+    lengths = piece_lengths(T, pieces).astype(float)
+
+    def fun(x):
+        return _log_risk_and_grad(x, lengths, h_tilde, sigma2, weight, spec.init, float(bs))
+
+    upper = np.log(max_lr)
+    bounds = [(upper - 40.0, upper)] * pieces
+    res = minimize(fun, np.clip(x0, upper - 40.0, upper), jac=True, method="L-BFGS-B", bounds=bounds,
+                   options={"maxiter": 300, "ftol": 1e-10, "gtol": 1e-7})
+    return float(np.exp(res.fun)), res.x
+
+
+def optimize_piecewise_constant(
+    spec: Spectrum,
+    batch_size: float,
+    *,
+    target: float = 0.01,
+    pieces: int = 50,
+    precondition_power: float = 0.0,
+    lo: int = 1,
+    hi: int | None = None,
+    init_lr: float | None = None,
+    rtol: float = 0.01,
+) -> PiecewiseResult:
+    """Fewest steps for which some ``pieces``-piece schedule (α ≤ 2/h̃₁) reaches ``target``, and that schedule.
+
+    Binary search on the number of steps between ``lo`` (e.g. :func:`~lightning_sgd.nqm.lower_bound_steps`)
+    and ``hi`` (e.g. the best constant-LR steps, always feasible: a constant schedule is piecewise constant),
+    to relative precision ``rtol`` (0 = exact integer). Each probe minimises the log of the exact risk with
+    L-BFGS-B, warm-started from the previous schedule.
+    """
+    h_tilde = spec.h ** (1.0 - precondition_power)
+    max_lr = 2.0 / h_tilde.max() * (1.0 - 1e-9)
+    if init_lr is None:
+        init_lr = 0.5 / h_tilde.max()
+    x = np.full(pieces, np.log(init_lr))
+    if hi is None:
+        hi = max(2 * lo, 2)
+        while True:
+            r, x_hi = _optimize_fixed_T(spec, hi, batch_size, pieces, precondition_power, x, max_lr)
+            if r <= target:
+                break
+            lo, hi, x = hi, hi * 2, x_hi
+    r_hi, x_hi = _optimize_fixed_T(spec, int(hi), batch_size, pieces, precondition_power, x, max_lr)
+    if r_hi > target:
+        raise RuntimeError(f"no schedule of {hi} steps reaches {target} (risk {r_hi:.3g}): raise hi")
+    lo = max(int(lo) - 1, 0)  # lo itself may be feasible
+    hi = int(hi)
+    x = x_hi
+    while hi - lo > max(1, int(rtol * hi)):
+        mid = (lo + hi) // 2
+        r, xm = _optimize_fixed_T(spec, mid, batch_size, pieces, precondition_power, x, max_lr)
+        if r <= target:
+            hi, r_hi, x_hi, x = mid, r, xm, xm
+        else:
+            lo = mid
+    return PiecewiseResult(float(batch_size), hi, np.exp(x_hi), r_hi)
