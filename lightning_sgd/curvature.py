@@ -198,16 +198,17 @@ class CheckedOperator(CurvatureOperator):
         try:
             out = self.inner.matvec(v)
         except RuntimeError as err:
-            text = str(err)
+            text = str(err).splitlines()[0].rstrip(". ") if str(err) else type(err).__name__
             if any(s in text for s in ("does not require grad", "once_differentiable", "second time",
                                        "not implemented", "forward AD", "inplace", "in-place")):
                 raise NotTwiceDifferentiableError(
-                    f"the curvature operator could not differentiate the loss twice: {text.splitlines()[0]}. "
+                    f"the curvature operator could not differentiate the loss twice ({text}). "
                     "Make the loss twice differentiable (no .detach()/.item() on the path, no "
                     "once_differentiable custom functions), or choose another operator/mode "
                     "(operator='hessian' or mode='eval' when BatchNorm trains under torch.func)."
                 ) from err
             raise
+        out = out.detach()  # EmpiricalFisherOperator's products keep an autograd graph to the parameters
         if not bool(torch.isfinite(out).all()):
             raise NonFiniteCurvatureError(
                 "a curvature-vector product has NaN/Inf entries (diverged weights or a non-finite loss on the "

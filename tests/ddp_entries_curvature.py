@@ -11,7 +11,7 @@ from tests.ddp import ddp_trainer_kwargs, dump
 from tests.helpers import TinyDataModule, tiny_module
 
 
-def measure_at_start(outdir: Path, k: int = 2, probe_batch_size: int = 16) -> None:
+def measure_at_start(outdir: Path, k: int = 2, probe_batch_size: int = 8) -> None:
     """Measure the Hessian and GGN before the first step on 2 ranks; report numbers, probe data and weights."""
     pl.seed_everything(0)
     module = tiny_module()
