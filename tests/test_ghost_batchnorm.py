@@ -200,3 +200,19 @@ def test_yaml_switch_ghost_batchnorm():
     assert int(bn.num_batches_tracked) == 4 * 5  # 4 steps x (50 / 10) ghost batches
     optimizer_params = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
     assert id(bn.weight) in optimizer_params
+
+
+@pytest.mark.slow  # a 2-process DDP job: ~15 s on an idle machine
+def test_plugins_under_ddp(tmp_path):
+    """2-process gloo DDP: ghost size per device, EMA samples counted over the world, B = devices x batch x accum."""
+    from tests.ddp import run_ddp
+
+    ranks = run_ddp("tests.ddp_entries_plugins:plugins_under_ddp", tmp_path)
+    for result in ranks:
+        assert result["ghost"] == "GhostBatchNorm"
+        assert result["num_batches_tracked"] == 3 * 2 * (8 // 4)  # steps x accumulated batches x ghosts per batch
+        assert result["num_updates"] == 3
+        assert result["last_decay"] == pytest.approx(0.5 ** ((8 * 2 * 2) / 64))  # batch x world x accumulation
+        assert result["scale"] == 4.0  # B = 2 devices x 8 x 2 = 32, B_ref = 8
+        assert result["lrs"] == pytest.approx([0.1 * 4 * (0.25 + 0.75 * min(1.0, t / 2)) for t in range(3)])
+    assert ranks[0]["ema_weights"] == ranks[1]["ema_weights"]  # the EMA of identical DDP weights is identical
