@@ -16,12 +16,13 @@ one) and ``f_0`` the start factor: by default ``min(1, 1/s)``, i.e. warmup start
 al.; ``warmup_start_factor=0`` warms up from zero.
 
 How it composes with another scheduler: at the start of training the callback multiplies every parameter group's
-``lr`` (and ``initial_lr``, ``max_lr``, ``min_lr`` when present) and each scheduler's ``base_lrs`` by ``s``; the
-user's scheduler keeps stepping as configured, always seeing the un-warmed ``raw`` learning rate (its scheduler
-object is wrapped so that recursive schedulers such as ``StepLR`` never compound the warmup factor); after ``T``
-steps ``w = 1`` and the user's schedule is left alone. The value in ``param_group["lr"]`` between steps is the one
-the next step uses, so ``LearningRateMonitor`` shows the warmup. The step counter and raw learning rates are part
-of the callback state, so a resumed run continues with exactly the same learning rates.
+``lr`` (and ``initial_lr``, ``max_lr``, ``min_lr`` when present) and each scheduler's ``base_lrs`` (and
+CyclicLR's ``max_lrs``) by ``s``; the user's scheduler keeps stepping as configured, always seeing the un-warmed
+``raw`` learning rate (its scheduler object is wrapped so that recursive schedulers such as ``StepLR`` never
+compound the warmup factor); after ``T`` steps ``w = 1`` and the user's schedule is left alone. The value in
+``param_group["lr"]`` between steps is the one the next step uses, so ``LearningRateMonitor`` shows the warmup.
+The step counter and raw learning rates are part of the callback state, so a resumed run continues with exactly
+the same learning rates.
 """
 
 from __future__ import annotations
@@ -231,10 +232,10 @@ class LRWarmupScaling(Callback):
                         group[key] = group[key] * scale
         for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler
-            if hasattr(scheduler, "base_lrs"):
-                scheduler.base_lrs = [lr * scale for lr in scheduler.base_lrs]
-            if hasattr(scheduler, "_last_lr"):
-                scheduler._last_lr = [lr * scale for lr in scheduler._last_lr]
+            for attribute in ("base_lrs", "max_lrs", "_last_lr"):  # max_lrs: CyclicLR's peaks
+                values = getattr(scheduler, attribute, None)
+                if isinstance(values, list):
+                    setattr(scheduler, attribute, [lr * scale for lr in values])
 
     def _per_device_batch(self, trainer: pl.Trainer) -> int:
         if self.batch_size is not None:
