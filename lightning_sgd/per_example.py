@@ -177,7 +177,7 @@ def per_example_gradient_stats(
             grads = per_example_grad(detached, _slice(inputs, start, stop), _slice(targets, start, stop))
             for index, name in enumerate(names):
                 g = grads[name].flatten(1)  # (c, numel)
-                sq = g.pow(2).sum(1).to(torch.float64)  # (c,)
+                sq = torch.linalg.vector_norm(g, dim=1).to(torch.float64).square()  # (c,), no (c, numel) temporary
                 sq_norms[start:stop] += sq
                 if per_layer:
                     layer_sq[layer_of(name)][start:stop] += sq

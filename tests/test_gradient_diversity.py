@@ -15,7 +15,9 @@ from lightning_sgd.diversity import batch_size_bound, diversity_from_stats, grad
 from lightning_sgd.noise_scale import per_example_estimate
 from lightning_sgd.per_example import per_example_gradient_stats, trainable_parameters
 from lightning_sgd.recipes.classification import ClassificationModule
+from lightning_sgd.recipes.language import TransformerLM
 from lightning_sgd.recipes.mnist1d import MNIST1DCNN, MNIST1DMLP
+from lightning_sgd.recipes.modules import LanguageModelModule
 from tests.helpers import TinyDataModule, classification_data, fast_trainer_kwargs, tiny_module
 
 
@@ -112,12 +114,19 @@ def _bn_cnn():
     return ClassificationModule(net, num_classes=10)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn", "transformer", "bn_cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "transformer", "recipe_transformer_lm", "bn_cnn"])
 def test_engine_diversity_on_recipe_networks(kind):
+    # Δ from the callback equals brute force on the recipes' MLP and CNN, a torch encoder-layer Transformer, the
+    # recipes' Transformer LM (causal attention, tied embeddings, per-example token-mean loss) and a BatchNorm CNN.
     torch.manual_seed(0)
     if kind == "transformer":
         module = ClassificationModule(TinyTransformer(), num_classes=3)
         x, y = torch.randint(0, 11, (6, 6)), torch.randint(0, 3, (6,))
+    elif kind == "recipe_transformer_lm":
+        net = TransformerLM(vocab_size=13, d_model=16, num_heads=2, d_ff=32, num_layers=1, dropout=0.0, max_len=8)
+        module = LanguageModelModule(net)
+        tokens = torch.randint(0, 13, (6, 7))
+        x, y = tokens[:, :-1], tokens[:, 1:]
     else:
         net = {"mlp": lambda: MNIST1DMLP(hidden=16), "cnn": lambda: MNIST1DCNN(channels=4)}.get(kind)
         module = ClassificationModule(net(), num_classes=10) if net else _bn_cnn()

@@ -1,0 +1,157 @@
+"""GradientNoiseScale overhead: step time with vs without the callback, same model and data, side by side.
+
+Configurations run in interleaved rounds (so a slow patch of a shared machine hits all of them) and the median
+per-step process CPU time (one torch thread; see StepTimer) is compared with the matching no-callback run:
+
+- single device: per_example source measuring every step (the cost of one measured step), split source every step,
+  and the default settings (source auto -> per_example, every 50 steps: the overall overhead);
+- gradient accumulation (2 micro-batches): the accumulation source measuring every step;
+- with ``--ddp``: a 2-process CPU DDP job comparing plain DDP, DDP + the callback's hook source, and
+  GradStatsDDPStrategy + the callback (the record source), each measuring every step.
+
+Model: the MNIST-1D recipe's CNN (or ``--model mlp``), batch 100 (the recipe's), random MNIST-1D-shaped data.
+
+    python benchmarks/gns_overhead.py            # ~1-2 min on 2 CPU cores
+    python benchmarks/gns_overhead.py --ddp      # adds the 2-process DDP comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sgd.callbacks import GradientNoiseScale
+from lightning_sgd.recipes import MNIST1DCNN, MNIST1DMLP, ClassificationModule
+
+warnings.filterwarnings("ignore")
+
+
+class StepTimer(pl.Callback):
+    """CPU time of this process between consecutive optimizer steps (on_train_batch_start of the first micro-batch
+    of each). CPU time, not wall time: on a machine shared with other jobs wall time mostly measures the others;
+    with one torch thread the process's CPU time is the work done (waiting on another DDP rank costs none)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            self.times.append(time.process_time())
+
+    def step_times(self, skip: int) -> list[float]:
+        return [b - a for a, b in zip(self.times[skip:], self.times[skip + 1:])]
+
+
+def make_module(model: str) -> ClassificationModule:
+    torch.manual_seed(0)
+    net = MNIST1DCNN() if model == "cnn" else MNIST1DMLP()
+    return ClassificationModule(net, num_classes=10, optimizer=lambda p: torch.optim.SGD(p, lr=0.05))
+
+
+def make_loader(batch_size: int, n: int = 4000) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, 40, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=g, drop_last=True)
+
+
+def run(model: str, steps: int, accumulate: int, callback: GradientNoiseScale | None, batch: int = 100,
+        **trainer_kwargs: Any) -> list[float]:
+    timer = StepTimer()
+    callbacks = [timer] + ([callback] if callback is not None else [])
+    kwargs = dict(accelerator="cpu", devices=1, max_steps=steps + 1, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                  limit_val_batches=0, accumulate_grad_batches=accumulate, callbacks=callbacks)
+    kwargs.update(trainer_kwargs)
+    trainer = pl.Trainer(**kwargs)
+    trainer.fit(make_module(model), make_loader(batch // accumulate))
+    return timer.step_times(skip=5)
+
+
+def single_device(model: str, steps: int, rounds: int) -> dict[str, float]:
+    configs = {
+        "none": (1, lambda: None),
+        "per_example, every step": (1, lambda: GradientNoiseScale(source="per_example", schedule=1)),
+        "split (4 parts), every step": (1, lambda: GradientNoiseScale(source="split", schedule=1)),
+        "default (auto, every 50)": (1, lambda: GradientNoiseScale()),
+        "none, accumulate 2": (2, lambda: None),
+        "accumulation, every step": (2, lambda: GradientNoiseScale(source="accumulation", schedule=1)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, (accumulate, factory) in configs.items():
+            times[name] += run(model, steps, accumulate, factory())
+    return {name: statistics.median(t) for name, t in times.items()} | {
+        # the default schedule's overall cost is the mean step time, not the median (1 in 20 steps is slow)
+        "default (auto, every 50) [mean]": statistics.fmean(times["default (auto, every 50)"]),
+        "none [mean]": statistics.fmean(times["none"]),
+    }
+
+
+def ddp_worker(model: str, steps: int, rounds: int, out: str) -> None:
+    from lightning_sgd.plugins.grad_stats_ddp import GradStatsDDPStrategy
+
+    configs = {
+        "ddp none": lambda: (None, "ddp"),
+        "ddp + hook source, every step": lambda: (GradientNoiseScale(source="ddp", schedule=1), "ddp"),
+        "GradStatsDDP none": lambda: (None, GradStatsDDPStrategy(log_grad_norms=False)),
+        "GradStatsDDP + record source, every step": lambda: (GradientNoiseScale(source="ddp", schedule=1),
+                                                             GradStatsDDPStrategy(log_grad_norms=False)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    rank = 0
+    for _ in range(rounds):
+        for name, factory in configs.items():
+            callback, strategy = factory()
+            times[name] += run(model, steps, 1, callback, batch=50, devices=2, strategy=strategy)
+            rank = int(os.environ.get("LOCAL_RANK", 0))
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({name: statistics.median(t) for name, t in times.items()}, f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["cnn", "mlp"], default="cnn")
+    parser.add_argument("--steps", type=int, default=100, help="measured steps per run (after 5 warm-up steps)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--ddp", action="store_true", help="also run the 2-process DDP comparison")
+    parser.add_argument("--ddp-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.ddp_worker:
+        ddp_worker(args.model, args.steps, args.rounds, args.ddp_worker)
+        return
+    print(f"model={args.model} batch=100 steps={args.steps} rounds={args.rounds} torch={torch.__version__} "
+          f"threads=1", flush=True)
+    result = single_device(args.model, args.steps, args.rounds)
+    base, base_acc = result["none"], result["none, accumulate 2"]
+    print(f"{'configuration':45s} {'cpu ms/step':>11s} {'ratio':>7s}")
+    for name, value in result.items():
+        ref = base_acc if "accumulat" in name else (result["none [mean]"] if "[mean]" in name else base)
+        print(f"{name:45s} {1e3 * value:11.2f} {value / ref:7.3f}")
+    if args.ddp:
+        out = os.path.abspath("gns_ddp_times.json")
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--model", args.model, "--steps", str(args.steps),
+                        "--rounds", str(args.rounds), "--ddp-worker", out], check=True, env=env)
+        with open(out) as f:
+            ddp = json.load(f)
+        for name, value in ddp.items():
+            ref = ddp["GradStatsDDP none"] if name.startswith("GradStats") else ddp["ddp none"]
+            print(f"{name:45s} {1e3 * value:11.2f} {value / ref:7.3f}")
+
+
+if __name__ == "__main__":
+    main()
