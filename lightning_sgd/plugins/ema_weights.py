@@ -191,6 +191,10 @@ class EMAWeights(WeightAveraging):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":  # per-fit state; a checkpoint restored after setup() brings its own
+            if self.validate == "both":
+                from lightning_sgd.protocols import require_supervised
+
+                require_supervised(pl_module, "EMAWeights(validate='both')")
             self._latest_update_step, self._pending_samples, self._raw_state = 0, 0.0, None
             self._pairs, self._swapped, self.last_decay = None, False, None
         super().setup(trainer, pl_module, stage)
@@ -335,7 +339,11 @@ class EMAWeights(WeightAveraging):
 
     @torch.no_grad()
     def _recalibrate_if_needed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Recompute the EMA copy's BN running statistics on a few training batches (cumulative average)."""
+        """Recompute the EMA copy's BN running statistics on a few training batches (cumulative average).
+
+        The batches come from a fresh iterator over the train DataLoader (which advances a shuffling sampler's
+        random generator, as any extra pass over the loader would).
+        """
         if not self._needs_recalibration or self._average_model is None:
             return
         self._needs_recalibration = False
