@@ -81,3 +81,34 @@ def norms_by_hand(outdir: Path, configs: list[str], steps: int = 2, batch_size: 
             "warnings": [str(w.message) for w in caught if "GradStatsDDPStrategy" in str(w.message)],
         }
     dump(outdir, int(os.environ.get("RANK", trainer.global_rank)), results)
+
+
+class _GNSProbe(pl.Callback):
+    """After GradientNoiseScale (listed later, so it runs later): its per-step sample and each rank's batch sum."""
+
+    def __init__(self, gns: Any) -> None:
+        self.gns = gns
+        self.samples: list[list[float]] = []
+        self.batch_sums: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch_sums.append(float(batch[0].double().sum()))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        sample = self.gns.last_sample
+        self.samples.append([sample.grad_sq_norm, sample.trace_cov, sample.b_small, sample.b_big])
+
+
+def gns_from_strategy(outdir: Path, steps: int, batch_size: int, beta: float) -> None:
+    """lr = 0 (fixed parameters), fresh examples every step: GradientNoiseScale(source="ddp") on the record."""
+    from lightning_sgd.callbacks import GradientNoiseScale
+
+    pl.seed_everything(0)
+    gns = GradientNoiseScale(source="ddp", beta=beta)
+    probe = _GNSProbe(gns)
+    trainer = pl.Trainer(**ddp_trainer_kwargs(max_steps=steps, callbacks=[gns, probe],
+                                              strategy=GradStatsDDPStrategy(log_grad_norms=False)))
+    world = trainer.world_size
+    trainer.fit(tiny_module(lr=0.0), datamodule=TinyDataModule(n=steps * batch_size * world, batch_size=batch_size))
+    dump(outdir, trainer.global_rank, {"samples": probe.samples, "batch_sums": probe.batch_sums,
+                                       "b_simple": gns.b_simple, "measured": gns.measured})

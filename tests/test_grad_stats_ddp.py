@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
 from tests.ddp import run_ddp
 
@@ -78,3 +79,64 @@ def test_strategy_validates_arguments() -> None:
     with pytest.raises(ValueError, match="max_logged_ranks"):
         GradStatsDDPStrategy(max_logged_ranks=-1)
     assert GradStatsDDPStrategy().latest_grad_stats is None
+
+
+def test_b_simple_from_strategy_matches_single_process_per_example(tmp_path) -> None:
+    """GradientNoiseScale on the strategy's record (2 ranks × 64) vs the per-example estimator on the same global
+    batches of 128 in one process, at the same (fixed, lr = 0)
+    parameters, 200 fresh batches, same EMA (beta 0.99: ~150 effective samples).
+
+    Both are unbiased per-step samples of the same |G|² and tr Σ; they share |ḡ_B|² and differ only in how the
+    small-batch norm is estimated (2 local gradients vs 128 per-example gradients), so their per-step difference is
+    pure sampling noise. Tolerance: 4 standard errors of B_ddp − B_pe from the delta method on the paired per-step
+    differences with the EMA weights (a false failure under the normal approximation has probability < 1e-4). The
+    same check rejects the estimate one gets if the strategy misreported its local batch size by 2×.
+    """
+    from lightning_sgd.noise_scale import per_example_estimate, two_batch_estimate
+    from lightning_sgd.per_example import per_example_gradient_stats
+    from tests.helpers import classification_data, tiny_module
+
+    steps, b, beta, world = 200, 64, 0.99, 2
+    ranks = run_ddp("tests.ddp_entries_grad_stats:gns_from_strategy", tmp_path, steps=steps, batch_size=b, beta=beta)
+    assert ranks[0]["measured"] == ranks[1]["measured"] == steps
+    x, y = classification_data(steps * b * world)
+    module = tiny_module(lr=0.0)
+    # Lightning gives each rank a DistributedSampler(shuffle=True, seed=0) over the training set (epoch 0)
+    order = [list(DistributedSampler(range(len(x)), num_replicas=world, rank=r, shuffle=True, seed=0))
+             for r in range(world)]
+    ddp = torch.tensor(ranks[0]["samples"], dtype=torch.float64)  # (steps, 4): |G|², tr Σ, b, B
+    n_params = sum(p.numel() for p in module.parameters())
+    # every example's full gradient at the fixed parameters, in one engine call: projections on the basis vectors
+    per_example = per_example_gradient_stats(module, (x, y), directions=torch.eye(n_params),
+                                             chunk_size=4096).projections  # (n, P)
+    pe = []
+    for t in range(steps):
+        rank_idx = [order[r][t * b:(t + 1) * b] for r in range(world)]
+        for r in range(world):  # the batches each rank really saw
+            assert ranks[r]["batch_sums"][t] == pytest.approx(float(x[rank_idx[r]].double().sum()), rel=1e-9)
+        grads = per_example[sum(rank_idx, [])]  # (2 × 64, P): the global batch
+        sample = per_example_estimate(grads.square().sum(1), grads.mean(0).square().sum())
+        pe.append([sample.grad_sq_norm, sample.trace_cov])
+    pe_t = torch.tensor(pe, dtype=torch.float64)  # (steps, 2)
+    assert (ddp[:, 2] == b).all() and (ddp[:, 3] == b * world).all()
+    w = (1 - beta) * beta ** torch.arange(steps - 1, -1, -1, dtype=torch.float64)
+    w = w / w.sum()  # the bias-corrected EMA's weights
+    g_pe, tr_pe = (w[:, None] * pe_t).sum(0)
+    b_pe = float(tr_pe / g_pe)
+    b_ddp = ranks[0]["b_simple"]
+    assert b_ddp == pytest.approx(float((w * ddp[:, 1]).sum() / (w * ddp[:, 0]).sum()), rel=1e-9)
+    assert ranks[1]["b_simple"] == pytest.approx(b_ddp, rel=1e-12)  # every rank holds the same record
+    e = (ddp[:, 1] - pe_t[:, 1]) / g_pe - tr_pe * (ddp[:, 0] - pe_t[:, 0]) / g_pe**2  # linearised B difference
+    se = float(torch.sqrt((w**2 * e**2).sum()))
+    print(f"B_simple: strategy {b_ddp:.3f}, per-example {b_pe:.3f}, SE {se:.3f}")
+    assert abs(b_ddp - b_pe) <= 4 * se, (b_ddp, b_pe, se)
+    assert se < 0.25 * b_pe  # the check is informative: the tolerance is a fraction of B itself
+
+    # Power: with the local batch size misreported as b / 2 the same data give a B outside the tolerance.
+    small = ddp[:, 0] + ddp[:, 1] / b  # mean local |g_b|², recovered from the sample
+    big = ddp[:, 0] + ddp[:, 1] / (b * world)  # |g_B|²
+    wrong = [two_batch_estimate(float(s), b / 2, float(B), b * world) for s, B in zip(small, big)]
+    b_wrong = float(sum(wi * s.trace_cov for wi, s in zip(w, wrong))
+                    / sum(wi * s.grad_sq_norm for wi, s in zip(w, wrong)))
+    print(f"B_simple with local batch misreported: {b_wrong:.3f}")
+    assert abs(b_wrong - b_pe) > 4 * se, (b_wrong, b_pe, se)
