@@ -3,6 +3,10 @@
 The data is generated offline by :func:`lightning_sgd.data.mnist1d.generate_mnist1d`, so this recipe needs no
 download. Train, val and test sets use disjoint seeds derived from one ``seed``; the generated tensors are cached
 under ``cache_dir`` so a second run starts instantly.
+
+:meth:`MNIST1DDataModule.fresh_batch` adds an unlimited stream of fresh i.i.d. training examples (the
+``fresh_batch`` protocol of :mod:`lightning_sgd.bootstrap`), which the :class:`~lightning_sgd.callbacks.DeepBootstrap`
+twin trains on.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_sgd.bootstrap import ChunkedStream
 from lightning_sgd.data.mnist1d import NUM_CLASSES, SEQUENCE_LENGTH, generate_mnist1d
 
 _SPLITS = ("train", "val", "test")
@@ -23,8 +28,22 @@ _CACHE_VERSION = 1  # bump when the generator or normalization changes
 
 
 def split_seed(seed: int, stream: int) -> int:
-    """Independent 32-bit seed for stream ``stream`` (0 train, 1 val, 2 test, 3+ fresh samples) of run ``seed``."""
+    """Independent 32-bit seed for stream ``stream`` (0 train, 1 val, 2 test; 100+ shuffling) of run ``seed``."""
     return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+
+
+_FRESH_STREAM = 3  # the fresh-sample stream's entropy tag (split_seed uses 0-2 for the splits, 100+ for shuffling)
+
+
+def fresh_chunk_seed(seed: int, chunk: int) -> int:
+    """32-bit seed of chunk ``chunk`` of run ``seed``'s fresh-sample stream, never equal to a train/val/test seed."""
+    split_seeds = {split_seed(seed, stream) for stream in range(len(_SPLITS))}
+    salt = 0
+    while True:  # a 32-bit collision with a split seed has probability ~1e-9 per chunk; skip it deterministically
+        value = int(np.random.SeedSequence([seed, _FRESH_STREAM, chunk, salt]).generate_state(1)[0])
+        if value not in split_seeds:
+            return value
+        salt += 1
 
 
 class MNIST1DDataModule(pl.LightningDataModule):
@@ -39,6 +58,8 @@ class MNIST1DDataModule(pl.LightningDataModule):
         seed: determines every split (and any fresh-sample stream) of this data module.
         cache_dir: where generated tensors are cached; ``None`` disables the cache.
         num_workers: DataLoader workers (0 is fastest for in-memory tensors).
+        fresh_chunk_size: the fresh-sample stream (:meth:`fresh_batch`) is generated, seeded and cached in chunks of
+            this many examples (generation runs at roughly 7k examples/s; cached chunks load instantly).
     """
 
     def __init__(
@@ -51,9 +72,11 @@ class MNIST1DDataModule(pl.LightningDataModule):
         seed: int = 0,
         cache_dir: str | None = ".data/mnist1d",
         num_workers: int = 0,
+        fresh_chunk_size: int = 5000,
     ) -> None:
         super().__init__()
-        for name, value in (("num_train", num_train), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        for name, value in (("num_train", num_train), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                            ("fresh_chunk_size", fresh_chunk_size)):
             if value < 1:
                 raise ValueError(f"MNIST1DDataModule: {name} must be >= 1, got {value}.")
         for name, value in (("num_val", num_val), ("num_test", num_test), ("num_workers", num_workers)):
@@ -69,11 +92,13 @@ class MNIST1DDataModule(pl.LightningDataModule):
         self.tensors: dict[str, tuple[Tensor, Tensor]] = {}
         self.mean: float | None = None
         self.std: float | None = None
+        self.fresh_chunk_size = fresh_chunk_size
+        self._fresh: ChunkedStream | None = None
 
     # ----------------------------------------------------------------------------------------------- generation
-    def _generate(self, split: str, num_samples: int) -> tuple[Tensor, Tensor]:
-        stream = _SPLITS.index(split)
-        seed = split_seed(self.seed, stream)
+    def _generate(self, split: str, num_samples: int, seed: int | None = None) -> tuple[Tensor, Tensor]:
+        if seed is None:
+            seed = split_seed(self.seed, _SPLITS.index(split))
         if self.cache_dir is None:
             return generate_mnist1d(num_samples, seed)
         key = hashlib.sha1(f"v{_CACHE_VERSION}-{num_samples}-{seed}".encode()).hexdigest()[:16]
@@ -103,6 +128,28 @@ class MNIST1DDataModule(pl.LightningDataModule):
         for split, n in (("val", self.num_val), ("test", self.num_test)):
             x, y = self._generate(split, n)
             self.tensors[split] = (self.normalize(x), y)
+
+    # ----------------------------------------------------------------------------------- fresh-sample stream
+    def fresh_batch(self, start: int, size: int) -> tuple[Tensor, Tensor]:
+        """Examples ``start .. start + size − 1`` of an unlimited stream of fresh i.i.d. training examples.
+
+        The ``fresh_batch`` protocol of :mod:`lightning_sgd.bootstrap`: new draws from the same generator, seeded per
+        chunk of ``fresh_chunk_size`` examples (:func:`fresh_chunk_seed`, disjoint from the train/val/test seeds),
+        normalized with the training set's statistics, cached like the splits. A pure function of ``(start, size)``.
+        Needs :meth:`setup` first (for the normalization).
+
+        Returns ``(x, y)``: float32 ``(size, 40)`` and int64 ``(size,)``, like a training batch.
+        """
+        if self.mean is None:
+            raise RuntimeError("MNIST1DDataModule.fresh_batch needs setup() to have run first.")
+        if self._fresh is None:
+            self._fresh = ChunkedStream(self._fresh_chunk, self.fresh_chunk_size)
+        x, y = self._fresh.take(start, size)
+        return x, y
+
+    def _fresh_chunk(self, index: int) -> tuple[Tensor, Tensor]:
+        x, y = self._generate("fresh", self.fresh_chunk_size, seed=fresh_chunk_seed(self.seed, index))
+        return self.normalize(x), y
 
     # ---------------------------------------------------------------------------------------------- dataloaders
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:

@@ -1,0 +1,470 @@
+"""DeepBootstrap: the real world and its fresh-data twin in one training job (Nakkiran et al., ICLR 2021).
+
+Draws on Nakkiran, Neyshabur & Sedghi, "The Deep Bootstrap Framework: Good Online Learners are Good Offline
+Generalizers" (ICLR 2021; seed 000 of shared/seeds and shared/REFERENCE.md) and preetum/deep-bootstrap-code, where
+the two worlds are two hand-launched runs. Pure helpers (fresh-sample streams, pools, metrics, plot) live in
+:mod:`lightning_sgd.bootstrap`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_sgd.bootstrap import (
+    FRESH_BATCH_METHOD,
+    FRESH_POOL_METHOD,
+    PoolSampler,
+    PrivateRNG,
+    evaluate,
+    plot_bootstrap,
+)
+from lightning_sgd.protocols import require_supervised
+from lightning_sgd.schedules import LogSpaced, Schedule, as_schedule
+
+try:  # Lightning >= 2.1 marks hooks with typing_extensions.override; keep working without it
+    from typing_extensions import override
+except ImportError:  # pragma: no cover
+    def override(fn):  # type: ignore[no-redef]
+        return fn
+
+
+class DeepBootstrap(Callback):
+    r"""Train an "ideal world" twin on fresh samples next to the real run and log the bootstrap gap.
+
+    At fit start the LightningModule is cloned (bit-identical initial weights) and the clone gets its own optimizer
+    and LR schedulers from its ``configure_optimizers``. After every optimizer step of the real world, the twin takes
+    one step on the next examples of a fresh-sample stream, with the same batch size (micro-batch for micro-batch
+    under gradient accumulation), the same gradient clipping and a scheduler clock kept in step with the real one,
+    so after ``t`` real steps the twin has taken exactly ``t`` steps. On ``schedule`` (log-spaced by default, dense
+    early) both worlds are evaluated on the ``split`` set and logged:
+
+    .. math:: \text{TestError}(f_t) = \text{TestError}(f^{iid}_t) +
+              \underbrace{[\text{TestError}(f_t) - \text{TestError}(f^{iid}_t)]}_{\texttt{bootstrap/gap}}
+
+    Logged keys (``{split}`` is ``test`` by default):
+
+    - ``bootstrap/real_{split}_error``, ``bootstrap/ideal_{split}_error``, ``bootstrap/gap`` (real − ideal error), and
+      the same for the soft error 1 − p_correct (``..._soft_error``, ``bootstrap/soft_gap``) and the loss
+      (``..._loss``, ``bootstrap/loss_gap``). Error and soft error need ``(B, C)`` logits with integer labels;
+      otherwise only losses are logged and ``bootstrap/gap`` is the loss gap.
+    - ``bootstrap/real_train_error`` (+ ``_soft_error``, ``_loss``): the real world on (up to
+      ``max_train_eval_examples`` of) its own training set.
+    - ``bootstrap/online_loss`` (+ ``_error``, ``_soft_error``): progressive validation of the real world, i.e. its
+      loss on each incoming batch *before* the update on it, averaged over the batches since the previous
+      measurement, first epoch only (no example has been reused yet, so it is an unbiased test-loss estimate).
+    - ``bootstrap/ideal_online_loss``: the twin's training loss on its fresh batches (always an online estimate).
+    - ``bootstrap/twin_diverged`` = 1 at the step where the twin's loss became non-finite.
+
+    At the end of fit a PNG of the two error curves (and the real train error) is written next to the logs
+    (``deep_bootstrap.png`` in the CSV logger's folder, else ``trainer.log_dir``) and logged to W&B when a W&B
+    logger is attached. The measurements are also kept in :attr:`history`.
+
+    **Fresh samples.** The DataModule must implement one of the two methods of the fresh-sample protocol of
+    :mod:`lightning_sgd.bootstrap`: ``fresh_batch(start, size)`` (an unlimited stream, e.g.
+    :class:`~lightning_sgd.recipes.MNIST1DDataModule`) or ``fresh_pool()`` (a held-out dataset of at least
+    ``steps × batch_size`` examples; when it runs out a warning says how many steps it covered and the ideal world
+    stops there).
+
+    **Cost.** One extra training step (forward + backward + optimizer step) per real step, plus one forward over the
+    evaluation sets per measurement and one forward per real batch in the first epoch (``online``). Running the twin
+    only every k-th step is not offered: the two worlds would then no longer be aligned step for step, which is the
+    whole comparison. Memory: a second copy of the model and optimizer state.
+
+    **Isolation.** The twin never changes the real world's trajectory: everything the callback runs uses a private
+    torch RNG stream (:class:`~lightning_sgd.bootstrap.PrivateRNG`, seeded by ``seed`` and checkpointed), so the
+    twin's dropout or the evaluation never consume the global RNG, and the real model is evaluated in eval mode
+    under ``no_grad`` (BatchNorm statistics untouched). A twin that diverges is logged, warned about once and
+    stopped; the real run goes on. Checkpoints carry the twin, its optimizer and schedulers, its RNG, the stream
+    position and the history, so a resumed run continues both worlds.
+
+    Limits: automatic optimization with one optimizer; ``ReduceLROnPlateau`` is refused (it would follow the real
+    world's metric); no AMP grad scaler for the twin (bf16 and fp32 are fine). Under DDP each rank's twin reads its
+    own slice of the fresh stream and the twin's gradients are averaged across ranks; measurements run on rank 0.
+
+    Args:
+        schedule: when to measure (global step ``t`` after ``t`` optimizer steps; step 0 is the common initial
+            point); an int means every n steps. Default: ``LogSpaced(0, 10**7, per_decade=10)``.
+        split: ``"test"`` or ``"val"``: which of the DataModule's loaders is the held-out evaluation set.
+        max_eval_examples: evaluate on at most this many examples of ``split`` (``None``: all).
+        max_train_eval_examples: the real train error uses at most this many training examples (``None``: all).
+        online: log progressive validation of the real world during its first epoch.
+        seed: seeds the twin's private RNG (dropout etc.) and the order in which a ``fresh_pool`` is consumed.
+        plot: write the PNG at the end of fit.
+
+    Example::
+
+        trainer = pl.Trainer(max_steps=3000, callbacks=[DeepBootstrap()])
+        trainer.fit(ClassificationModule(MNIST1DCNN()), datamodule=MNIST1DDataModule(num_train=1000))
+    """
+
+    def __init__(
+        self,
+        schedule: int | Schedule | None = None,
+        split: str = "test",
+        max_eval_examples: int | None = None,
+        max_train_eval_examples: int | None = 10_000,
+        online: bool = True,
+        seed: int = 0,
+        plot: bool = True,
+    ) -> None:
+        if split not in ("test", "val"):
+            raise ValueError(f"DeepBootstrap: split must be 'test' or 'val', got {split!r}.")
+        for name, value in (("max_eval_examples", max_eval_examples),
+                            ("max_train_eval_examples", max_train_eval_examples)):
+            if value is not None and value < 1:
+                raise ValueError(f"DeepBootstrap: {name} must be >= 1 or None, got {value}.")
+        self.schedule = as_schedule(schedule if schedule is not None else LogSpaced(0, 10**7, per_decade=10))
+        self.split, self.seed, self.online, self.plot = split, seed, online, plot
+        self.max_eval_examples, self.max_train_eval_examples = max_eval_examples, max_train_eval_examples
+        self.history: list[dict[str, float]] = []
+        self.twin: pl.LightningModule | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.schedulers: list[Any] = []
+        self.plot_path: str | None = None
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        self._source: Any = None  # (start, size) -> CPU batch
+        self._pool_size: int | None = None
+        self._pool_dataset: Any = None
+        self._eval_loader: Any = None
+        self._train_eval: Any = None
+        self._rng: PrivateRNG | None = None
+        self._pending: dict[str, Any] | None = None
+        self._fresh_pos = 0  # examples of the fresh stream consumed (all ranks together)
+        self._twin_steps = 0
+        self._last_step = 0  # the real world's global_step the twin has caught up with
+        self._micro_sizes: list[int] = []  # real micro-batch sizes since the last optimizer step
+        self._sched_clock: list[int] = []  # the real schedulers' clocks when the current real step began
+        self._online: dict[str, float] = {}
+        self._twin_online: dict[str, float] = {}
+        self._stopped: str | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(split=self.split, seed=self.seed)
+
+    # ------------------------------------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        require_supervised(pl_module, "DeepBootstrap")
+        if not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                "DeepBootstrap trains the twin like Lightning's automatic optimization; "
+                f"{type(pl_module).__name__} uses manual optimization, which it cannot mirror."
+            )
+        pending = self._pending
+        self._reset_run_state()
+        self._pending = pending
+        self._rng = PrivateRNG(self.seed, pl_module.device)
+        dm = trainer.datamodule
+        has_stream = callable(getattr(dm, FRESH_BATCH_METHOD, None))
+        has_pool = callable(getattr(dm, FRESH_POOL_METHOD, None))
+        if dm is None or not (has_stream or has_pool):
+            name = "no DataModule" if dm is None else type(dm).__name__
+            raise MisconfigurationException(
+                f"DeepBootstrap needs fresh training samples for the ideal-world twin, but got {name}. Pass a "
+                "LightningDataModule (trainer.fit(model, datamodule=...)) that implements either "
+                f"`{FRESH_BATCH_METHOD}(start, size) -> batch` (an unlimited stream of new i.i.d. examples, a pure "
+                f"function of its arguments) or `{FRESH_POOL_METHOD}() -> Dataset` (a held-out pool of at least "
+                "steps x batch_size examples, e.g. from lightning_sgd.bootstrap.split_pool). "
+                "See lightning_sgd.bootstrap for the protocol; MNIST1DDataModule implements fresh_batch."
+            )
+        with self._rng:
+            self._eval_loader = self._held_out_loader(dm)
+            if has_stream:
+                self._source = getattr(dm, FRESH_BATCH_METHOD)
+            else:
+                self._pool_dataset = getattr(dm, FRESH_POOL_METHOD)()
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        with self._rng:
+            self.twin = copy.deepcopy(pl_module)  # LightningModule drops its trainer reference when copied
+            self.twin._trainer = trainer  # configure_optimizers may read e.g. trainer.estimated_stepping_batches
+            try:
+                optim_conf = self.twin.configure_optimizers()
+            finally:
+                self.twin._trainer = None
+        optimizers, schedulers, monitor = _configure_optimizers(optim_conf)
+        if len(optimizers) != 1:
+            raise MisconfigurationException(
+                f"DeepBootstrap supports exactly one optimizer; configure_optimizers returned {len(optimizers)}."
+            )
+        configs = _configure_schedulers_automatic_opt(schedulers, monitor)
+        if any(config.reduce_on_plateau for config in configs):
+            raise MisconfigurationException(
+                "DeepBootstrap cannot clone a ReduceLROnPlateau schedule: the twin would follow the real world's "
+                "metric. Use a fixed schedule (StepLR, CosineAnnealingLR, OneCycleLR, ...)."
+            )
+        self.optimizer = optimizers[0]
+        self.schedulers = [config.scheduler for config in configs]
+        self._last_step = trainer.global_step
+        if self._pending is not None:
+            self._apply_state(self._pending)
+            self._pending = None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        real_configs = trainer.lr_scheduler_configs
+        if len(real_configs) != len(self.schedulers):
+            raise MisconfigurationException(
+                f"DeepBootstrap: the twin got {len(self.schedulers)} LR schedulers from configure_optimizers but the "
+                f"real run has {len(real_configs)}; configure_optimizers must build the same schedule every call."
+            )
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
+        if self._source is None:
+            pool = PoolSampler(self._pool_dataset, seed=self.seed, collate_fn=collate)
+            self._source, self._pool_size = pool.take, len(pool)
+        if dataset is not None and not isinstance(dataset, IterableDataset):
+            self._train_eval = DataLoader(dataset, batch_size=self._eval_batch_size(), shuffle=False,
+                                          collate_fn=collate)
+        if trainer.global_step == 0 and self.schedule(0) and not self.history:
+            self._measure(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if not self._micro_sizes:  # a new real optimizer step begins: remember the schedulers' clocks
+            self._sched_clock = [config.scheduler.last_epoch for config in trainer.lr_scheduler_configs]
+        _, targets = pl_module.split_batch(batch)  # type: ignore[operator]
+        self._micro_sizes.append(len(targets))
+        if self.online and trainer.current_epoch == 0:
+            with self._rng:
+                values = evaluate(pl_module, [batch])
+            _accumulate(self._online, values, len(targets))
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self._last_step:
+            return  # accumulating gradients, or the real step was skipped: the twin waits too
+        self._last_step = trainer.global_step
+        with self._rng:
+            self._twin_step(trainer)
+        self._micro_sizes = []
+        if self.schedule(trainer.global_step):
+            self._measure(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.history or self.history[-1]["step"] != trainer.global_step:
+            self._measure(trainer, pl_module)  # the curves always end at the last step
+        if self.plot:
+            self._write_plot(trainer)
+
+    # ------------------------------------------------------------------------------------------------ checkpoint
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.twin is None or self.optimizer is None or self._rng is None:
+            return {}
+        return {
+            "twin": self.twin.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
+            "rng": self._rng.state_dict(),
+            "fresh_pos": self._fresh_pos,
+            "twin_steps": self._twin_steps,
+            "stopped": self._stopped,
+            "history": [dict(h) for h in self.history],
+            "online": dict(self._online),
+            "twin_online": dict(self._twin_online),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.twin is None:
+            self._pending = state_dict  # restored before on_fit_start: applied once the twin exists
+        else:
+            self._apply_state(state_dict)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        assert self.twin is not None and self.optimizer is not None and self._rng is not None
+        self.twin.load_state_dict(state["twin"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for scheduler, scheduler_state in zip(self.schedulers, state["schedulers"]):
+            scheduler.load_state_dict(scheduler_state)
+        self._rng.load_state_dict(state["rng"])
+        self._fresh_pos, self._twin_steps, self._stopped = state["fresh_pos"], state["twin_steps"], state["stopped"]
+        self.history = [dict(h) for h in state["history"]]
+        self._online, self._twin_online = dict(state["online"]), dict(state["twin_online"])
+
+    # ------------------------------------------------------------------------------------------------- internals
+    def _held_out_loader(self, dm: pl.LightningDataModule) -> Any:
+        getter = getattr(dm, f"{self.split}_dataloader")
+        try:
+            loader = getter()
+        except Exception:  # many DataModules build the test set only in setup("test")
+            dm.setup("test" if self.split == "test" else "validate")
+            try:
+                loader = getter()
+            except Exception as err:
+                raise MisconfigurationException(
+                    f"DeepBootstrap evaluates both worlds on {type(dm).__name__}.{self.split}_dataloader(), which "
+                    f"failed ({type(err).__name__}: {err}). Implement it, or pass split="
+                    f"{'val' if self.split == 'test' else 'test'!r}."
+                ) from err
+        return loader[0] if isinstance(loader, (list, tuple)) else loader
+
+    def _eval_batch_size(self) -> int:
+        return getattr(self._eval_loader, "batch_size", None) or 256
+
+    def _twin_step(self, trainer: pl.Trainer) -> None:
+        """One optimizer step of the twin on fresh examples, mirroring the real step that just happened."""
+        if self._stopped is not None or self.twin is None or self.optimizer is None:
+            return
+        twin, world, rank = self.twin, trainer.world_size, trainer.global_rank
+        self._sync_schedulers(self._sched_clock)  # epoch-interval schedulers stepped between the real steps
+        self.optimizer.zero_grad(set_to_none=True)
+        total, count, position = torch.zeros((), device=twin.device), 0, self._fresh_pos
+        for size in self._micro_sizes:
+            try:
+                batch = self._source(position + rank * size, size)
+            except IndexError:
+                self._stop_pool_exhausted(trainer, size * len(self._micro_sizes))
+                return
+            position += world * size
+            batch = trainer.strategy.batch_to_device(batch)
+            with trainer.precision_plugin.train_step_context():
+                inputs, targets = twin.split_batch(batch)
+                loss = twin.loss(twin(inputs), targets)
+            (loss / trainer.accumulate_grad_batches).backward()
+            total, count = total + loss.detach().float() * len(targets), count + len(targets)
+        self._fresh_pos = position
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            for p in twin.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
+            torch.distributed.all_reduce(total)  # every rank takes the same stop decision
+            count *= world
+        mean_loss = float(total) / max(count, 1)
+        if not math.isfinite(mean_loss):
+            self._stop_diverged(trainer)
+            return
+        _accumulate(self._twin_online, {"loss": mean_loss}, count)
+        if trainer.gradient_clip_val:
+            params = [p for p in twin.parameters() if p.grad is not None]
+            if trainer.gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, trainer.gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, trainer.gradient_clip_val)
+        self.optimizer.step()
+        self._twin_steps += 1
+        self._sync_schedulers([config.scheduler.last_epoch for config in trainer.lr_scheduler_configs])
+
+    def _sync_schedulers(self, clocks: list[int]) -> None:
+        """Step each twin scheduler until its clock (``last_epoch``) matches the real scheduler's."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")  # before the twin's first step
+            for scheduler, clock in zip(self.schedulers, clocks):
+                while scheduler.last_epoch < clock:
+                    scheduler.step()
+
+    def _stop_diverged(self, trainer: pl.Trainer) -> None:
+        self._stopped = f"diverged at step {trainer.global_step}"
+        warnings.warn(
+            f"DeepBootstrap: the ideal-world twin's loss became non-finite at step {trainer.global_step}; the twin is "
+            "stopped (no more ideal-world metrics) and the real run goes on unaffected.", RuntimeWarning, stacklevel=2
+        )
+        self._log(trainer, {"bootstrap/twin_diverged": 1.0})
+
+    def _stop_pool_exhausted(self, trainer: pl.Trainer, batch_size: int) -> None:
+        self._stopped = f"fresh pool exhausted after {self._twin_steps} steps"
+        max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        need = f" this run's {max_steps} steps need >= {max_steps * batch_size * trainer.world_size}." if max_steps \
+            else ""
+        warnings.warn(
+            f"DeepBootstrap: the fresh-sample pool ({self._pool_size} examples) ran out after {self._twin_steps} twin "
+            f"steps of batch size {batch_size} (x {trainer.world_size} ranks); the ideal world stops at step "
+            f"{self._twin_steps} instead of reusing examples. Give fresh_pool() more examples:{need}",
+            RuntimeWarning, stacklevel=2,
+        )
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Evaluate both worlds (rank 0) and log; drains the online accumulators on every rank."""
+        online, twin_online = self._online, self._twin_online
+        self._online, self._twin_online = {}, {}
+        if trainer.global_rank != 0:
+            return
+        split = self.split
+        to_device = trainer.strategy.batch_to_device
+        metrics: dict[str, float] = {}
+        with self._rng:
+            real = evaluate(pl_module, self._eval_loader, to_device, self.max_eval_examples)
+            metrics.update({f"bootstrap/real_{split}_{k}": v for k, v in real.items()})
+            if self._train_eval is not None:
+                train = evaluate(pl_module, self._train_eval, to_device, self.max_train_eval_examples)
+                metrics.update({f"bootstrap/real_train_{k}": v for k, v in train.items()})
+            if self.twin is not None and self._stopped is None:
+                ideal = evaluate(self.twin, self._eval_loader, to_device, self.max_eval_examples)
+                if not math.isfinite(ideal["loss"]):
+                    self._stop_diverged(trainer)
+                else:
+                    metrics.update({f"bootstrap/ideal_{split}_{k}": v for k, v in ideal.items()})
+                    metrics["bootstrap/loss_gap"] = real["loss"] - ideal["loss"]
+                    if "error" in real:
+                        metrics["bootstrap/gap"] = real["error"] - ideal["error"]
+                        metrics["bootstrap/soft_gap"] = real["soft_error"] - ideal["soft_error"]
+                    else:
+                        metrics["bootstrap/gap"] = metrics["bootstrap/loss_gap"]
+        metrics.update({f"bootstrap/online_{k}": v for k, v in _means(online).items()})
+        metrics.update({f"bootstrap/ideal_online_{k}": v for k, v in _means(twin_online).items()})
+        self.history.append({"step": float(trainer.global_step), **metrics})
+        self._log(trainer, metrics)
+
+    @rank_zero_only
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    @rank_zero_only
+    def _write_plot(self, trainer: pl.Trainer) -> None:
+        folder = next((lg.log_dir for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+        folder = folder or trainer.log_dir or trainer.default_root_dir
+        try:
+            os.makedirs(folder, exist_ok=True)
+            path = plot_bootstrap({"": self.history}, os.path.join(folder, "deep_bootstrap.png"), split=self.split,
+                                  title=f"Deep bootstrap: real vs ideal world ({self.split} set)")
+            for logger in trainer.loggers:
+                if type(logger).__name__ == "WandbLogger" and hasattr(logger, "log_image"):
+                    logger.log_image(key="bootstrap/plot", images=[path], step=trainer.global_step)
+        except Exception as err:  # a plotting problem must never fail a finished training run
+            warnings.warn(f"DeepBootstrap could not write its plot ({type(err).__name__}: {err}).", stacklevel=2)
+            return
+        self.plot_path = path
+
+
+def _accumulate(sums: dict[str, float], values: dict[str, float], n: int) -> None:
+    """Add ``n`` examples with per-example means ``values`` to running sums (``sums['n']`` counts examples)."""
+    for key, value in values.items():
+        sums[key] = sums.get(key, 0.0) + value * n
+    sums["n"] = sums.get("n", 0.0) + n
+
+
+def _means(sums: dict[str, float]) -> dict[str, float]:
+    n = sums.get("n", 0.0)
+    return {key: value / n for key, value in sums.items() if key != "n"} if n else {}
+
+
+__all__ = ["DeepBootstrap"]
