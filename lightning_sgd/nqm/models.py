@@ -73,9 +73,10 @@ class NQM:
                                  momentum=momentum, ema=ema)
 
     def steps_grid(self, batch_sizes, lrs, aux=None, *, kind="sgd", precondition_power=0.0, target=0.01,
-                   exhaustive=False, effective_lr=False) -> GridResult:
+                   exhaustive=False, effective_lr=False, **search) -> GridResult:
+        """See :func:`lightning_sgd.nqm.search.grid_steps` (``search``: coarse, per_octave, n_centres)."""
         return grid_steps(self.spectrum, batch_sizes, lrs, aux, kind=kind, power=precondition_power, target=target,
-                          exhaustive=exhaustive, effective_lr=effective_lr)
+                          exhaustive=exhaustive, effective_lr=effective_lr, **search)
 
 
 class InterpolationModel:
@@ -172,7 +173,7 @@ class InterpolationModel:
         return self._decompose(lr, batch_size, precondition_power)[2]
 
     def steps_grid(self, batch_sizes, lrs, aux=None, *, kind="sgd", precondition_power=0.0, target=0.01,
-                   exhaustive=True, effective_lr=False) -> GridResult:
+                   exhaustive=True, effective_lr=False, **search) -> GridResult:
         """Exact (every grid point) minimal steps: bisection on t of the eigen-expansion, vectorized."""
         if kind != "sgd" or aux is not None:
             raise NotImplementedError("InterpolationModel models plain (preconditioned) SGD only")

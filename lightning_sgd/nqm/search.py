@@ -246,6 +246,7 @@ def grid_steps(
     coarse: tuple[int, int] = (10, 4),
     per_octave: int = 2,
     effective_lr: bool = False,
+    n_centres: int = 3,
 ) -> GridResult:
     """Minimal steps to ``target`` over the (lrs × aux) grid for every batch size (see module docstring).
 
@@ -284,22 +285,36 @@ def grid_steps(
             lo = np.where(k > 0, t_grid[np.maximum(k - 1, 0)], 0.0)
             hits = _bisect(plan, cfg0[ci], batch_sizes[bi], lo, t_grid[k], target)
             _update(best, best_cfg, hits, cfg0[ci], bi)
+        # level-1 centres: the best coarse lr of the ``n_centres`` best coarse aux columns, per batch size
+        aux_of = cfg0 % n_aux
+        centres = [[] for _ in range(n_b)]
+        for b in range(n_b):
+            col_best = {}
+            for j in np.argsort(first[b], kind="stable"):
+                if first[b, j] >= t_grid.size or len(col_best) >= n_centres:
+                    break
+                col_best.setdefault(int(aux_of[j]), int(cfg0[j]))
+            centres[b] = list(col_best.values())
+    else:
+        centres = [[] for _ in range(n_b)]
 
     missing = all_b[~np.isfinite(best)]
     if missing.size and not exhaustive:  # no coarse hit (tiny target or narrow grid): whole grid for those
         every = np.arange(n_lr * n_aux)
         _improve(plan, np.tile(every, missing.size), np.repeat(missing, every.size), batch_sizes, best, best_cfg,
                  target)
-    # two finer levels around each batch size's best point
-    for r_lr, r_aux, st_lr, st_aux in ((s_lr, s_aux, 2, 1), (2, 1, 1, 1)):
+    # two finer levels: around the level-1 centres (and the best point), then around the best point
+    for level, (r_lr, r_aux, st_lr, st_aux) in enumerate(((s_lr, s_aux, 2, 1), (2, 1, 1, 1))):
         cc, bb = [], []
         for b in all_b[np.isfinite(best)]:
-            il, ia = divmod(int(best_cfg[b]), n_aux)
-            nl = np.arange(max(il - r_lr, 0), min(il + r_lr, n_lr - 1) + 1, st_lr)
-            na = np.arange(max(ia - r_aux, 0), min(ia + r_aux, n_aux - 1) + 1, st_aux)
-            c = cfg_index(nl[:, None], na[None, :]).ravel()
-            cc.append(c)
-            bb.append(np.full(c.size, b))
+            pts = {int(best_cfg[b])} | (set(centres[b]) if level == 0 else set())
+            for centre in pts:
+                il, ia = divmod(centre, n_aux)
+                nl = np.arange(max(il - r_lr, 0), min(il + r_lr, n_lr - 1) + 1, st_lr)
+                na = np.arange(max(ia - r_aux, 0), min(ia + r_aux, n_aux - 1) + 1, st_aux)
+                c = cfg_index(nl[:, None], na[None, :]).ravel()
+                cc.append(c)
+                bb.append(np.full(c.size, b))
         if cc:
             _improve(plan, np.concatenate(cc), np.concatenate(bb), batch_sizes, best, best_cfg, target)
     if exhaustive:

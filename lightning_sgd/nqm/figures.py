@@ -1,0 +1,211 @@
+"""The NQM figures of Zhang et al. 2019 (seed 003): 3a, 3b(+3c), 4, 13 and 14, as PNG + CSV.
+
+Each ``figure_*`` function computes the data (a list of row dicts), writes ``<out>/nqm_fig<id>.csv`` and
+``<out>/nqm_fig<id>.png``, and returns the rows. :func:`make_figures` runs a selection of them.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from collections.abc import Iterable
+
+import numpy as np
+
+from lightning_sgd.nqm.api import lower_bound_steps, steps_to_target
+from lightning_sgd.nqm.core import make_spectrum
+from lightning_sgd.nqm.schedules import optimize_piecewise_constant
+
+__all__ = ["make_figures", "figure_3a", "figure_3b", "figure_4", "figure_13", "figure_14", "FIGURES"]
+
+POWERS = (0.0, 0.25, 0.5, 0.75)
+COLORS = {0.0: "tab:blue", 0.25: "tab:orange", 0.5: "tab:green", 0.75: "tab:red"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in keys})
+
+
+def _batch_sizes(quick: bool) -> np.ndarray:
+    return 2.0 ** np.arange(0, 21, 2 if quick else 1)
+
+
+def _loglog(ax, xlabel="Batch size", ylabel="Steps to threshold"):
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def _rows(result, **extra) -> list[dict]:
+    d = result.as_dict()
+    return [{**extra, **{k: float(v[i]) for k, v in d.items()}} for i in range(len(result.batch_size))]
+
+
+def figure_3a(out: str, *, quick: bool = False, target: float = 0.01) -> list[dict]:
+    """Steps to target vs batch size per preconditioning power: plain SGD (dashed) and tuned momentum (solid)."""
+    plt = _plt()
+    bs = _batch_sizes(quick)
+    rows: list[dict] = []
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for p in POWERS:
+        plain = steps_to_target(bs, precondition_power=p, target=target, warn_edges=False)
+        mom = steps_to_target(bs, precondition_power=p, momentum="tune", target=target, warn_edges=False)
+        rows += _rows(plain, figure="3a", power=p, optimizer="sgd")
+        rows += _rows(mom, figure="3a", power=p, optimizer="momentum")
+        ax.plot(bs, plain.steps, "--", color=COLORS[p])
+        ax.plot(bs, mom.steps, "-", color=COLORS[p], label=f"pow {p:g}")
+    ax.plot(bs, lower_bound_steps(bs, target), "k--", label="lower bound")
+    _loglog(ax)
+    ax.set_title("NQM: momentum (solid) vs plain SGD (dashed)")
+    ax.legend(fontsize=8)
+    _save(fig, out, "3a", rows)
+    return rows
+
+
+def figure_3b(out: str, *, quick: bool = False, target: float = 0.01, pieces: int = 50) -> list[dict]:
+    """(b) optimized piecewise-constant schedules (solid) vs fixed LR (dashed); (c) the schedules for power 0."""
+    plt = _plt()
+    spec = make_spectrum()
+    bs = 2.0 ** np.arange(0, 21, 4 if quick else 2)
+    powers = (0.0, 0.5) if quick else POWERS
+    rows: list[dict] = []
+    schedules: dict[float, np.ndarray] = {}
+    fig, (ax, ax_c) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for p in powers:
+        fixed = steps_to_target(bs, precondition_power=p, target=target, warn_edges=False)
+        sched_steps = []
+        for i, b in enumerate(bs):
+            lb = int(np.ceil(lower_bound_steps(b, target, spec.dim)))
+            res = optimize_piecewise_constant(spec, b, target=target, pieces=pieces, precondition_power=p, lo=lb,
+                                              hi=int(fixed.steps[i]), init_lr=float(fixed.lr[i]),
+                                              rtol=0.05 if quick else 0.01)
+            sched_steps.append(res.steps)
+            rows.append({"figure": "3b", "power": p, "batch_size": float(b), "fixed_lr_steps": float(fixed.steps[i]),
+                         "schedule_steps": res.steps, "final_lr": float(res.lrs[-1]), "lower_bound": lb,
+                         **{f"lr_piece_{k}": float(v) for k, v in enumerate(res.lrs)}})
+            if p == 0.0:
+                schedules[float(b)] = res.lrs
+        ax.plot(bs, fixed.steps, "--", color=COLORS[p])
+        ax.plot(bs, sched_steps, "-", color=COLORS[p], label=f"pow {p:g}")
+    ax.plot(bs, lower_bound_steps(bs, target), "k--", label="lower bound")
+    _loglog(ax)
+    ax.set_title("(b) optimized schedules (solid) vs fixed LR (dashed)")
+    ax.legend(fontsize=8)
+    for b, lrs in schedules.items():
+        if 16 <= b <= 4096 or quick:
+            ax_c.plot(np.arange(1, pieces + 1), lrs, label=f"BS {int(b)}")
+    ax_c.set_yscale("log", base=2)
+    ax_c.set_xlabel("Pieces")
+    ax_c.set_ylabel("Learning rate")
+    ax_c.set_title("(c) optimized LR schedules, power 0")
+    ax_c.legend(fontsize=8)
+    _save(fig, out, "3b", rows)
+    return rows
+
+
+def figure_4(out: str, *, quick: bool = False, target: float = 0.01) -> list[dict]:
+    """EMA of the iterates (solid, γ tuned) vs plain SGD (dashed), per preconditioning power."""
+    plt = _plt()
+    bs = _batch_sizes(quick)
+    rows: list[dict] = []
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for p in POWERS:
+        plain = steps_to_target(bs, precondition_power=p, target=target, warn_edges=False)
+        ema = steps_to_target(bs, precondition_power=p, ema="tune", target=target, warn_edges=False)
+        rows += _rows(plain, figure="4", power=p, optimizer="sgd")
+        rows += _rows(ema, figure="4", power=p, optimizer="ema")
+        ax.plot(bs, plain.steps, "--", color=COLORS[p])
+        ax.plot(bs, ema.steps, "-", color=COLORS[p], label=f"pow {p:g}")
+    ax.plot(bs, lower_bound_steps(bs, target), "k--", label="lower bound")
+    _loglog(ax)
+    ax.set_title("NQM: EMA (solid) vs plain SGD (dashed)")
+    ax.legend(fontsize=8)
+    _save(fig, out, "4", rows)
+    return rows
+
+
+def figure_13(out: str, *, quick: bool = False, targets=(0.1, 0.03, 0.01, 0.003, 0.001)) -> list[dict]:
+    """Steps vs batch size for several loss thresholds (plain SGD, fixed tuned LR; App. E.5)."""
+    plt = _plt()
+    bs = 2.0 ** np.arange(0, 23, 2 if quick else 1)
+    rows: list[dict] = []
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for tgt in targets:
+        r = steps_to_target(bs, target=tgt, warn_edges=False)
+        rows += _rows(r, figure="13", target=tgt, optimizer="sgd")
+        ax.plot(bs, r.steps, "-o", ms=2, label=f"{tgt:g}")
+    _loglog(ax)
+    ax.set_title("NQM: loss threshold")
+    ax.legend(fontsize=8)
+    _save(fig, out, "13", rows)
+    return rows
+
+
+def figure_14(out: str, *, quick: bool = False, target: float = 0.01) -> list[dict]:
+    """Optimal (effective) LR vs batch size: (a) no momentum, (b) β = 0.9, (c) tuned β; dashed = (a)."""
+    plt = _plt()
+    bs = 2.0 ** np.arange(0, 23, 2 if quick else 1)
+    rows: list[dict] = []
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), sharey=True)
+    titles = ("(a) without momentum", "(b) fixed momentum 0.9", "(c) tuned momentum")
+    for p in POWERS:
+        plain = steps_to_target(bs, precondition_power=p, target=target, warn_edges=False)
+        fixed = steps_to_target(bs, precondition_power=p, momentum=0.9, target=target, warn_edges=False)
+        tuned = steps_to_target(bs, precondition_power=p, momentum="tune", target=target, warn_edges=False)
+        for name, r, ax in zip(("sgd", "momentum_0.9", "momentum_tuned"), (plain, fixed, tuned), axes):
+            rows += _rows(r, figure="14", power=p, optimizer=name)
+            ax.plot(bs, r.effective_lr, "-", color=COLORS[p], label=f"pow {p:g}")
+            if name != "sgd":
+                ax.plot(bs, plain.effective_lr, "--", color=COLORS[p], alpha=0.6)
+    for ax, title in zip(axes, titles):
+        _loglog(ax, ylabel="Optimal (effective) learning rate")
+        ax.set_title(title)
+    axes[-1].legend(fontsize=8)
+    _save(fig, out, "14", rows)
+    return rows
+
+
+def _save(fig, out: str, name: str, rows: list[dict]) -> None:
+    os.makedirs(out, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"nqm_fig{name}.png"), dpi=120)
+    _write_csv(os.path.join(out, f"nqm_fig{name}.csv"), rows)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+FIGURES = {"3a": figure_3a, "3b": figure_3b, "4": figure_4, "13": figure_13, "14": figure_14}
+
+
+def make_figures(out: str, which: Iterable[str] = tuple(FIGURES), *, quick: bool = False, log=print) -> dict:
+    """Write the selected figures (PNG + CSV) to ``out``; returns {id: seconds taken}."""
+    took = {}
+    for name in which:
+        if name not in FIGURES:
+            raise ValueError(f"unknown figure {name!r}; choose from {sorted(FIGURES)}")
+        t0 = time.perf_counter()
+        FIGURES[name](out, quick=quick)
+        took[name] = time.perf_counter() - t0
+        if log:
+            log(f"figure {name}: {os.path.join(out, f'nqm_fig{name}.png')} (+ .csv) in {took[name]:.1f}s")
+    return took
