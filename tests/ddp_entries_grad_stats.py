@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -10,12 +11,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 
 from lightning_sgd.plugins.grad_stats_ddp import GradStatsDDPStrategy
 from tests.ddp import ddp_trainer_kwargs, dump
-from tests.helpers import TinyDataModule, tiny_module
+from tests.helpers import TinyDataModule, classification_data, tiny_module
 
 
 def _flat_grad(module: pl.LightningModule) -> torch.Tensor:
@@ -112,3 +114,66 @@ def gns_from_strategy(outdir: Path, steps: int, batch_size: int, beta: float) ->
     trainer.fit(tiny_module(lr=0.0), datamodule=TinyDataModule(n=steps * batch_size * world, batch_size=batch_size))
     dump(outdir, trainer.global_rank, {"samples": probe.samples, "batch_sums": probe.batch_sums,
                                        "b_simple": gns.b_simple, "measured": gns.measured})
+
+
+class _FreshTinyData(TinyDataModule):
+    """TinyDataModule plus the fresh-sample protocol (DeepBootstrap): new draws from the same teacher."""
+
+    def __init__(self, n: int, batch_size: int) -> None:
+        super().__init__(n=n, batch_size=batch_size)
+        self._pool_x, self._pool_y = classification_data(4 * n, seed=0)  # same teacher; examples past n are fresh
+
+    def fresh_batch(self, start: int, size: int):
+        stop = self.x.shape[0] + start + size
+        if stop > self._pool_x.shape[0]:
+            raise IndexError("fresh stream exhausted")
+        return self._pool_x[stop - size:stop], self._pool_y[stop - size:stop]
+
+
+class _GhostProbe(pl.Callback):
+    """Each step: this rank's local gradient by hand on a copy of the network (same ghost-BN forward as training)
+    and the strategy's record next to the all-reduced ``.grad``."""
+
+    def __init__(self) -> None:
+        self.local: list[list[float]] = []
+        self.steps: list[dict[str, Any]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        net = copy.deepcopy(pl_module.network)  # train mode: ghost-BN batch statistics, buffers of the copy only
+        inputs, targets = pl_module.split_batch(batch)
+        grads = torch.autograd.grad(pl_module.loss(net(inputs), targets), list(net.parameters()))
+        self.local.append(torch.cat([g.flatten().double() for g in grads]).tolist())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        stats = trainer.strategy.latest_grad_stats
+        self.steps.append({"stats_step": stats.step, "step": trainer.global_step,
+                           "local_sq_norms": stats.local_sq_norms.tolist(), "global_sq_norm": stats.global_sq_norm,
+                           "reduced_grad": _flat_grad(pl_module).tolist()})
+
+
+def plugins_and_callbacks(outdir: Path, steps: int = 4) -> None:
+    """Ghost BN, EMA weights and the measurement callbacks together under GradStatsDDPStrategy (one fit)."""
+    from lightning_sgd.callbacks import CurvatureSpectrum, DeepBootstrap, GradientDiversity, GradientNoiseScale
+    from lightning_sgd.plugins import EMAWeights, GhostBatchNorm, GhostBatchNormCallback
+    from lightning_sgd.recipes.classification import ClassificationModule
+
+    pl.seed_everything(0)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(25, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    module = ClassificationModule(net, num_classes=3, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    probe = _GhostProbe()
+    gns, diversity = GradientNoiseScale(), GradientDiversity(schedule=1)
+    curvature = CurvatureSpectrum(schedule=2, k=2, lanczos_iterations=10, trace_matvecs=3, probe_batch_size=8)
+    bootstrap = DeepBootstrap(schedule=2, plot=False, max_train_eval_examples=32)
+    callbacks = [GhostBatchNormCallback(4), EMAWeights(decay=0.5), probe, gns, diversity, curvature, bootstrap]
+    trainer = pl.Trainer(**ddp_trainer_kwargs(max_steps=steps, callbacks=callbacks, strategy=GradStatsDDPStrategy()))
+    trainer.fit(module, datamodule=_FreshTinyData(n=64, batch_size=8))
+    dump(outdir, trainer.global_rank, {
+        "ghost": isinstance(module.network[1], GhostBatchNorm),
+        "local": probe.local, "steps": probe.steps,
+        "final_weights": torch.nn.utils.parameters_to_vector(module.parameters()).tolist(),  # EMA copied in at end
+        "gns_measured": gns.measured, "gns_b_simple": gns.b_simple,
+        "diversity": diversity.last_metrics,
+        "curvature": [{k: v for k, v in h.items() if isinstance(v, (int, float, list))} for h in curvature.history],
+        "bootstrap": bootstrap.history,
+    })

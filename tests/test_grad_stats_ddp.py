@@ -140,3 +140,30 @@ def test_b_simple_from_strategy_matches_single_process_per_example(tmp_path) -> 
                     / sum(wi * s.grad_sq_norm for wi, s in zip(w, wrong)))
     print(f"B_simple with local batch misreported: {b_wrong:.3f}")
     assert abs(b_wrong - b_pe) > 4 * se, (b_wrong, b_pe, se)
+
+
+def test_plugins_and_measurement_callbacks_run_under_the_strategy(tmp_path) -> None:
+    """One fit with ghost BN (ghost size 4 of per-device 8), EMA weights, GradientNoiseScale, GradientDiversity,
+    CurvatureSpectrum and DeepBootstrap under GradStatsDDPStrategy: the record still equals hand-computed norms
+    (ghost-BN forward on a copy of the network, fp32: rtol 1e-5) and every callback measured, rank-consistently."""
+    steps = 4
+    ranks = run_ddp("tests.ddp_entries_grad_stats:plugins_and_callbacks", tmp_path, steps=steps)
+    for r in ranks:
+        assert r["ghost"]
+        assert len(r["steps"]) == steps
+    for t in range(steps):
+        grads = [torch.tensor(r["local"][t], dtype=torch.float64) for r in ranks]
+        for r in ranks:
+            record = r["steps"][t]
+            assert record["stats_step"] == record["step"] == t
+            torch.testing.assert_close(torch.tensor(record["local_sq_norms"], dtype=torch.float64),
+                                       torch.stack([g @ g for g in grads]), rtol=1e-5, atol=0)
+            reduced = torch.tensor(record["reduced_grad"], dtype=torch.float64)
+            torch.testing.assert_close(reduced, (grads[0] + grads[1]) / 2, rtol=1e-5, atol=1e-7)
+            assert record["global_sq_norm"] == pytest.approx(float(reduced @ reduced), rel=1e-5)
+    assert ranks[0]["final_weights"] == ranks[1]["final_weights"]  # EMA weights, copied in at the end of fit
+    assert ranks[0]["gns_measured"] == ranks[1]["gns_measured"] == steps
+    assert ranks[0]["gns_b_simple"] == ranks[1]["gns_b_simple"]
+    assert 0.0 < ranks[0]["diversity"]["diversity/value"] <= 1.0
+    assert len(ranks[0]["curvature"]) == 3 and ranks[0]["curvature"] == ranks[1]["curvature"]
+    assert [h["step"] for h in ranks[0]["bootstrap"]] == [0.0, 2.0, 4.0]
