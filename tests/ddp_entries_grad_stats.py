@@ -11,6 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
@@ -73,6 +74,8 @@ def norms_by_hand(outdir: Path, configs: list[str], steps: int = 2, batch_size: 
             extra["accumulate_grad_batches"] = 2
         if config == "bf16":
             extra["precision"] = "bf16-mixed"
+        if config == "plain":  # the strategy's own metrics, through the LightningModule's logger
+            extra.update(logger=CSVLogger(outdir, name="plain", version=0), log_every_n_steps=1)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trainer = pl.Trainer(**ddp_trainer_kwargs(max_steps=steps, callbacks=[probe], strategy=_strategy(config),

@@ -167,3 +167,18 @@ def test_plugins_and_measurement_callbacks_run_under_the_strategy(tmp_path) -> N
     assert 0.0 < ranks[0]["diversity"]["diversity/value"] <= 1.0
     assert len(ranks[0]["curvature"]) == 3 and ranks[0]["curvature"] == ranks[1]["curvature"]
     assert [h["step"] for h in ranks[0]["bootstrap"]] == [0.0, 2.0, 4.0]
+
+
+def test_per_rank_norms_are_logged(by_hand: list[dict], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``ddp/local_grad_norm_rank{r}`` and ``ddp/global_grad_norm`` reach the logger: √ of the record, every step."""
+    import csv
+
+    path = next(tmp_path_factory.getbasetemp().glob("by_hand*/plain/version_0/metrics.csv"))
+    rows = [row for row in csv.DictReader(path.open()) if row.get("ddp/global_grad_norm")]
+    assert [int(row["step"]) for row in rows] == [0, 1]
+    for row, record in zip(rows, by_hand[0]["plain"]["steps"]):
+        for r in range(2):
+            assert float(row[f"ddp/local_grad_norm_rank{r}"]) == pytest.approx(record["local_sq_norms"][r] ** 0.5,
+                                                                               rel=1e-6)
+        assert float(row["ddp/global_grad_norm"]) == pytest.approx(record["global_sq_norm"] ** 0.5, rel=1e-6)
+        assert float(row["ddp/local_grad_norm_max"]) == pytest.approx(max(record["local_sq_norms"]) ** 0.5, rel=1e-6)
