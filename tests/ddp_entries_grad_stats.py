@@ -180,3 +180,17 @@ def plugins_and_callbacks(outdir: Path, steps: int = 4) -> None:
         "curvature": [{k: v for k, v in h.items() if isinstance(v, (int, float, list))} for h in curvature.history],
         "bootstrap": bootstrap.history,
     })
+
+
+def two_nodes(outdir: Path, steps: int = 2) -> None:
+    """Launched by torchrun on 2 "nodes" × 1 process (scripts/two_node_loopback.sh): Lightning reads the torchrun
+    environment (TorchElasticEnvironment) and runs across the two agents."""
+    pl.seed_everything(0)
+    probe = _Probe(autocast=False)
+    trainer = pl.Trainer(**ddp_trainer_kwargs(max_steps=steps, devices=1, num_nodes=2, callbacks=[probe],
+                                              strategy=GradStatsDDPStrategy()))
+    trainer.fit(tiny_module(), datamodule=TinyDataModule(n=64, batch_size=8))
+    dump(outdir, trainer.global_rank, {
+        "micro": probe.micro, "steps": probe.steps, "world": trainer.world_size, "node_rank": trainer.node_rank,
+        "environment": type(trainer.strategy.cluster_environment).__name__,
+    })

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.utils.data import DistributedSampler
@@ -182,3 +184,34 @@ def test_per_rank_norms_are_logged(by_hand: list[dict], tmp_path_factory: pytest
                                                                                rel=1e-6)
         assert float(row["ddp/global_grad_norm"]) == pytest.approx(record["global_sq_norm"] ** 0.5, rel=1e-6)
         assert float(row["ddp/local_grad_norm_max"]) == pytest.approx(max(record["local_sq_norms"]) ** 0.5, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback(tmp_path) -> None:
+    """2 nodes × 1 process: scripts/two_node_loopback.sh starts two torchrun agents (node ranks 0 and 1) on
+    127.0.0.1; each node's rank publishes both ranks' norms, equal to the hand-computed ones (fp32: rtol 1e-5)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.ddp import REPO_ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MASTER_PORT": str(port), "WANDB_MODE": "offline"}
+    cmd = ["bash", str(REPO_ROOT / "scripts" / "two_node_loopback.sh"), sys.executable, "-m", "tests.ddp",
+           "tests.ddp_entries_grad_stats:two_nodes", str(tmp_path), "{}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["node_rank"] for r in ranks] == [0, 1]
+    assert all(r["world"] == 2 and r["environment"] == "TorchElasticEnvironment" for r in ranks)
+    for t in range(2):
+        grads = [torch.tensor(r["micro"][t], dtype=torch.float64) for r in ranks]
+        for r in ranks:
+            torch.testing.assert_close(torch.tensor(r["steps"][t]["local_sq_norms"], dtype=torch.float64),
+                                       torch.stack([g @ g for g in grads]), rtol=1e-5, atol=0)
+            reduced = torch.tensor(r["steps"][t]["reduced_grad"], dtype=torch.float64)
+            torch.testing.assert_close(reduced, (grads[0] + grads[1]) / 2, rtol=1e-5, atol=1e-7)
