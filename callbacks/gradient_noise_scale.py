@@ -154,7 +154,7 @@ class GradientNoiseScale(Callback):
         self._use_record = False
         self._handles: list[Any] = []
         self._layers: list[str] = []
-        self._acc: Tensor | None = None
+        self._acc: list[tuple[int, Tensor]] | None = None  # (layer slot, |grad|) per parameter, this micro-batch
         self._micro: list[Tensor] = []
         self._micro_sizes: list[int] = []
         self._step_examples = 0
@@ -235,17 +235,13 @@ class GradientNoiseScale(Callback):
         self._remove_hooks()
         index = {layer: i for i, layer in enumerate(self._layers)}
         for name, param in params.items():
-            slot = 1 + index[layer_of(name)] if self.per_layer else None
+            slot = 1 + index[layer_of(name)] if self.per_layer else 0
             self._handles.append(param.register_hook(self._make_hook(slot)))
 
-    def _make_hook(self, slot: int | None):
+    def _make_hook(self, slot: int):
         def hook(grad: Tensor) -> None:
-            if self._acc is None:
-                return None
-            sq = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
-            self._acc[0] += sq
-            if slot is not None:
-                self._acc[slot] += sq
+            if self._acc is not None:  # one small kernel per parameter; squares and sums once per micro-batch
+                self._acc.append((slot, torch.linalg.vector_norm(grad.detach(), dtype=torch.float32)))
             return None
 
         return hook
@@ -273,15 +269,22 @@ class GradientNoiseScale(Callback):
         measuring = self._schedule(step)
         b_noise = self.b_noise_schedule is not None and self.b_noise_schedule(step)
         if self._source in _HOOK_SOURCES and not self._use_record and measuring:
-            width = 1 + len(self._layers) if self.per_layer else 1
-            self._acc = torch.zeros(width, dtype=torch.float32, device=pl_module.device)
+            self._acc = []
             self._micro_sizes.append(n)
         self._batch = batch if (measuring and self._source in ("per_example", "split")) or b_noise else None
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._acc is not None:
-            self._micro.append(self._acc)
+            width = 1 + len(self._layers) if self.per_layer else 1
+            out = torch.zeros(width, dtype=torch.float64)
+            if self._acc:
+                slots = torch.tensor([slot for slot, _ in self._acc])
+                sq = torch.stack([norm for _, norm in self._acc]).double().square().cpu()  # (#params,)
+                out[0] = sq.sum()
+                if self.per_layer:
+                    out.index_add_(0, slots, sq)
+            self._micro.append(out)
             self._acc = None
 
     @override
@@ -338,17 +341,18 @@ class GradientNoiseScale(Callback):
         return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
     def _grad_sq_norms(self, grads: list[Tensor | None], names: list[str]) -> Tensor:
-        """(1 + L,) squared norms of a gradient list: total, then per layer when per_layer."""
+        """(1 + L,) float64 squared norms of a gradient list: total, then per layer when per_layer."""
         width = 1 + len(self._layers) if self.per_layer else 1
         out = torch.zeros(width, dtype=torch.float64)
-        index = {layer: i for i, layer in enumerate(self._layers)}
-        for name, g in zip(names, grads):
-            if g is None:
-                continue
-            sq = float(torch.linalg.vector_norm(g.detach(), dtype=torch.float32).square())
-            out[0] += sq
-            if self.per_layer:
-                out[1 + index[layer_of(name)]] += sq
+        present = [(name, g.detach()) for name, g in zip(names, grads) if g is not None]
+        if not present:
+            return out
+        norms = torch._foreach_norm([g.float() for _, g in present])  # one call for all parameters
+        sq = torch.stack(norms).double().square().cpu()  # (#params,)
+        out[0] = sq.sum()
+        if self.per_layer:
+            index = {layer: 1 + i for i, layer in enumerate(self._layers)}
+            out.index_add_(0, torch.tensor([index[layer_of(name)] for name, _ in present]), sq)
         return out
 
     def _samples(self, small: Tensor, b_small: float, big: Tensor, b_big: float) -> dict[str, NoiseScaleSample]:
