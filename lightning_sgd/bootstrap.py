@@ -55,6 +55,7 @@ __all__ = [
     "batch_metrics",
     "eval_mode",
     "evaluate",
+    "first_fit_step",
     "plot_bootstrap",
     "split_pool",
 ]
@@ -270,6 +271,11 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------------------------------------- plot
+def first_fit_step(history: Sequence[Mapping[str, float]], threshold: float = 0.01) -> float | None:
+    """The first measured step at which ``bootstrap/real_train_error`` is at most ``threshold`` (None: never)."""
+    return next((h["step"] for h in history if h.get("bootstrap/real_train_error", 1.0) <= threshold), None)
+
+
 def plot_bootstrap(
     runs: Mapping[str, Sequence[Mapping[str, float]]],
     path: str,
@@ -280,7 +286,8 @@ def plot_bootstrap(
 
     ``runs`` maps a label (e.g. ``"n=1000"``) to the callback's history: dicts with ``step`` and the
     ``bootstrap/...`` metrics. One colour per run; solid = real world, dashed = ideal world, dotted = real train
-    error. Uses matplotlib's object API, so it never changes the global backend.
+    error; a dot marks the first measurement where the real train error is at most 1% (as in the paper's figures).
+    Uses matplotlib's object API, so it never changes the global backend.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -301,6 +308,11 @@ def plot_bootstrap(
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, style, color=colour, label=prefix + name)
+        fitted = first_fit_step(history)  # the paper's dots: where the real world's train error reaches 1%
+        real_key = f"bootstrap/real_{split}_error"
+        at = [h for h in history if h["step"] == fitted and real_key in h]
+        if at:
+            ax.plot([max(fitted, 0.5)], [at[0][real_key]], "o", color=colour)
     ax.set_xscale("log")
     ax.set_xlabel("optimizer steps (step 0 drawn at 0.5)")
     ax.set_ylabel("classification error")
