@@ -30,7 +30,8 @@ _EXPORTS = {
     "PTBDataModule": "datamodules",
     "LM1BDataModule": "datamodules",
     "ImageNetDataModule": "datamodules",
-    "DeviceTensorLoader": "datamodules",
+    "TensorBatchDataset": "datamodules",
+    "tensor_dataloader": "datamodules",
     "random_crop_flip": "datamodules",
     # training details of the sources
     "ChannelWeightNorm": "weight_norm",

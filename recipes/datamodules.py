@@ -4,15 +4,17 @@ Each reads the standard distribution files from ``root`` (see ``lightning_sgd.da
 the expected files and where to get them when they are missing.
 
 Fast path: the small data sets (MNIST, Fashion-MNIST, CIFAR-10, PTB) are kept as tensors on the training device
-and served by :class:`DeviceTensorLoader`, which draws a shuffled mini-batch by indexing and applies the
-augmentation to the whole batch on the device (random crop with padding + horizontal flip for CIFAR-10), as fast
-CIFAR trainers do, instead of per-sample DataLoader workers. Batches come out ready to use (normalized floats), so
-callbacks that draw their own batches from ``trainer.train_dataloader`` see the same data as ``training_step``.
+(:func:`tensor_dataloader`): the DataLoader fetches a whole mini-batch with one indexing operation
+(:class:`TensorBatchDataset`) and its ``collate_fn`` augments the whole batch on the device (random crop with
+padding + horizontal flip for CIFAR-10), as fast CIFAR trainers do, instead of per-sample DataLoader workers. It
+stays a plain ``DataLoader``, so Lightning shards it under DDP, and batches come out ready to use (normalized
+floats), so callbacks that draw their own batches from ``trainer.train_dataloader`` see what ``training_step``
+sees.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,46 +56,69 @@ def random_crop_flip(images: Tensor, padding: int, generator: torch.Generator | 
     return out
 
 
-class DeviceTensorLoader:
-    """Mini-batches of tensors that live on one device: shuffle by index, then ``transform`` the whole batch.
+class TensorBatchDataset(Dataset):
+    """A map-style dataset over tensors that may live on the GPU, fetched a whole batch at a time.
 
-    Each epoch draws a fresh permutation from ``seed`` and the epoch number (identical on every rank), and rank
-    ``r`` of ``world_size`` takes every ``world_size``-th index, so data-parallel ranks see disjoint examples and
-    equal numbers of batches. ``batch_size`` is per rank.
+    ``DataLoader`` calls ``__getitems__`` with the batch's indices, which indexes every tensor once (no per-sample
+    Python work, no worker processes); ``dataset[i]`` still gives one example, so tools that build their own
+    batches with ``loader.collate_fn([dataset[i] for i in ...])`` keep working.
     """
 
-    def __init__(self, tensors: tuple[Tensor, ...], batch_size: int, shuffle: bool, drop_last: bool,
-                 transform: Callable[[tuple[Tensor, ...], torch.Generator | None], Batch] | None = None,
-                 device: torch.device | str = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        if batch_size < 1:
-            raise ValueError(f"DeviceTensorLoader: batch_size must be >= 1, got {batch_size}.")
+    def __init__(self, *tensors: Tensor) -> None:
         n = len(tensors[0])
         if any(len(t) != n for t in tensors):
-            raise ValueError("DeviceTensorLoader: tensors must have the same first dimension.")
-        self.device = torch.device(device)
-        self.tensors = tuple(t.to(self.device) for t in tensors)
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.transform, self.seed, self.rank, self.world_size = transform, seed, rank, world_size
-        self.epoch = 0
-        self.num_examples = n // world_size  # per rank; the remainder is dropped so ranks stay in step
-        if self.num_examples == 0:
-            raise ValueError(f"DeviceTensorLoader: {n} examples cannot be split over {world_size} ranks.")
+            raise ValueError("TensorBatchDataset: tensors must have the same first dimension.")
+        self.tensors = tensors
 
     def __len__(self) -> int:
-        if self.drop_last and self.num_examples >= self.batch_size:
-            return self.num_examples // self.batch_size
-        return -(-self.num_examples // self.batch_size)
+        return len(self.tensors[0])
 
-    def __iter__(self) -> Iterator[Batch]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        self.epoch += 1
-        n = len(self.tensors[0])
-        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
-        order = order[self.rank :: self.world_size][: self.num_examples].to(self.device)
-        for i in range(len(self)):
-            index = order[i * self.batch_size : (i + 1) * self.batch_size]
-            batch = tuple(t[index] for t in self.tensors)
-            yield self.transform(batch, generator if self.shuffle else None) if self.transform else batch
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
+        return tuple(t[index] for t in self.tensors)
+
+    def __getitems__(self, indices: list[int]) -> _IndexedBatch:
+        index = torch.as_tensor(indices, device=self.tensors[0].device)
+        return _IndexedBatch(tuple(t[index] for t in self.tensors))
+
+
+class _IndexedBatch(tuple):
+    """The already-stacked tensors of one batch (what ``TensorBatchDataset.__getitems__`` returns)."""
+
+
+class BatchTransform:
+    """``collate_fn`` of the tensor loaders: stack (unless already stacked), then apply ``transform`` to the batch.
+
+    ``transform(tensors, generator)`` runs on the tensors' device; ``generator`` (a CPU ``torch.Generator`` seeded
+    by ``seed``, or ``None`` for evaluation) drives the random augmentation.
+    """
+
+    def __init__(self, transform: Callable[[tuple[Tensor, ...], torch.Generator | None], Batch],
+                 seed: int | None) -> None:
+        self.transform = transform
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def __call__(self, samples: Any) -> Batch:
+        if isinstance(samples, _IndexedBatch):
+            batch = tuple(samples)
+        else:  # a list of single examples
+            batch = tuple(torch.stack(column) for column in zip(*samples))
+        return self.transform(batch, self.generator)
+
+
+def tensor_dataloader(tensors: tuple[Tensor, ...], batch_size: int, shuffle: bool,
+                      transform: Callable[[tuple[Tensor, ...], torch.Generator | None], Batch],
+                      device: torch.device | str = "cpu", seed: int = 0) -> DataLoader:
+    """A ``DataLoader`` over tensors moved to ``device`` once, fetching and augmenting whole batches there.
+
+    It is a plain ``DataLoader`` (``num_workers=0``), so Lightning adds a ``DistributedSampler`` under DDP and
+    callbacks that read ``trainer.train_dataloader.dataset`` work unchanged. Training loaders shuffle with a
+    generator seeded by ``seed`` and drop the last incomplete batch.
+    """
+    dataset = TensorBatchDataset(*(t.to(device) for t in tensors))
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle and len(dataset) >= batch_size,
+                      generator=generator, num_workers=0,
+                      collate_fn=BatchTransform(transform, seed + 1 if shuffle else None))
 
 
 class TensorDataModule(pl.LightningDataModule):
@@ -144,26 +169,22 @@ class TensorDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
-    def _loader(self, split: str, train: bool) -> DeviceTensorLoader:
+    def _loader(self, split: str, train: bool) -> DataLoader:
         self.setup()
         tensors = self.tensors[split]
         if len(tensors[0]) == 0:
             raise ValueError(f"{type(self).__name__}: the {split} split is empty.")
-        trainer = getattr(self, "trainer", None)
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None and train else (0, 1)
-        return DeviceTensorLoader(
-            tensors, self.batch_size if train else self.eval_batch_size, shuffle=train, drop_last=train,
-            transform=lambda batch, gen: self.transform(batch, train, gen), device=self._device(), seed=self.seed,
-            rank=rank, world_size=world,
-        )
+        return tensor_dataloader(tensors, self.batch_size if train else self.eval_batch_size, shuffle=train,
+                                 transform=lambda batch, gen: self.transform(batch, train, gen),
+                                 device=self._device(), seed=self.seed)
 
-    def train_dataloader(self) -> DeviceTensorLoader:
+    def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
 
-    def val_dataloader(self) -> DeviceTensorLoader:
+    def val_dataloader(self) -> DataLoader:
         return self._loader("val", train=False)
 
-    def test_dataloader(self) -> DeviceTensorLoader:
+    def test_dataloader(self) -> DataLoader:
         return self._loader("test", train=False)
 
 

@@ -181,7 +181,8 @@ class WideBlock(nn.Module):
         self.shortcut: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride, 0, bias=not batch_norm)
-        self.skip_gain = None if batch_norm else nn.Parameter(torch.zeros(()))
+        # shape (1,), not (): 0-d parameters trip per-example engines that flatten(1) each gradient
+        self.skip_gain = None if batch_norm else nn.Parameter(torch.zeros(1))
 
     def forward(self, x: Tensor) -> Tensor:
         pre = F.relu(self.bn1(x))

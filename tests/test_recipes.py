@@ -106,7 +106,7 @@ def _data_root(tmp_path: Path, kind: str) -> Path:
     elif kind == "lm1b":
         synthetic.write_lm1b(root, sentences=60)
     elif kind == "imagenet":
-        synthetic.write_imagenet(root, classes=2, per_class=2)
+        synthetic.write_imagenet(root, classes=2, per_class=4)
     return root
 
 
@@ -119,6 +119,9 @@ def _shrink(config: dict[str, Any], data: dict[str, Any], ghost: int | None = No
     for callback in config["trainer"].get("callbacks", []):
         if ghost is not None and callback["class_path"].endswith("GhostBatchNormCallback"):
             callback["init_args"]["ghost_batch_size"] = ghost
+        if callback["class_path"].endswith("CurvatureSpectrum"):  # a few matvecs, once
+            callback["init_args"].update(probe_batch_size=8, k=1, lanczos_iterations=3, trace_matvecs=0,
+                                         at_fit_end=False)
     config["trainer"]["accelerator"] = "cpu"
     config["trainer"]["devices"] = 1
     config["trainer"].pop("precision", None)  # bf16 autocast on CPU is slow and not what is tested here
@@ -139,7 +142,7 @@ RECIPES: dict[str, tuple[str, dict[str, Any], int | None, dict[str, Any] | None]
     "lstm_ptb": ("ptb", {"batch_size": 8, "eval_batch_size": 8}, None, None),
     "transformer_lm1b": ("lm1b", {"batch_size": 4, "eval_batch_size": 4, "seq_len": 16, "num_workers": 0,
                                   "vocab_size": 500, "vocab_shards": 1}, None, {"vocab_size": 500}),
-    "resnet50_imagenet": ("imagenet", {"batch_size": 4, "eval_batch_size": 2, "image_size": 32, "num_workers": 0},
+    "resnet50_imagenet": ("imagenet", {"batch_size": 8, "eval_batch_size": 2, "image_size": 32, "num_workers": 0},
                           2, {"num_classes": 2}),
 }
 
@@ -167,6 +170,11 @@ def test_recipe_yaml_runs_fast_dev_run(name, tmp_path):
     classes = {type(c).__name__ for c in trainer.callbacks}
     for callback in config["trainer"].get("callbacks", []):
         assert callback["class_path"].rsplit(".", 1)[1] in classes
+    for callback in trainer.callbacks:
+        if type(callback).__name__ == "GradientNoiseScale":  # measured at step 0 of its schedule
+            assert callback.measured == 1 and "gns/trace_cov" in callback.last_metrics
+        if type(callback).__name__ == "CurvatureSpectrum":
+            assert callback.last_result is not None
     if ghost is not None:
         ghost_layers = [m for m in module.modules() if type(m).__name__ == "GhostBatchNorm"]
         assert ghost_layers and all(m.ghost_batch_size == ghost for m in ghost_layers)
