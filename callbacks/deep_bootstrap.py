@@ -63,7 +63,7 @@ class DeepBootstrap(Callback):
     - ``bootstrap/real_train_error`` (+ ``_soft_error``, ``_loss``): the real world on (up to
       ``max_train_eval_examples`` of) its own training set.
     - ``bootstrap/online_loss`` (+ ``_error``, ``_soft_error``): progressive validation of the real world, i.e. its
-      loss on each incoming batch *before* the update on it, averaged over the batches since the previous
+      loss (eval mode) on each incoming batch *before* the update on it, averaged over the batches since the previous
       measurement, first epoch only (no example has been reused yet, so it is an unbiased test-loss estimate).
     - ``bootstrap/ideal_online_loss``: the twin's training loss on its fresh batches (always an online estimate).
     - ``bootstrap/twin_diverged`` = 1 at the step where the twin's loss became non-finite.
@@ -266,6 +266,8 @@ class DeepBootstrap(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._stopped is None:  # an epoch-interval scheduler may have stepped after the last step
+            self._sync_schedulers([config.scheduler.last_epoch for config in trainer.lr_scheduler_configs])
         if not self.history or self.history[-1]["step"] != trainer.global_step:
             self._measure(trainer, pl_module)  # the curves always end at the last step
         if self.plot:

@@ -98,7 +98,8 @@ class NaNAfter(TeacherData):
 
 
 def mlp_module(features: int = 10, hidden: int = 16, classes: int = 3, lr: float = 0.1, dropout: float = 0.0,
-               seed: int = 0, scheduler: bool = False, momentum: float = 0.0) -> ClassificationModule:
+               seed: int = 0, scheduler: bool = False, momentum: float = 0.0,
+               interval: str = "step") -> ClassificationModule:
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, classes))
 
@@ -107,7 +108,7 @@ def mlp_module(features: int = 10, hidden: int = 16, classes: int = 3, lr: float
 
     return ClassificationModule(net, num_classes=classes,
                                 optimizer=lambda p: torch.optim.SGD(p, lr=lr, momentum=momentum),
-                                lr_scheduler=sched if scheduler else None)
+                                lr_scheduler=sched if scheduler else None, scheduler_interval=interval)
 
 
 def fit(module, dm, callbacks=(), **overrides) -> pl.Trainer:
@@ -208,16 +209,19 @@ def test_mnist1d_fresh_stream_is_deterministic_disjoint_and_normalized(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- alignment
-def test_twin_on_replayed_training_data_is_bit_identical_to_the_real_world():
+@pytest.mark.parametrize("interval, scheduler_steps", [("step", 4), ("epoch", 1)])
+def test_twin_on_replayed_training_data_is_bit_identical_to_the_real_world(interval, scheduler_steps):
     """Ground truth for the alignment: if the 'fresh' stream replays the real training batches, both worlds see
-    the same data, so with the same init, optimizer, schedule, accumulation and clipping they must stay equal."""
+    the same data, so with the same init, optimizer, schedule, accumulation and clipping they must stay equal.
+    StepLR(3, 0.5) over 12 steps = 3 epochs of 4 steps: 4 decays per step, 1 per epoch."""
     dm = EchoData(n_train=64, batch_size=8)
-    module = mlp_module(scheduler=True, momentum=0.9)
+    module = mlp_module(scheduler=True, momentum=0.9, interval=interval)
     cb = DeepBootstrap(schedule=1, online=False, plot=False)
     trainer = fit(module, dm, [cb], max_steps=12, accumulate_grad_batches=2, gradient_clip_val=0.5)
     assert cb._twin_steps == trainer.global_step == 12 and cb._fresh_pos == 12 * 2 * 8
     assert same(params(cb.twin), params(module))
-    assert cb.optimizer.param_groups[0]["lr"] == trainer.optimizers[0].param_groups[0]["lr"] == 0.1 * 0.5**4
+    lr = 0.1 * 0.5**scheduler_steps
+    assert cb.optimizer.param_groups[0]["lr"] == trainer.optimizers[0].param_groups[0]["lr"] == lr
     gaps = [h["bootstrap/gap"] for h in cb.history]
     assert len(gaps) == 13 and all(g == 0.0 for g in gaps)  # steps 0..12
 
