@@ -1,0 +1,474 @@
+"""Run a batch-size sweep: per batch size, quasi-random search over the hyper-parameters, stored in Optuna.
+
+Protocol (Shallue et al. 2019, "Measuring the Effects of Data Parallelism on Neural Network Training"; Zhang et al.
+2019 section 4): for each batch size B, run trials whose hyper-parameters are consecutive points of a scrambled Sobol
+sequence over the search space; each trial trains the recipe at batch size B, evaluates the target metric every
+``eval_every`` steps, and stops at the first evaluation that reaches the target (its steps-to-target) or when the
+step budget runs out (target not reached). Trials whose training loss becomes non-finite are divergent: marked
+(Optuna state PRUNED, user attribute ``diverged``) and excluded. The result at B is the fewest steps of any trial.
+
+Storage and resumption. Each batch size is one Optuna study ``<study_name>-bs<B>`` in an RDB storage (SQLite file by
+default, any SQLAlchemy URL such as ``postgresql://`` to share the sweep between workers). A trial's identity is its
+index in the Sobol sequence, kept in the storage, so re-running the same command continues the sequence: finished
+trials are never redone. A trial whose worker died (kill -9, lost machine) is marked failed and re-queued with the
+same hyper-parameters: immediately when the dead worker ran on this host (its PID is gone), otherwise through
+Optuna's heartbeat once the worker has been silent for ``grace_period`` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import optuna
+import pytorch_lightning as pl
+import torch
+from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.samplers import QMCSampler
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from lightning_sgd.cli import LightningSGDCLI
+from lightning_sgd.sweep.config import SweepConfig, SweepConfigError
+
+HEARTBEAT_INTERVAL_S = 20  # how often a running trial tells the storage it is alive
+GRACE_PERIOD_S = 120  # a trial silent this long on another host is taken as dead and re-queued
+MAX_RETRY = 3  # re-queue a killed trial at most this many times
+
+
+# --------------------------------------------------------------------------------------------------- one trial
+@dataclass
+class TrialOutcome:
+    """What one training run did. ``steps`` is the steps-to-target, None when the target was not reached."""
+
+    steps: int | None
+    reached: bool
+    diverged: bool
+    best_metric: float | None  # best value of the metric seen at any evaluation
+    steps_run: int  # optimizer steps actually taken
+    gave_up: bool = False  # stopped early by `patience`
+
+
+class TargetStopper(pl.Callback):
+    """Stop training at the first evaluation whose ``metric`` reaches ``target``, or at a non-finite training loss,
+    or (with ``patience``) after that many evaluations in a row without a new best value of ``metric``."""
+
+    def __init__(self, metric: str, target: float, mode: str, patience: int | None = None) -> None:
+        self.metric, self.target, self.mode, self.patience = metric, target, mode, patience
+        self.reached_at: int | None = None
+        self.diverged = False
+        self.gave_up = False  # stopped by `patience`
+        self.best: float | None = None
+        self._stale = 0  # evaluations since the best metric last improved
+
+    def _better(self, value: float, than: float) -> bool:
+        return value >= than if self.mode == "max" else value <= than
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+            self.diverged = True
+            trainer.should_stop = True
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.metric)
+        if value is None:
+            raise KeyError(f"sweep: the recipe logged no {self.metric!r} during validation; it logged "
+                           f"{sorted(trainer.callback_metrics)}.")
+        value = float(value)
+        if not math.isfinite(value):
+            self.diverged = True
+            trainer.should_stop = True
+            return
+        if self.best is None or (value != self.best and self._better(value, self.best)):
+            self.best, self._stale = value, 0
+        else:
+            self._stale += 1
+        if self.reached_at is None and self._better(value, self.target):
+            self.reached_at = trainer.global_step
+            trainer.should_stop = True
+        elif self.patience is not None and self._stale >= self.patience:
+            self.gave_up = True
+            trainer.should_stop = True
+
+
+class _TrialCLI(LightningSGDCLI):
+    """LightningSGDCLI that builds (model, data, trainer) without running, with the sweep's trainer settings."""
+
+    def __init__(self, *args: Any, sweep_trainer_kwargs: dict[str, Any], **kwargs: Any) -> None:
+        self._sweep_trainer_kwargs = sweep_trainer_kwargs
+        super().__init__(*args, **kwargs)
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        return super().instantiate_trainer(**{**kwargs, **self._sweep_trainer_kwargs})
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def trial_args(cfg: SweepConfig, batch_size: int, values: dict[str, float]) -> list[str]:
+    """The recipe command-line arguments of one trial: recipe, user overrides, batch size, sampled values."""
+    args = ["--config", str(cfg.recipe), *cfg.overrides, f"--{cfg.batch_size_key}={batch_size}"]
+    for name, value in values.items():
+        args.append(f"--{cfg.search_space[name].config_key(name)}={_format_value(value)}")
+    return args
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence Lightning's per-fit banners (GPU available, seed set, ...) during a sweep's many short fits."""
+    names = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            warnings.filterwarnings("ignore", message=".*val_check_interval.*")
+            warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def build_trial(cfg: SweepConfig, batch_size: int, values: dict[str, float], max_steps: int | None = None,
+                ) -> tuple[pl.LightningModule, pl.LightningDataModule, pl.Trainer]:
+    """Instantiate the recipe for one trial: model, data module and a Trainer set up for steps-to-target."""
+    trainer_kwargs: dict[str, Any] = dict(
+        max_steps=cfg.max_steps if max_steps is None else max_steps,
+        max_epochs=-1,
+        val_check_interval=cfg.eval_every,
+        check_val_every_n_epoch=None,  # val_check_interval counts optimizer steps across epochs
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    cli = _TrialCLI(
+        model_class=pl.LightningModule,
+        datamodule_class=pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=trial_args(cfg, batch_size, values),
+        run=False,
+        save_config_callback=None,  # trial configs live in the Optuna storage (user attribute `values`)
+        sweep_trainer_kwargs=trainer_kwargs,
+    )
+    return cli.model, cli.datamodule, cli.trainer
+
+
+def run_trial(cfg: SweepConfig, batch_size: int, values: dict[str, float], max_steps: int | None = None
+              ) -> TrialOutcome:
+    """Train the recipe at ``batch_size`` with ``values`` until the target is reached, it diverges or the budget
+    (``max_steps``, default ``cfg.max_steps``) ends."""
+    with _quiet(), _threads(cfg.threads):
+        model, data, trainer = build_trial(cfg, batch_size, values, max_steps)
+        stopper = TargetStopper(cfg.metric, float(cfg.target), cfg.resolved_mode(), cfg.patience)  # type: ignore[arg-type]
+        trainer.callbacks.append(stopper)
+        trainer.fit(model, datamodule=data)
+    reached = stopper.reached_at is not None and not stopper.diverged
+    return TrialOutcome(
+        steps=stopper.reached_at if reached else None,
+        reached=reached,
+        diverged=stopper.diverged,
+        best_metric=stopper.best,
+        steps_run=int(trainer.global_step),
+        gave_up=stopper.gave_up,
+    )
+
+
+def preflight(cfg: SweepConfig) -> dict[str, Any]:
+    """Check what needs the recipe before any trial runs: it builds, every batch size fits the training set, and
+    the metric is logged by validation. Returns ``{"train_size": n, "metrics": [...]}``."""
+    values = {name: p.to_value(_midpoint(p)) for name, p in cfg.search_space.items()}
+    batch_size = min(cfg.batch_sizes)
+    with _quiet():
+        model, data, _ = build_trial(cfg, batch_size, values)
+        data.setup("fit")
+        loader = data.train_dataloader()
+        try:
+            train_size = len(loader.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            train_size = None
+        too_big = [b for b in cfg.batch_sizes if train_size is not None and b > train_size]
+        if too_big:
+            raise SweepConfigError(
+                f"sweep.batch_sizes {too_big} are larger than the training set ({train_size} examples)."
+            )
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
+        trainer.validate(model, datamodule=data, verbose=False)
+    metrics = sorted(trainer.callback_metrics)
+    if cfg.metric not in metrics:
+        raise SweepConfigError(
+            f"sweep.metric {cfg.metric!r} is not logged by the recipe's validation; it logs {metrics}."
+        )
+    return {"train_size": train_size, "metrics": metrics}
+
+
+def _midpoint(param: Any) -> float:
+    low, high, log = param.optuna_bounds()
+    return math.sqrt(low * high) if log else 0.5 * (low + high)
+
+
+# --------------------------------------------------------------------------------------------------- storage
+class FixedSpaceQMCSampler(QMCSampler):
+    """Optuna's QMCSampler over a search space known up front, so the very first trial is a Sobol point too.
+
+    (QMCSampler otherwise draws trial 0 at random to discover the space.) Point ``k`` of the scrambled sequence is
+    the study's ``k``-th sampled trial; re-queued trials reuse their parameters and consume no point.
+    """
+
+    def __init__(self, search_space: dict[str, BaseDistribution], seed: int) -> None:
+        super().__init__(qmc_type="sobol", scramble=True, seed=seed, warn_independent_sampling=True)
+        self._space = dict(search_space)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        return dict(self._space)
+
+
+def optuna_space(cfg: SweepConfig) -> dict[str, BaseDistribution]:
+    space = {}
+    for name, param in cfg.search_space.items():
+        low, high, log = param.optuna_bounds()
+        space[name] = FloatDistribution(low, high, log=log)
+    return space
+
+
+def config_fingerprint(cfg: SweepConfig) -> str:
+    """What makes two runs the same sweep: the recipe, its overrides, the target, the budget and the space."""
+    keys = ("recipe", "overrides", "metric", "target", "max_steps", "eval_every", "batch_size_key", "seed")
+    payload = {k: getattr(cfg, k) for k in keys}
+    payload["mode"] = cfg.resolved_mode()
+    payload["search_space"] = {name: asdict(p) for name, p in sorted(cfg.search_space.items())}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def open_storage(url: str) -> RDBStorage:
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": 60}  # several local workers: wait for the lock, don't fail
+    return RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=HEARTBEAT_INTERVAL_S,
+        grace_period=GRACE_PERIOD_S,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+    )
+
+
+def study_name(cfg: SweepConfig, batch_size: int) -> str:
+    return f"{cfg.study_name}-bs{batch_size}"
+
+
+def open_study(cfg: SweepConfig, storage: RDBStorage, batch_size: int) -> optuna.Study:
+    """Create or load the study of one batch size; refuse one made by a different sweep configuration."""
+    study = optuna.create_study(
+        study_name=study_name(cfg, batch_size),
+        storage=storage,
+        sampler=FixedSpaceQMCSampler(optuna_space(cfg), seed=cfg.seed),
+        direction="minimize",
+        load_if_exists=True,
+    )
+    fingerprint = config_fingerprint(cfg)
+    existing = study.user_attrs.get("fingerprint")
+    if existing is None:
+        study.set_user_attr("fingerprint", fingerprint)
+        study.set_user_attr("batch_size", batch_size)
+        study.set_user_attr("config", json.loads(json.dumps(asdict(cfg), default=str)))
+    elif existing != fingerprint:
+        raise SweepConfigError(
+            f"the storage already holds study {study.study_name!r} from a different sweep configuration (recipe, "
+            "target, budget or search space changed). Use another --sweep.study_name or --sweep.output_dir."
+        )
+    return study
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reclaim_dead_local_trials(study: optuna.Study, storage: RDBStorage) -> list[int]:
+    """Fail and re-queue RUNNING trials whose worker ran on this host and is gone; return their numbers."""
+    host = socket.gethostname()
+    reclaimed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker", "")
+        worker_host, _, pid = worker.rpartition(":")
+        if worker_host != host or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+            RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, storage.get_trial(trial._trial_id))
+            reclaimed.append(trial.number)
+    return reclaimed
+
+
+@dataclass
+class StudyCounts:
+    complete: int  # non-divergent finished trials (reached or not)
+    diverged: int
+    running: int
+    waiting: int
+
+    @property
+    def total(self) -> int:
+        return self.complete + self.diverged
+
+
+def study_counts(study: optuna.Study) -> StudyCounts:
+    counts = {s: 0 for s in TrialState}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state] += 1
+    return StudyCounts(counts[TrialState.COMPLETE], counts[TrialState.PRUNED], counts[TrialState.RUNNING],
+                       counts[TrialState.WAITING])
+
+
+# ------------------------------------------------------------------------------------------------------ sweep
+def make_objective(cfg: SweepConfig, batch_size: int) -> Any:
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", _worker_id())
+        trial.set_user_attr("batch_size", batch_size)
+        values = {}
+        for name, param in cfg.search_space.items():
+            low, high, log = param.optuna_bounds()
+            values[name] = param.to_value(trial.suggest_float(name, low, high, log=log))
+        trial.set_user_attr("values", values)
+        budget = cfg.max_steps
+        if cfg.stop_at_best:
+            # A trial that has not reached the target by the best trial's step count cannot lower the minimum.
+            best = best_steps(trial.study)
+            if best is not None:
+                budget = min(budget, int(best))
+        trial.set_user_attr("budget", budget)
+        outcome = run_trial(cfg, batch_size, values, max_steps=budget)
+        for key, value in asdict(outcome).items():
+            trial.set_user_attr(key, value)
+        if outcome.diverged:
+            raise optuna.TrialPruned(f"diverged (non-finite loss) at batch size {batch_size}")
+        return float(outcome.steps) if outcome.steps is not None else math.inf
+
+    return objective
+
+
+def _pick_batch_size(cfg: SweepConfig, counts: dict[int, StudyCounts]) -> int | None:
+    """The batch size that most needs a trial (fewest finished + running), or None when every budget is spent."""
+    candidates = []
+    for b in cfg.batch_sizes:
+        c = counts[b]
+        in_flight = c.complete + c.running
+        if c.waiting > 0 or (in_flight < cfg.trials and c.total + c.running < cfg.resolved_max_trials()):
+            candidates.append((0 if c.waiting else 1, in_flight, b))
+    return min(candidates)[2] if candidates else None
+
+
+def best_steps(study: optuna.Study) -> float | None:
+    values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if t.value is not None and math.isfinite(t.value)]
+    return min(values) if values else None
+
+
+def _postfix(cfg: SweepConfig, studies: dict[int, optuna.Study]) -> str:
+    parts = []
+    for b in cfg.batch_sizes:
+        best = best_steps(studies[b])
+        parts.append(f"{b}:{'-' if best is None else int(best)}")
+    return "best steps " + " ".join(parts)
+
+
+def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume, or join) the sweep, then write the results table and plots; return the summary dict."""
+    from lightning_sgd.sweep.results import summarize, write_outputs
+
+    cfg.validate()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if not cfg.report_only:
+        preflight(cfg)  # before the storage is touched: a bad sweep leaves nothing behind
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    storage = open_storage(cfg.resolved_storage())
+    studies = {b: open_study(cfg, storage, b) for b in cfg.batch_sizes}
+    if not cfg.report_only:
+        for study in studies.values():
+            reclaimed = reclaim_dead_local_trials(study, storage)
+            if reclaimed:
+                print(f"sweep: {study.study_name}: re-queued trials {reclaimed} of a worker that died on this host",
+                      file=sys.stderr)
+        _optimize(cfg, studies, progress)
+    summary = summarize(cfg, studies)
+    write_outputs(cfg, summary)
+    return summary
+
+
+def _optimize(cfg: SweepConfig, studies: dict[int, optuna.Study], progress: bool) -> None:
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.trials * len(cfg.batch_sizes), desc="sweep trials", unit="trial", file=sys.stderr,
+                   dynamic_ncols=True)
+    try:
+        while True:
+            counts = {b: study_counts(s) for b, s in studies.items()}
+            if bar is not None:
+                bar.n = sum(min(c.complete, cfg.trials) for c in counts.values())
+                bar.set_postfix_str(_postfix(cfg, studies), refresh=True)
+            b = _pick_batch_size(cfg, counts)
+            if b is None:
+                if any(c.running for c in counts.values()):
+                    # Other workers still run trials: wait so the final report includes them, and take over the
+                    # trials of workers that died (here: PID gone; elsewhere: heartbeat older than the grace period).
+                    for study in studies.values():
+                        reclaim_dead_local_trials(study, study._storage)
+                        optuna.storages.fail_stale_trials(study)
+                    time.sleep(2.0)
+                    continue
+                break
+            studies[b].optimize(make_objective(cfg, b), n_trials=1, catch=(), gc_after_trial=False)
+    finally:
+        if bar is not None:
+            bar.close()
+
