@@ -59,6 +59,8 @@ def _strategy(config: str) -> GradStatsDDPStrategy:
         state = powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=1,
                                        use_error_feedback=False, warm_start=False)
         return GradStatsDDPStrategy(ddp_comm_state=state, ddp_comm_hook=powersgd.powerSGD_hook)
+    if config == "every2":
+        return GradStatsDDPStrategy(every_n_steps=2)
     # tiny buckets: one per parameter, so the per-bucket sums and the packed last bucket are both exercised
     return GradStatsDDPStrategy(bucket_cap_mb=1e-4)
 
@@ -70,7 +72,7 @@ def norms_by_hand(outdir: Path, configs: list[str], steps: int = 2, batch_size: 
         pl.seed_everything(0)
         probe = _Probe(autocast=config == "bf16")
         extra: dict[str, Any] = {}
-        if config == "accumulate":
+        if config in ("accumulate", "every2"):
             extra["accumulate_grad_batches"] = 2
         if config == "bf16":
             extra["precision"] = "bf16-mixed"
@@ -78,8 +80,8 @@ def norms_by_hand(outdir: Path, configs: list[str], steps: int = 2, batch_size: 
             extra.update(logger=CSVLogger(outdir, name="plain", version=0), log_every_n_steps=1)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            trainer = pl.Trainer(**ddp_trainer_kwargs(max_steps=steps, callbacks=[probe], strategy=_strategy(config),
-                                                      **extra))
+            trainer = pl.Trainer(**ddp_trainer_kwargs(max_steps=steps + (config == "every2"), callbacks=[probe],
+                                                      strategy=_strategy(config), **extra))
             trainer.fit(tiny_module(), datamodule=TinyDataModule(n=128, batch_size=batch_size))
         results[config] = {
             "micro": probe.micro, "steps": probe.steps,

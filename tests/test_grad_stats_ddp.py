@@ -10,12 +10,12 @@ from torch.utils.data import DistributedSampler
 
 from tests.ddp import run_ddp
 
-CONFIGS = ["plain", "accumulate", "bf16", "fp16_hook", "powersgd"]
+CONFIGS = ["plain", "accumulate", "bf16", "fp16_hook", "powersgd", "every2"]
 
 
 @pytest.fixture(scope="module")
 def by_hand(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """One DDP job, five short fits (2 optimizer steps each, per-device batch 8)."""
+    """One DDP job, six short fits (2 optimizer steps each, "every2": 3; per-device batch 8)."""
     return run_ddp("tests.ddp_entries_grad_stats:norms_by_hand", tmp_path_factory.mktemp("by_hand"), configs=CONFIGS,
                    steps=2, batch_size=8)
 
@@ -33,11 +33,16 @@ def _local_grads(ranks: list[dict], config: str, step: int, micro: int) -> list[
 # bf16 matmuls may accumulate in a different order: 1e-3 (bf16 itself changes the norms by ~1%, see below).
 @pytest.mark.parametrize("config", CONFIGS)
 def test_local_and_global_norms_match_hand_gradients(by_hand: list[dict], config: str) -> None:
-    micro = 2 if config == "accumulate" else 1
+    micro = 2 if config in ("accumulate", "every2") else 1
     rtol = 1e-3 if config == "bf16" else 1e-5
-    for step in range(2):
+    for step in range(3 if config == "every2" else 2):
         grads = _local_grads(by_hand, config, step, micro)  # [(P,), (P,)]
         expected_local = torch.stack([g @ g for g in grads])  # (W,)
+        if config == "every2" and step == 1:  # not measured: the record stays step 0's, DDP still averages
+            assert [r[config]["steps"][1]["stats_step"] for r in by_hand] == [0, 0]
+            reduced = torch.tensor(by_hand[0][config]["steps"][1]["reduced_grad"], dtype=torch.float64)
+            torch.testing.assert_close(reduced, (grads[0] + grads[1]) / 2, rtol=1e-5, atol=1e-7)
+            continue
         for rank in range(2):
             record = by_hand[rank][config]["steps"][step]
             assert record["stats_step"] == record["step"] == step
@@ -70,7 +75,7 @@ def test_bf16_autocast_changes_norms_only_by_rounding(by_hand: list[dict]) -> No
 
 
 def test_warnings_only_for_hooks_that_change_the_gradient(by_hand: list[dict]) -> None:
-    for config in ["plain", "accumulate", "bf16", "fp16_hook"]:
+    for config in ["plain", "accumulate", "bf16", "fp16_hook", "every2"]:
         assert by_hand[0][config]["warnings"] == []
     assert any("compressed" in w and "powerSGD_hook" in w for w in by_hand[0]["powersgd"]["warnings"])
 
@@ -80,6 +85,8 @@ def test_strategy_validates_arguments() -> None:
 
     with pytest.raises(ValueError, match="max_logged_ranks"):
         GradStatsDDPStrategy(max_logged_ranks=-1)
+    with pytest.raises(ValueError, match="every_n_steps"):
+        GradStatsDDPStrategy(every_n_steps=0)
     assert GradStatsDDPStrategy().latest_grad_stats is None
 
 

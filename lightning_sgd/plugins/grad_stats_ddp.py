@@ -30,7 +30,10 @@ Semantics (all norms are of mean-loss gradients as they reach the optimizer):
   compression the global norm is of the rounded average; with PowerSGD or any other hook that changes the
   gradient's meaning, it is of the *compressed* gradient and a warning says so.
 - Manual optimization: stats are published after every synced backward; ``local_batch_size`` counts the examples
-  of the ``training_step`` calls since the previous one.
+  of the ``training_step`` calls of the current ``global_step`` (the loss must be a mean over them, as Lightning
+  makes it under automatic optimization).
+- ``every_n_steps``: the other steps run DDP's plain all-reduce, so the record (whose ``step`` says which step it
+  belongs to) is only refreshed on measured steps; GradientNoiseScale skips stale records.
 
 Cost: two dot products per bucket, and for the last bucket a copy into a buffer W floats longer; one device-to-host
 copy of W + 1 numbers per optimizer step. ``benchmarks/ddp_overhead.py`` measures it against plain DDP.
@@ -92,6 +95,8 @@ class _BucketNormRecorder:
         self.global_parts: dict[int, Tensor] = {}  # bucket index -> |averaged bucket|²
         self.rank_sq_norms: Tensor | None = None  # (W,) every rank's total local |g_r|², after the collective
         self.synced = False  # set when the last bucket of a backward has been all-reduced
+        self.active = True  # measure in this backward (False on the steps that every_n_steps skips)
+        self._packed: Tensor | None = None  # the last bucket's all-reduce buffer, reused every step
 
     def _local_total(self) -> Tensor:
         return torch.stack(list(self.local_parts.values())).sum()
@@ -111,8 +116,14 @@ class _BucketNormRecorder:
             return self._with_global_norm(default_hooks._allreduce_fut(self.process_group, buffer), index,
                                           bucket.is_last())
         n = buffer.numel()
-        packed = buffer.new_zeros(n + world)  # (n + W,): [bucket / W, one slot per rank]
+        packed = self._packed
+        if packed is None or packed.numel() != n + world or packed.dtype != buffer.dtype \
+                or packed.device != buffer.device:
+            # kept across steps: a fresh multi-MB allocation page-faults on every step (~0.1 ms per MB on CPU);
+            # reusing it is safe because DDP copies the result into .grad before backward returns
+            packed = self._packed = buffer.new_empty(n + world)  # (n + W,): [bucket / W, one slot per rank]
         torch.div(buffer, world, out=packed[:n])
+        packed[n:] = 0
         packed[n + self.rank] = self._local_total()
 
         def unpack(fut: torch.futures.Future) -> Tensor:
@@ -159,6 +170,10 @@ class _BucketNormRecorder:
 
 def _grad_stats_hook(recorder, bucket):  # noqa: ANN001, ANN202 - DDP checks real (not string) annotations
     """The registered comm hook: ``(recorder, GradBucket) -> Future[Tensor]``."""
+    if not recorder.active:  # a step that is not measured: exactly what DDP would do without us
+        if recorder.user_hook is None:
+            return default_hooks.allreduce_hook(recorder.process_group, bucket)
+        return recorder.user_hook(recorder.user_state, bucket)
     if recorder.user_hook is None:
         return recorder.plain(bucket)
     return recorder.wrapped(bucket)
@@ -190,6 +205,8 @@ class GradStatsDDPStrategy(DDPStrategy):
         log_grad_norms: log ``ddp/global_grad_norm``, ``ddp/local_grad_norm_{min,max}`` and
             ``ddp/local_grad_norm_rank{r}`` every optimizer step (at the Trainer's ``log_every_n_steps``).
         max_logged_ranks: log per-rank norms for the first this many ranks only (min/max cover the rest).
+        every_n_steps: measure on optimizer steps ``global_step % every_n_steps == 0`` only; the other steps run
+            DDP's plain all-reduce (no norms, no overhead). 1 (default): every step.
         **kwargs: everything ``DDPStrategy`` takes, e.g. ``ddp_comm_hook``, ``ddp_comm_state``,
             ``ddp_comm_wrapper`` (wrapped, see the module docstring), ``static_graph``, ``bucket_cap_mb``.
 
@@ -201,15 +218,19 @@ class GradStatsDDPStrategy(DDPStrategy):
         trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=GradStatsDDPStrategy())
     """
 
-    def __init__(self, *args: Any, log_grad_norms: bool = True, max_logged_ranks: int = 16, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, log_grad_norms: bool = True, max_logged_ranks: int = 16, every_n_steps: int = 1,
+                 **kwargs: Any) -> None:
         if max_logged_ranks < 0:
-            raise ValueError(f"max_logged_ranks must be >= 0, got {max_logged_ranks}.")
+            raise ValueError(f"GradStatsDDPStrategy: max_logged_ranks must be >= 0, got {max_logged_ranks}.")
+        if every_n_steps < 1:
+            raise ValueError(f"GradStatsDDPStrategy: every_n_steps must be >= 1, got {every_n_steps}.")
+        self.every_n_steps = every_n_steps
         super().__init__(*args, **kwargs)
         self.log_grad_norms = log_grad_norms
         self.max_logged_ranks = max_logged_ranks
         self.latest_grad_stats: AllReduceGradStats | None = None
         self._recorder: _BucketNormRecorder | None = None
-        self._examples_since_sync = 0
+        self._counted_step, self._step_examples = -1, 0  # examples training_step saw for this optimizer step
         self._warned_batch_size = False
 
     @override
@@ -261,7 +282,12 @@ class GradStatsDDPStrategy(DDPStrategy):
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         batch = args[0] if args else kwargs.get("batch")
-        self._examples_since_sync += self._count_examples(batch)
+        step = self.lightning_module.trainer.global_step if self.lightning_module is not None else -1
+        if step != self._counted_step:  # the first micro-batch of a new optimizer step
+            self._counted_step, self._step_examples = step, 0
+        self._step_examples += self._count_examples(batch)
+        if self._recorder is not None:
+            self._recorder.active = step % self.every_n_steps == 0
         return super().training_step(*args, **kwargs)
 
     def _count_examples(self, batch: Any) -> int:
@@ -293,8 +319,7 @@ class GradStatsDDPStrategy(DDPStrategy):
         scaler = getattr(self.precision_plugin, "scaler", None)
         if scaler is not None:  # GradScaler: the hook saw scaled gradients
             values = values / float(scaler.get_scale()) ** 2
-        local_batch = self._examples_since_sync
-        self._examples_since_sync = 0
+        local_batch = self._step_examples
         if not bool(torch.isfinite(values).all()):
             return  # overflow: the scaler skips this step, so do not publish it
         world = recorder.world_size
