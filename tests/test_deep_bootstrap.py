@@ -365,3 +365,21 @@ def test_ddp_twin_equals_the_single_process_twin_at_the_global_batch(tmp_path):
     single = torch.cat([p.detach().flatten() for p in cb.twin.parameters()])
     assert torch.allclose(torch.tensor(rank0["twin"]), single, atol=1e-6)
     assert not torch.allclose(single, torch.cat([p.flatten() for p in mlp_module().parameters()]))
+
+
+# ------------------------------------------------------------------------------------------------------ recipe
+def test_recipe_yaml_runs_through_the_cli_and_writes_metrics_and_plot():
+    from lightning_sgd.cli import run
+
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "mnist1d_bootstrap.yaml")
+    cli = run(["fit", "--config", recipe, "--trainer.max_steps=6", "--data.init_args.num_train=100",
+               "--data.init_args.num_test=100", "--data.init_args.fresh_chunk_size=200"])
+    cb = next(c for c in cli.trainer.callbacks if isinstance(c, DeepBootstrap))
+    steps = [h["step"] for h in cb.history]
+    assert steps[0] == 0 and steps[-1] == 6 and len(steps) >= 5  # log-spaced: dense early, and the last step
+    csv_logger = next(lg for lg in cli.trainer.loggers if isinstance(lg, pl.loggers.CSVLogger))
+    with open(Path(csv_logger.log_dir) / "metrics.csv") as f:
+        header = set(next(csv.reader(f)))
+    assert {"bootstrap/real_test_error", "bootstrap/ideal_test_error", "bootstrap/gap", "bootstrap/real_train_error",
+            "bootstrap/real_test_soft_error", "bootstrap/online_loss"} <= header
+    assert cb.plot_path == str(Path(csv_logger.log_dir) / "deep_bootstrap.png") and Path(cb.plot_path).exists()
