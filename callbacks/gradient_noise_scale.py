@@ -155,7 +155,8 @@ class GradientNoiseScale(Callback):
         self._handles: list[Any] = []
         self._layers: list[str] = []
         self._acc: list[tuple[int, Tensor]] | None = None  # (layer slot, |grad|) per parameter, this micro-batch
-        self._micro: list[Tensor] = []
+        self._micro: list[list[tuple[int, Tensor]]] = []  # per micro-batch: (layer slot, |grad_p|) per parameter
+        self._params: dict[str, Tensor] = {}
         self._micro_sizes: list[int] = []
         self._step_examples = 0
         self._batch: Any = None
@@ -220,7 +221,7 @@ class GradientNoiseScale(Callback):
             return
         self._source = self._resolve_source(trainer, pl_module)
         self._schedule = self.schedule or as_schedule(_DEFAULT_INTERVAL[self._source])
-        params = trainable_parameters(pl_module)
+        params = self._params = trainable_parameters(pl_module)
         self._layers = list(dict.fromkeys(layer_of(name) for name in params))
         self._use_record = self._source == "ddp" and hasattr(trainer.strategy, "latest_grad_stats")
         if self._use_record and self.per_layer:
@@ -275,16 +276,8 @@ class GradientNoiseScale(Callback):
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._acc is not None:
-            width = 1 + len(self._layers) if self.per_layer else 1
-            out = torch.zeros(width, dtype=torch.float64)
-            if self._acc:
-                slots = torch.tensor([slot for slot, _ in self._acc])
-                sq = torch.stack([norm for _, norm in self._acc]).double().square().cpu()  # (#params,)
-                out[0] = sq.sum()
-                if self.per_layer:
-                    out.index_add_(0, slots, sq)
-            self._micro.append(out)
+        if self._acc is not None:  # no tensor work here: everything is reduced once per optimizer step
+            self._micro.append(self._acc)
             self._acc = None
 
     @override
@@ -340,6 +333,16 @@ class GradientNoiseScale(Callback):
                 metrics[f"gns/layer/{layer}/b_simple"] = ema.b_simple
         return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
+    def _micro_sq_norms(self, norms: list[tuple[int, Tensor]]) -> Tensor:
+        """(1 + L,) float64 squared norms of one micro-batch from its per-parameter norms."""
+        out = torch.zeros(1 + len(self._layers) if self.per_layer else 1, dtype=torch.float64)
+        if norms:
+            sq = torch.stack([norm for _, norm in norms]).double().square().cpu()  # (#params,)
+            out[0] = sq.sum()
+            if self.per_layer:
+                out.index_add_(0, torch.tensor([slot for slot, _ in norms]), sq)
+        return out
+
     def _grad_sq_norms(self, grads: list[Tensor | None], names: list[str]) -> Tensor:
         """(1 + L,) float64 squared norms of a gradient list: total, then per layer when per_layer."""
         width = 1 + len(self._layers) if self.per_layer else 1
@@ -385,8 +388,9 @@ class GradientNoiseScale(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         local_w = len(self._micro)
-        micro = torch.stack(self._micro).double() * (accumulate / scale) ** 2  # (W, 1 + L) |g_k|² (mean losses)
-        params = trainable_parameters(pl_module)
+        micro = torch.stack([self._micro_sq_norms(m) for m in self._micro])  # (W, 1 + L)
+        micro *= (accumulate / scale) ** 2  # |g_k|² of the micro-batches' mean losses
+        params = self._params
         # .grad = (1/A) Σ_k g_k (averaged over ranks by DDP); the mean of the small-batch gradients is .grad·A/W.
         big = self._grad_sq_norms([p.grad for p in params.values()], list(params)) * (accumulate / local_w) ** 2
         stats = torch.cat([micro.sum(0), torch.tensor([sum(1.0 / b for b in self._micro_sizes), float(local_w)],
