@@ -130,7 +130,9 @@ def figure_4(out: str, *, quick: bool = False, target: float = 0.01) -> list[dic
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     for p in POWERS:
         plain = steps_to_target(bs, precondition_power=p, target=target, warn_edges=False)
-        ema = steps_to_target(bs, precondition_power=p, ema="tune", target=target, warn_edges=False)
+        # exhaustive: the EMA landscape has several local optima in (α, γ) that the coarse-to-fine search can miss
+        ema = steps_to_target(bs, precondition_power=p, ema="tune", target=target, warn_edges=False,
+                              exhaustive=True)
         rows += _rows(plain, figure="4", power=p, optimizer="sgd")
         rows += _rows(ema, figure="4", power=p, optimizer="ema")
         ax.plot(bs, plain.steps, "--", color=COLORS[p])

@@ -90,18 +90,24 @@ class _Plan:
         }
         return np.stack([np.broadcast_to(fields[f], Q.shape) for f in _FIELDS], axis=1)
 
-    def det_noise(self, cfg: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(Det(t), Noise(t) at B = 1) for lanes (cfg[i], t[i, j]); cfg (n,), t (n, m) of integers ≥ 1."""
+    def det_noise(self, cfg: np.ndarray, t: np.ndarray, data: np.ndarray | None = None):
+        """(Det(t), Noise(t) at B = 1) for lanes (cfg[i], t[i, j]); cfg (n,), t (n, m) of integers ≥ 1.
+
+        ``data`` = ``self.fields(cfg)`` when the caller already has it (bisection reuses it every round).
+        """
         t = np.asarray(t, float)
         squeeze = t.ndim == 1
         t2 = t[:, None] if squeeze else t
         det = np.empty(t2.shape)
         noise = np.empty(t2.shape)
-        uniq, inv = np.unique(cfg, return_inverse=True)
-        data = self.fields(uniq)
-        chunk = max(1, 400_000 // (t2.shape[1] * data.shape[2]))
+        if data is None:
+            uniq, inv = np.unique(cfg, return_inverse=True)
+            table = self.fields(uniq)
+        else:
+            table, inv = data, np.arange(cfg.size)
+        chunk = max(1, 400_000 // (t2.shape[1] * table.shape[2]))
         for s in range(0, cfg.size, chunk):
-            d, n = self._eval(data[inv[s:s + chunk]], t2[s:s + chunk])
+            d, n = self._eval(table[inv[s:s + chunk]], t2[s:s + chunk])
             det[s:s + chunk], noise[s:s + chunk] = d, n
         return (det[:, 0], noise[:, 0]) if squeeze else (det, noise)
 
@@ -158,18 +164,19 @@ def build_plan(spec: Spectrum, power: float, lrs, aux, kind: str, *, effective_l
     return _Plan(coeffs, len(lrs) * n_aux, spec.init, weight)
 
 
-def _reached(plan: _Plan, cfg: np.ndarray, t: np.ndarray, bs: np.ndarray, target: float) -> np.ndarray:
-    det, noise = plan.det_noise(cfg, t)
+def _reached(plan: _Plan, cfg: np.ndarray, t: np.ndarray, bs: np.ndarray, target: float, data=None) -> np.ndarray:
+    det, noise = plan.det_noise(cfg, t, data)
     return det + noise / bs <= target
 
 
 def _bisect(plan: _Plan, cfg: np.ndarray, bs: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: float):
     """Smallest integer t in (lo, hi] with risk ≤ target, given it holds at hi and not at lo (lo ≥ 0)."""
     lo, hi = np.asarray(lo, float).copy(), np.asarray(hi, float).copy()
+    data = plan.fields(cfg)  # computed once, reused by every round
     # t = 1 might already do when lo = 0 (t = 0 is the initial risk, above the target by assumption)
     zero = (lo < 1) & (hi > 1)
     if zero.any():
-        at1 = _reached(plan, cfg[zero], np.ones(zero.sum()), bs[zero], target)
+        at1 = _reached(plan, cfg[zero], np.ones(zero.sum()), bs[zero], target, data[zero])
         hi[np.flatnonzero(zero)[at1]] = 1.0
         lo[zero] = np.maximum(lo[zero], 1.0)
     while True:
@@ -177,7 +184,7 @@ def _bisect(plan: _Plan, cfg: np.ndarray, bs: np.ndarray, lo: np.ndarray, hi: np
         if idx.size == 0:
             return hi
         mid = np.floor((lo[idx] + hi[idx]) / 2)
-        ok = _reached(plan, cfg[idx], mid, bs[idx], target)
+        ok = _reached(plan, cfg[idx], mid, bs[idx], target, data[idx])
         hi[idx[ok]] = mid[ok]
         lo[idx[~ok]] = mid[~ok]
 
