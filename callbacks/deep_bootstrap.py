@@ -172,7 +172,7 @@ class DeepBootstrap(Callback):
         pending = self._pending
         self._reset_run_state()
         self._pending = pending
-        self._rng = PrivateRNG(self.seed, pl_module.device)
+        self._rng = PrivateRNG(self.seed)  # CPU until on_fit_start knows the device
         dm = trainer.datamodule
         has_stream = callable(getattr(dm, FRESH_BATCH_METHOD, None))
         has_pool = callable(getattr(dm, FRESH_POOL_METHOD, None))
@@ -195,6 +195,8 @@ class DeepBootstrap(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":  # the strategy has moved the model: keep CUDA draws private too
+            self._rng = PrivateRNG(self.seed, pl_module.device)
         with self._rng:
             self.twin = copy.deepcopy(pl_module)  # LightningModule drops its trainer reference when copied
             self.twin._trainer = trainer  # configure_optimizers may read e.g. trainer.estimated_stepping_batches
@@ -259,7 +261,7 @@ class DeepBootstrap(Callback):
             return  # accumulating gradients, or the real step was skipped: the twin waits too
         self._last_step = trainer.global_step
         with self._rng:
-            self._twin_step(trainer)
+            self._twin_step(trainer, pl_module)
         self._micro_sizes = []
         if self.schedule(trainer.global_step):
             self._measure(trainer, pl_module)
@@ -331,11 +333,13 @@ class DeepBootstrap(Callback):
     def _eval_batch_size(self) -> int:
         return getattr(self._eval_loader, "batch_size", None) or 256
 
-    def _twin_step(self, trainer: pl.Trainer) -> None:
+    def _twin_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One optimizer step of the twin on fresh examples, mirroring the real step that just happened."""
         if self._stopped is not None or self.twin is None or self.optimizer is None:
             return
         twin, world, rank = self.twin, trainer.world_size, trainer.global_rank
+        for real_m, twin_m in zip(pl_module.modules(), twin.modules()):  # same train/eval mode, submodule by submodule
+            twin_m.training = real_m.training
         self._sync_schedulers(self._sched_clock)  # epoch-interval schedulers stepped between the real steps
         self.optimizer.zero_grad(set_to_none=True)
         total, count, position = torch.zeros((), device=twin.device), 0, self._fresh_pos
