@@ -82,7 +82,7 @@ def print_run_summary(trainer: pl.Trainer, metrics: dict[str, float] | None = No
     if trainer.global_rank != 0:
         return
     metrics = _scalar_metrics(trainer) if metrics is None else metrics
-    keys = sorted(k for k in metrics if k.startswith(("val/", "test/")))
+    keys = sorted(k for k in metrics if k.startswith(("val/", "val_ema/", "test/")))
     print("\n== lightning-sgd run summary ==")
     print(f"steps: {trainer.global_step}, epochs: {trainer.current_epoch}")
     for key in keys:

@@ -4,6 +4,7 @@
   :class:`GhostBatchNormCallback`.
 - :class:`EMAWeights`: exponential moving average of the weights.
 - :class:`LRWarmupScaling`: linear / square-root LR scaling with gradual warmup (Goyal et al. 2017).
+- :class:`LARS`, :class:`LAMB`: layer-wise trust-ratio optimizers (biases and norm parameters excluded).
 - :class:`GradStatsDDPStrategy`: DDP that records local and global gradient norms in its comm hook.
 - :class:`BatchSizeSchedule`, :class:`AdaptiveBatchSize`: change the batch size inside one fit.
 """
@@ -16,6 +17,8 @@ _EXPORTS = {
     "GhostBatchNormCallback": "ghost_batchnorm",
     "EMAWeights": "ema_weights",
     "LRWarmupScaling": "lr_warmup_scaling",
+    "LARS": "optimizers",
+    "LAMB": "optimizers",
     "GradStatsDDPStrategy": "grad_stats_ddp",
     "BatchSizeSchedule": "batch_size_schedule",
     "AdaptiveBatchSize": "batch_size_schedule",
