@@ -31,8 +31,9 @@ from lightning_sgd.nqm.core import Spectrum, _direction_terms, _sum_constants, o
 T_MAX = 2.0**40  # give up beyond this many steps
 
 
-_FIELDS = ("Q", "kappa", "s_inf", "p_inf", "wnoise", "log_mod", "r1", "L", "x", "inv_w", "w_zero", "real",
-           "sgn_neg", "cos_psi", "sin_psi", "inv_sin_psi")
+_FIELDS = ("kappa", "A", "AQ2", "C", "noise_inf", "log_mod", "r1", "L", "x", "inv_w", "w_zero", "real",
+           "sgn_neg", "psi", "cos_psi", "sin_psi", "inv_sin_psi")
+_A, _AQ2, _C = (_FIELDS.index(f) for f in ("A", "AQ2", "C"))
 
 
 class _Plan:
@@ -81,8 +82,11 @@ class _Plan:
             real = disc >= 0
             sin_psi = np.where(real, 1.0, np.sqrt(np.maximum(-disc, 0.0)) / (2.0 * rho))
             cos_psi = np.where(real, 1.0, Pa / (2.0 * rho))
+        A = wnoise * s_inf
+        noise_inf = np.broadcast_to(A.sum(axis=1, keepdims=True), Q.shape)  # (n, k), same value along k
         fields = {
-            "Q": Q, "kappa": kappa, "s_inf": s_inf, "p_inf": p_inf, "wnoise": wnoise,
+            "kappa": kappa, "A": A, "AQ2": A * Q * Q, "C": 2.0 * wnoise * Q * p_inf, "noise_inf": noise_inf,
+            "psi": np.arctan2(sin_psi, cos_psi),
             "log_mod": np.where(real, np.log(r1), np.log(rho)), "r1": np.where(real, r1, rho), "L": L, "x": x,
             "inv_w": np.where(w > 0, 1.0 / np.where(w > 0, w, 1.0), 0.0), "w_zero": (w <= 0) * 1.0,
             "real": real * 1.0, "sgn_neg": (P < 0) * 1.0, "cos_psi": cos_psi, "sin_psi": sin_psi,
@@ -118,28 +122,31 @@ class _Plan:
             odd = np.mod(tt, 2.0) == 1.0  # (n, m, 1)
             mod = np.exp((tt - 1.0) * g["log_mod"])  # r1^{t−1} or ρ^{t−1}
             # real roots: g_t = (1 − x^t)/w, g_{t+1} = 1 + x g_t ; x^t = sign^t · |x|^t
-            e = np.expm1(tt * g["L"])
-            one_minus_xt = np.where((g["x"] < 0) & odd, 2.0 + e, -e)
-            gt = np.where(g["w_zero"] > 0, tt, one_minus_xt * g["inv_w"])
+            gt = np.expm1(tt * g["L"])  # x^t − 1 for x ≥ 0
+            if (g["x"] < 0).any():
+                gt = np.where((g["x"] < 0) & odd, -2.0 - gt, gt)
+            gt *= -g["inv_w"]
+            if (g["w_zero"] > 0).any():
+                gt = np.where(g["w_zero"] > 0, tt, gt)
             gt1 = 1.0 + g["x"] * gt
             cplx = g["real"] == 0.0
             if cplx.any():
-                ang = tt * np.arccos(np.clip(g["cos_psi"], -1.0, 1.0))
-                ang = np.where(cplx, ang, 0.0)
+                ang = np.where(cplx, tt * g["psi"], 0.0)
                 st, ct = np.sin(ang), np.cos(ang)
                 gt = np.where(cplx, st * g["inv_sin_psi"], gt)
                 gt1 = np.where(cplx, (st * g["cos_psi"] + ct * g["sin_psi"]) * g["inv_sin_psi"], gt1)
             f_t = mod * gt
             f_t1 = mod * g["r1"] * gt1
-            # sgn^{t−1} on F_t and sgn^t on F_{t+1} when P < 0
             neg = g["sgn_neg"] > 0
-            f_t = np.where(neg & ~odd, -f_t, f_t)
-            f_t1 = np.where(neg & odd, -f_t1, f_t1)
-            Q = g["Q"]
+            if neg.any():  # sgn^{t−1} on F_t and sgn^t on F_{t+1} when P < 0
+                f_t = np.where(neg & ~odd, -f_t, f_t)
+                f_t1 = np.where(neg & odd, -f_t1, f_t1)
             d = f_t1 - g["kappa"] * f_t
-            tail = (f_t1 * f_t1 + Q * Q * f_t * f_t) * g["s_inf"] - 2.0 * Q * f_t1 * f_t * g["p_inf"]
-            det = np.sum(self.wdet * (d * d), axis=2)
-            noise = np.sum(g["wnoise"] * (g["s_inf"] - tail), axis=2)
+            det = (d * d) @ self.wdet
+            # Σ wnoise (s∞ − tail) = noise∞ − Σ A F_{t+1}² − Σ A Q² F_t² + Σ C F_{t+1} F_t
+            noise = (g["noise_inf"][:, :, 0] - np.einsum("nmk,nk->nm", f_t1 * f_t1, data[:, _A])
+                     - np.einsum("nmk,nk->nm", f_t * f_t, data[:, _AQ2])
+                     + np.einsum("nmk,nk->nm", f_t1 * f_t, data[:, _C]))
         return det, noise
 
 
