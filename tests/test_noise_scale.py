@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins import MixedPrecision
 from torch import nn
 
 from lightning_sgd.callbacks import GradientNoiseScale
@@ -239,24 +240,36 @@ def brute_sample(kind, steps_batches, params, parts=4):
     return small_batches_estimate(g.pow(2).sum(1), len(steps_batches[0][1]), g.mean(0).pow(2).sum())
 
 
-@pytest.mark.parametrize("source, accumulate", [("per_example", 1), ("split", 1), ("accumulation", 2)])
-def test_each_source_matches_brute_force_on_tiny_mlp(source, accumulate):
+@pytest.mark.parametrize("source, accumulate, extra, rel", [
+    ("per_example", 1, {}, 1e-4),
+    ("split", 1, {}, 1e-4),
+    ("accumulation", 2, {}, 1e-4),
+    # fp16 autocast with a GradScaler (scale 65536; Lightning gives CPU no scaler by default, so pass one) and
+    # clipping to 1e-4: the callback must undo the scale and see the gradients before clipping. Either mistake is
+    # off by orders of magnitude; fp16 activations cost ~1e-3.
+    ("accumulation", 2, {"gradient_clip_val": 1e-4, "amp": True}, 3e-2),
+])
+def test_each_source_matches_brute_force_on_tiny_mlp(source, accumulate, extra, rel):
     # Each measured step's raw sample equals the same estimator computed from brute-force autograd gradients at the
     # recorded parameters. float32 gradients, float64 sums: relative 1e-4 covers the rounding (trΣ is a difference
     # of norms of similar size).
     gns = GradientNoiseScale(source=source, schedule=1, split_parts=4, chunk_size=5)
     recorder = StepRecorder(gns)
+    if extra.pop("amp", False):
+        extra["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
     trainer = pl.Trainer(**fast_trainer_kwargs(max_steps=3, accumulate_grad_batches=accumulate,
-                                               callbacks=[gns, recorder]))
+                                               callbacks=[gns, recorder], **extra))
     trainer.fit(tiny_module(lr=0.5), datamodule=TinyDataModule(n=64, batch_size=16 // accumulate))
     assert gns.measured == 3 and len(recorder.steps) == 3
     for entry in recorder.steps:
         truth = brute_sample(source, entry["batches"], entry["params"])
         got = entry["sample"]
         assert (got.b_small, got.b_big) == (truth.b_small, truth.b_big)
-        assert got.grad_sq_norm == pytest.approx(truth.grad_sq_norm, rel=1e-4, abs=1e-8)
-        assert got.trace_cov == pytest.approx(truth.trace_cov, rel=1e-4, abs=1e-8)
+        assert got.grad_sq_norm == pytest.approx(truth.grad_sq_norm, rel=rel, abs=1e-8)
+        assert got.trace_cov == pytest.approx(truth.trace_cov, rel=rel, abs=1e-8)
     assert math.isfinite(gns.b_simple) and gns.b_simple == gns.ema.b_simple
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    assert scaler is None or scaler.get_scale() > 1000  # the AMP case really ran with scaled gradients
 
 
 @pytest.mark.ddp
@@ -403,8 +416,8 @@ def test_resume_continues_the_emas_exactly(tmp_path):
 @pytest.mark.timeout(1200)
 def test_sources_agree_with_each_other_and_the_population_truth():
     # Frozen parameters (lr = 0), batches drawn with replacement from 128 examples, so each source's samples are
-    # unbiased for the population |G|² and tr Σ (1/N covariance). 150 measured steps of batch 64 per source; each mean lands
-    # within 4 standard errors of the brute-force population values.
+    # unbiased for the population |G|² and tr Σ (1/N covariance). 150 measured steps of batch 64 per source; each
+    # mean lands within 4 standard errors of the brute-force population values.
     from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
     x, y = classification_data(n=128, seed=7)
@@ -425,6 +438,7 @@ def test_sources_agree_with_each_other_and_the_population_truth():
         trainer.fit(tiny_module(lr=0.0), train_dataloaders=loader)
         samples = [e["sample"] for e in recorder.steps]
         assert len(samples) == steps
-        # |G|² is small next to the noise here (B_simple ≈ 100): its standard error is ~10% of the value.
+        # B_simple ≈ 54 here: standard errors reach ~10% of the values (split has only 3 degrees of freedom per
+        # sample), so 4 SE still rules out the naive estimator's bias (B_simple/B ≈ 85% of |G|²).
         _within([s.grad_sq_norm for s in samples], truth_grad_sq, k=4.0, max_rel_se=0.2)
-        _within([s.trace_cov for s in samples], truth_trace, k=4.0)
+        _within([s.trace_cov for s in samples], truth_trace, k=4.0, max_rel_se=0.2)
