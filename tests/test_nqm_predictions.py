@@ -162,3 +162,26 @@ def test_cli_steps_and_figure(tmp_path, capsys):
     assert (tmp_path / "nqm_fig13.png").stat().st_size > 10_000
     rows = (tmp_path / "nqm_fig13.csv").read_text().splitlines()
     assert rows[0].startswith("figure,target") and len(rows) == 1 + 5 * 12
+
+
+@pytest.mark.slow
+def test_fast_search_equals_exhaustive_on_figure_3a_grid():
+    """The default coarse-to-fine search returns the exact grid minimum on the paper's Figure 3a data."""
+    bs = 2.0 ** np.arange(21)
+    for p in (0.0, 0.25, 0.5, 0.75):
+        for kw in ({}, {"momentum": "tune"}):
+            fast = steps_to_target(bs, precondition_power=p, warn_edges=False, **kw)
+            full = steps_to_target(bs, precondition_power=p, warn_edges=False, exhaustive=True, **kw)
+            np.testing.assert_array_equal(fast.steps, full.steps)
+
+
+@pytest.mark.slow
+def test_cli_fit_on_a_sweep_csv(tmp_path, capsys):
+    bs = 2.0 ** np.arange(3, 12)
+    steps = 30 * steps_to_target(bs / 4, warn_edges=False).steps
+    path = tmp_path / "results.csv"
+    path.write_text("batch_size,reached,best_steps\n" + "".join(f"{int(b)},True,{int(s)}\n" for b, s in zip(bs, steps)))
+    assert main(["fit", str(path), "--out", str(tmp_path)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("batch_scale 4 ") and "step_scale 30 " in first
+    assert (tmp_path / "nqm_fit.png").exists() and (tmp_path / "nqm_fit.csv").exists()
