@@ -9,15 +9,16 @@ Search (``exhaustive=False``, the default):
 1. every ``coarse``-th grid point is evaluated on a geometric grid of t (``per_octave`` points per doubling);
    per batch size this brackets the best coarse configuration's steps within a factor 2^(1/per_octave);
 2. the configurations in the best bracket are bisected on integer t, giving an exact upper bound S(B);
-3. two finer levels around each batch size's best configuration: a neighbour is kept only if it reaches the
-   target by S(B) − 1 (one evaluation), and is then bisected. The grid minimum is found if the steps are
-   unimodal around the optimum at the coarse resolution; ``exhaustive=True`` checks every grid point (same
-   "reached by S(B) − 1?" test over the whole grid, then bisection), which is what the tests compare against.
+3. two finer levels, around each batch size's best point and around the best coarse lr of its ``n_centres``
+   best coarse β/γ columns: a neighbour is kept only if it reaches the target by S(B) − 1 (one evaluation),
+   and is then bisected. This finds the grid minimum when the steps are unimodal around the optimum at the
+   coarse resolution (on Figure 3a's grids it does, exactly; for EMA it can be a few % off);
+   ``exhaustive=True`` applies the "reached by S(B) − 1?" test to every grid point, then bisects.
 
-Steps are integers ≥ 1 (the first t with risk ≤ target, assuming the risk does not rise back above the target:
-true for SGD and EMA with a monotone decay, and for the momentum curves here except in the oscillating
-underdamped corner, where the bisection may report a slightly later hit). inf means never (unstable or
-steady-state risk above the target).
+Steps are integers ≥ 1: the first t with risk ≤ target, assuming that once reached the risk stays below the
+target. That holds when the risk decays monotonically; a strongly oscillating configuration (underdamped
+momentum, or αh̃ > 1) can dip below the target early, and the bisection then reports a later crossing. The tests
+compare against a step-by-step scan. inf means never (unstable, or steady-state risk above the target).
 """
 
 from __future__ import annotations
@@ -60,7 +61,6 @@ class _Plan:
                 noise_inf[rows] = np.where(stable[rows], np.sum(weight * nu * np.where(st, s_inf, 0.0), axis=1),
                                            np.inf)
         self.stable_cfg, self.noise_inf = stable, noise_inf
-        self.any_complex = True
 
     def fields(self, rows: np.ndarray) -> np.ndarray:
         """(len(rows), n_fields, k) constants of the closed form."""
@@ -230,7 +230,6 @@ def _improve(plan, cand_cfg, cand_b, batch_sizes, best, best_cfg, target):
 
 def _certify(plan, batch_sizes, best, best_cfg, target):
     """Every grid point against the current best (one evaluation per point and batch size, then bisection)."""
-    n_cfg = plan.stable_cfg.size
     cfg = np.flatnonzero(plan.stable_cfg)
     t_test = np.where(np.isfinite(best), best - 1, T_MAX)[None, :].repeat(cfg.size, 0)  # (n_cfg, n_B)
     feasible = (plan.noise_inf[cfg, None] / batch_sizes[None, :] < target) & (t_test >= 1)
@@ -244,7 +243,6 @@ def _certify(plan, batch_sizes, best, best_cfg, target):
         c = cfg[rows][ci]
         hits = _bisect(plan, c, batch_sizes[bi], np.zeros(ci.size), t_test[rows][ci, bi], target)
         _update(best, best_cfg, hits, c, bi)
-    del n_cfg
 
 
 def grid_steps(
