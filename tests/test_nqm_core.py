@@ -150,3 +150,12 @@ def test_interpolation_model_matches_monte_carlo_and_converges_exponentially():
               for t in (1e-2, 1e-4)]
     nqm = [steps_to_target(16, target=t, warn_edges=False, **small).steps[0] for t in (1e-2, 1e-4)]
     assert interp[1] / interp[0] < 4 and nqm[1] / nqm[0] > 30
+
+
+def test_schedule_builders():
+    from lightning_sgd.nqm import linear_decay, piecewise_constant
+
+    lr = linear_decay(1.0, 12, decay=0.1, decay_steps=10)  # α(t) = α₀(1 − 0.9 t/10) up to t = 10, then 0.1
+    np.testing.assert_allclose(lr, [1.0, 0.91, 0.82, 0.73, 0.64, 0.55, 0.46, 0.37, 0.28, 0.19, 0.1, 0.1])
+    pw = piecewise_constant([3.0, 2.0, 1.0], 10)
+    assert pw.size == 10 and list(np.unique(pw)) == [1.0, 2.0, 3.0] and pw[0] == 3.0 and pw[-1] == 1.0
