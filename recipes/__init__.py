@@ -14,6 +14,7 @@ _EXPORTS = {
     # modules for language models and the auto-encoder
     "LanguageModelModule": "modules",
     "AutoencoderModule": "modules",
+    "KFACClassificationModule": "kfac",
     # networks
     "SimpleCNN": "vision",
     "CifarResNet": "vision",
