@@ -164,6 +164,7 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path):
     again = cli_run(args)
     assert again["rows"] == summary["rows"]
     assert {b: [(t.number, t.value) for t in load_trials("runs/sweep", "sweep", b)] for b in (8, 32)} == numbers
+    assert cli_run([*args, "--sweep.report_only=true"])["rows"] == summary["rows"]  # table from storage alone
     # A changed configuration under the same study name is refused instead of mixing two sweeps.
     with pytest.raises(SystemExit, match="different sweep configuration"):
         cli_run(sweep_args(recipe, "--sweep.stop_at_best=false", target=0.9))

@@ -115,6 +115,7 @@ class SweepConfig:
     seed: int = 0  # seed of the scrambled Sobol sequence
     edge_fraction: float = 0.1  # warn when the best value lies this close (fraction of the range) to an edge
     b_simple: float | None = None  # optional GNS estimate (GradientNoiseScale's B_simple) drawn on the plot
+    nqm: bool = False  # also fit the noisy quadratic model (lightning_sgd.nqm) to the curve and draw its prediction
     wandb: bool = True  # also log the table and plot to W&B (offline without credentials)
     report_only: bool = False  # run no trial: rebuild the table and plot from the storage
 

@@ -33,6 +33,9 @@ def plot_sweep(summary: dict[str, Any], path: str, b_simple: float | None = None
             ax_s.plot(grid, fit["s_min"] * (1 + fit["b_noise"] / grid), "-", color="C1", alpha=0.8,
                       label=f"fit $S_{{min}}(1+B_{{noise}}/B)$: $S_{{min}}$={fit['s_min']:.0f}")
             ax_s.axvline(fit["b_crit"], color="C1", ls=":", label=f"$B_{{crit}}$ = {fit['b_crit']:.0f}")
+        nqm = summary.get("nqm") or {}
+        if nqm.get("ok"):
+            ax_s.plot(nqm["batch_sizes"], nqm["steps"], "-", color="C5", alpha=0.8, label="NQM fitted to the curve")
         if b_simple is not None:
             ax_s.axvline(b_simple, color="C2", ls="-.", label=f"GNS $B_{{simple}}$ = {b_simple:.0f}")
     for r in miss:  # not reached: drawn at the budget, hollow, and labelled so it never reads as a measurement

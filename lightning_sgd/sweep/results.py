@@ -84,8 +84,31 @@ def fit_scaling(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"ok": True, "s_min": s_min, "b_noise": b_noise, "b_crit": b_noise, "n_points": len(points)}
 
 
+def nqm_prediction(rows: list[dict[str, Any]], reference: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fit the noisy quadratic model's batch and step scales to the measured curve (lightning_sgd.nqm.fit) and
+    return its predicted steps on a batch-size grid; ``{"ok": False, "reason": ...}`` when it cannot."""
+    points = [(r["batch_size"], r["best_steps"]) for r in rows if r["reached"]]
+    if len(points) < 3:
+        return {"ok": False, "reason": "fewer than 3 batch sizes reached the target"}
+    try:
+        import numpy as np
+
+        from lightning_sgd.nqm.fit import fit_to_measurement
+
+        fit = fit_to_measurement([b for b, _ in points], [s for _, s in points], reference=reference)
+        grid = np.geomspace(min(r["batch_size"] for r in rows), max(r["batch_size"] for r in rows), 25)
+        return {"ok": True, "batch_sizes": grid.tolist(), "steps": [float(x) for x in fit.predict(grid)],
+                "batch_scale": fit.batch_scale, "step_scale": fit.step_scale, "rms_log_error": fit.rms_log_error}
+    except Exception as err:  # optional overlay: never lose the sweep's own results over it
+        return {"ok": False, "reason": f"{type(err).__name__}: {err}"}
+
+
 def summarize(cfg: SweepConfig, studies: dict[int, optuna.Study]) -> dict[str, Any]:
     rows = [summarize_study(cfg, b, studies[b]) for b in sorted(studies)]
+    extra = {}
+    if cfg.nqm:
+        reference = {"momentum": "tune"} if "momentum" in cfg.search_space else None
+        extra["nqm"] = nqm_prediction(rows, reference)
     return {
         "metric": cfg.metric,
         "target": cfg.target,
@@ -97,6 +120,7 @@ def summarize(cfg: SweepConfig, studies: dict[int, optuna.Study]) -> dict[str, A
                          cfg.search_space.items()},
         "rows": rows,
         "fit": fit_scaling(rows),
+        **extra,
     }
 
 

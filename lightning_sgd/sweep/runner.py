@@ -279,6 +279,8 @@ def config_fingerprint(cfg: SweepConfig) -> str:
 
 
 def open_storage(url: str) -> RDBStorage:
+    """Optuna RDB storage with heartbeats, so trials of a worker that died anywhere are re-queued."""
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat, QMC, retry
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         engine_kwargs["connect_args"] = {"timeout": 60}  # several local workers: wait for the lock, don't fail
@@ -437,13 +439,13 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict[str, Any]:
             if reclaimed:
                 print(f"sweep: {study.study_name}: re-queued trials {reclaimed} of a worker that died on this host",
                       file=sys.stderr)
-        _optimize(cfg, studies, progress)
+        _optimize(cfg, storage, studies, progress)
     summary = summarize(cfg, studies)
     write_outputs(cfg, summary)
     return summary
 
 
-def _optimize(cfg: SweepConfig, studies: dict[int, optuna.Study], progress: bool) -> None:
+def _optimize(cfg: SweepConfig, storage: RDBStorage, studies: dict[int, optuna.Study], progress: bool) -> None:
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -462,7 +464,7 @@ def _optimize(cfg: SweepConfig, studies: dict[int, optuna.Study], progress: bool
                     # Other workers still run trials: wait so the final report includes them, and take over the
                     # trials of workers that died (here: PID gone; elsewhere: heartbeat older than the grace period).
                     for study in studies.values():
-                        reclaim_dead_local_trials(study, study._storage)
+                        reclaim_dead_local_trials(study, storage)
                         optuna.storages.fail_stale_trials(study)
                     time.sleep(2.0)
                     continue
