@@ -1,7 +1,7 @@
 """Step time of GradStatsDDPStrategy vs plain DDPStrategy: 2 CPU processes (gloo), same model, same data.
 
     python benchmarks/ddp_overhead.py                     # MLP 256→1024→1024→1024→10 (~2.4 M params), batch 64/rank
-    python benchmarks/ddp_overhead.py --hidden 256 --reps 6 --steps 60
+    python benchmarks/ddp_overhead.py --batch-size 256 --every-n-steps 10
 
 Lightning's launcher re-runs this script for rank 1. Both strategies train the same model from the same init on
 the same batches; they alternate in short blocks (plain, stats, plain, stats, ...) so that load from other
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per block")
     parser.add_argument("--warmup", type=int, default=5, help="steps dropped at the start of each block")
     parser.add_argument("--reps", type=int, default=5, help="block pairs (plain, stats)")
+    parser.add_argument("--every-n-steps", type=int, default=1, help="GradStatsDDPStrategy(every_n_steps=...)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -93,13 +94,14 @@ def main() -> None:
     stats: list[dict[str, list[float]]] = []
     for _ in range(args.reps):
         plain.append(_fit(DDPStrategy(), args, data))
-        stats.append(_fit(GradStatsDDPStrategy(log_grad_norms=False), args, data))
+        stats.append(_fit(GradStatsDDPStrategy(log_grad_norms=False, every_n_steps=args.every_n_steps), args, data))
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return
     n_params = sum(p.numel() for p in _Net(args.features, args.hidden, args.depth, args.classes).parameters())
     print(f"model: MLP {args.features}→{args.hidden}×{args.depth}→{args.classes} ({n_params / 1e6:.2f} M params), "
           f"batch {args.batch_size}/process, 2 CPU processes (gloo), OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, "
-          f"{args.reps}×{args.steps - args.warmup} timed steps per strategy (rank 0)")
+          f"{args.reps}×{args.steps - args.warmup} timed steps per strategy (rank 0), "
+          f"every_n_steps={args.every_n_steps}")
     for clock in ("wall", "cpu"):
         med_plain = statistics.median(t for block in plain for t in block[clock])
         med_stats = statistics.median(t for block in stats for t in block[clock])
