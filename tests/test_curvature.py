@@ -245,9 +245,10 @@ def test_time_budget_truncates_lanczos_and_skips_what_does_not_fit(monkeypatch):
         return inner.matvec(v)
 
     op = C.LambdaOperator(ticking, inner.size, dtype=torch.float64)
-    # probe matvec: 1 s; then 9.5 s left -> 9 Lanczos iterations of the 30 asked; trace (30) does not fit
-    result = C.measure(op, C.MeasureConfig(k=3, lanczos_iterations=30, trace_matvecs=30, time_budget=10.5))
+    # 2 probe matvecs: 2 s; then 9.5 s left -> 9 Lanczos iterations of the 30 asked; trace (30) does not fit
+    result = C.measure(op, C.MeasureConfig(k=3, lanczos_iterations=30, trace_matvecs=30, time_budget=11.5))
     assert result.truncated and result.lanczos_iterations == 9 and len(result.eigenvalues) == 3
+    assert result.matvecs == 2 + 9
     assert "trace" in result.skipped and result.trace is None
     true = torch.linalg.eigvalsh(dense_hessian(module, batches))
     for theta, res in zip(result.eigenvalues, result.residuals):  # truncated, but the residual bound still holds
@@ -387,3 +388,56 @@ def test_ddp_ranks_agree_and_match_one_process_on_the_union(tmp_path):
         top = torch.linalg.eigvalsh(dense).flip(0)
         assert ranks[0][name]["eig_0"] == pytest.approx(float(top[0]), rel=1e-4), name
         assert ranks[0][name]["eig_1"] == pytest.approx(float(top[1]), rel=1e-4), name
+
+
+# ----------------------------------------------------------------------------------------- CLI, W&B, YAML
+DEMO_SNIPPET = """
+trainer:
+  callbacks:
+    - class_path: lightning_sgd.callbacks.CurvatureSpectrum
+      init_args:
+        schedule:
+          class_path: lightning_sgd.schedules.LogSpaced
+          init_args: {start: 0, end: 4000, per_decade: 3}
+        operator: hessian
+        k: 5
+        trace_matvecs: 30
+        frobenius_matvecs: 15
+        density_runs: 2
+        alignment: true
+        probe_batch_size: 500
+        time_budget: 20.0
+"""
+
+
+def test_demo_yaml_snippet_logs_spectrum_density_and_alignment_to_wandb_and_csv(tmp_path):
+    """The snippet proposed for recipes/mnist1d.yaml (scaled down), through the CLI (W&B offline + CSV)."""
+    from lightning_sgd.cli import run
+    from tests.wandb_reader import logged_keys
+
+    REPO = Path(__file__).resolve().parents[1]
+    snippet = tmp_path / "curvature.yaml"
+    # the shared test machine is too slow for a wall-clock budget here (test_time_budget_... covers it)
+    small = {"probe_batch_size: 500": "probe_batch_size: 100", "time_budget: 20.0": "time_budget: null",
+             "k: 5": "k: 3\n        lanczos_iterations: 6\n        density_steps: 5",
+             "trace_matvecs: 30": "trace_matvecs: 6",
+             "frobenius_matvecs: 15": "frobenius_matvecs: 3", "density_runs: 2": "density_runs: 1"}
+    text = DEMO_SNIPPET
+    for old, new in small.items():
+        assert old in text
+        text = text.replace(old, new)
+    snippet.write_text(text)
+    cli = run(["fit", "--config", str(REPO / "recipes" / "mnist1d.yaml"), "--config", str(snippet),
+               "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.limit_test_batches=1",
+               "--data.init_args.num_train=200",
+               "--data.init_args.num_val=100", "--data.init_args.num_test=100", "--data.init_args.batch_size=50"])
+    callback = next(cb for cb in cli.trainer.callbacks if isinstance(cb, CurvatureSpectrum))
+    assert [h["step"] for h in callback.history] == [0, 1]
+    wandb_logger = next(lg for lg in cli.trainer.loggers if not isinstance(lg, pl.loggers.CSVLogger))
+    keys = logged_keys(wandb_logger.last_run_dir)
+    for name in ("eig_0", "eig_2", "trace", "frobenius", "sharpness", "frobenius_bound", "alignment_corr",
+                 "spectrum", "density", "alignment_table"):
+        # W&B stores media under keys that start with the logged name (histogram fields, "<name>_table" for plots)
+        assert any(k.startswith(f"curvature/hessian/{name}") for k in keys), name
+    alignment = callback.last_result.alignment
+    assert alignment.kind == ["eigenvector"] * 3 + ["random"] * 3 and alignment.num_examples == 100
