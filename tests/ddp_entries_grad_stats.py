@@ -12,6 +12,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
@@ -29,14 +30,14 @@ class _Probe(pl.Callback):
     """Per micro-batch: this rank's local mean-loss gradient computed by hand (torch.autograd.grad, no DDP).
     Per optimizer step: the all-reduced ``.grad`` and the strategy's published stats."""
 
-    def __init__(self, autocast: bool) -> None:
+    def __init__(self, autocast: torch.dtype | None) -> None:
         self.autocast = autocast
         self.micro: list[list[float]] = []
         self.steps: list[dict[str, Any]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         inputs, targets = pl_module.split_batch(batch)
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        ctx = torch.autocast("cpu", dtype=self.autocast) if self.autocast else contextlib.nullcontext()
         with ctx:
             loss = pl_module.loss(pl_module(inputs), targets)
         grads = torch.autograd.grad(loss, list(pl_module.parameters()))
@@ -70,12 +71,15 @@ def norms_by_hand(outdir: Path, configs: list[str], steps: int = 2, batch_size: 
     results: dict[str, Any] = {}
     for config in configs:
         pl.seed_everything(0)
-        probe = _Probe(autocast=config == "bf16")
+        probe = _Probe(autocast={"bf16": torch.bfloat16, "fp16_scaler": torch.float16}.get(config))
         extra: dict[str, Any] = {}
         if config in ("accumulate", "every2"):
             extra["accumulate_grad_batches"] = 2
         if config == "bf16":
             extra["precision"] = "bf16-mixed"
+        if config == "fp16_scaler":  # fp16 autocast with a loss scaler, as on CUDA, here on CPU
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+            extra["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=scaler)]
         if config == "plain":  # the strategy's own metrics, through the LightningModule's logger
             extra.update(logger=CSVLogger(outdir, name="plain", version=0), log_every_n_steps=1)
         with warnings.catch_warnings(record=True) as caught:
@@ -188,7 +192,7 @@ def two_nodes(outdir: Path, steps: int = 2) -> None:
     """Launched by torchrun on 2 "nodes" × 1 process (scripts/two_node_loopback.sh): Lightning reads the torchrun
     environment (TorchElasticEnvironment) and runs across the two agents."""
     pl.seed_everything(0)
-    probe = _Probe(autocast=False)
+    probe = _Probe(autocast=None)
     trainer = pl.Trainer(**ddp_trainer_kwargs(max_steps=steps, devices=1, num_nodes=2, callbacks=[probe],
                                               strategy=GradStatsDDPStrategy()))
     trainer.fit(tiny_module(), datamodule=TinyDataModule(n=64, batch_size=8))

@@ -10,12 +10,12 @@ from torch.utils.data import DistributedSampler
 
 from tests.ddp import run_ddp
 
-CONFIGS = ["plain", "accumulate", "bf16", "fp16_hook", "powersgd", "every2"]
+CONFIGS = ["plain", "accumulate", "bf16", "fp16_scaler", "fp16_hook", "powersgd", "every2"]
 
 
 @pytest.fixture(scope="module")
 def by_hand(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """One DDP job, six short fits (2 optimizer steps each, "every2": 3; per-device batch 8)."""
+    """One DDP job, seven short fits (2 optimizer steps each, "every2": 3; per-device batch 8)."""
     return run_ddp("tests.ddp_entries_grad_stats:norms_by_hand", tmp_path_factory.mktemp("by_hand"), configs=CONFIGS,
                    steps=2, batch_size=8)
 
@@ -29,12 +29,14 @@ def _local_grads(ranks: list[dict], config: str, step: int, micro: int) -> list[
 
 # Tolerances: fp32 gradients of a 139-parameter MLP, norms summed bucket by bucket in a different order than the
 # hand dot product: relative error ~1e-7, so 1e-5 fails on any real mistake (a missing bucket, a factor W, a
-# norm taken after averaging) while passing rounding. bf16: the hand gradient runs the same autocast ops but
-# bf16 matmuls may accumulate in a different order: 1e-3 (bf16 itself changes the norms by ~1%, see below).
+# norm taken after averaging) while passing rounding. bf16 / fp16 autocast: the hand gradient runs the same
+# autocast ops but low-precision matmuls may round differently (fp16: the scaled loss is backpropagated): 1e-3
+# (bf16 itself changes the norms by ~1%, see below). fp16_scaler: GradScaler(init_scale=1024) on CPU, so a
+# missing unscale would be off by 1024² and a norm read after the scaler's update by a factor 4.
 @pytest.mark.parametrize("config", CONFIGS)
 def test_local_and_global_norms_match_hand_gradients(by_hand: list[dict], config: str) -> None:
     micro = 2 if config in ("accumulate", "every2") else 1
-    rtol = 1e-3 if config == "bf16" else 1e-5
+    rtol = 1e-3 if config in ("bf16", "fp16_scaler") else 1e-5
     for step in range(3 if config == "every2" else 2):
         grads = _local_grads(by_hand, config, step, micro)  # [(P,), (P,)]
         expected_local = torch.stack([g @ g for g in grads])  # (W,)
@@ -75,7 +77,7 @@ def test_bf16_autocast_changes_norms_only_by_rounding(by_hand: list[dict]) -> No
 
 
 def test_warnings_only_for_hooks_that_change_the_gradient(by_hand: list[dict]) -> None:
-    for config in ["plain", "accumulate", "bf16", "fp16_hook", "every2"]:
+    for config in ["plain", "accumulate", "bf16", "fp16_scaler", "fp16_hook", "every2"]:
         assert by_hand[0][config]["warnings"] == []
     assert any("compressed" in w and "powerSGD_hook" in w for w in by_hand[0]["powersgd"]["warnings"])
 
