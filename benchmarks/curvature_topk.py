@@ -13,7 +13,7 @@ Workloads: the MNIST-1D CNN (lightning_sgd.recipes.MNIST1DCNN, briefly trained o
 ResNet-8 with batch norm for 32×32×3 inputs (lightning_sgd.recipes.CifarResNet, briefly trained on synthetic
 CIFAR-shaped data: no download is possible here; the timing depends on shapes, not pixel values).
 
-    python benchmarks/curvature_topk.py            # both workloads (~2 min on 2 free CPU cores)
+    python benchmarks/curvature_topk.py            # both workloads (a few minutes on 2 free CPU cores)
     python benchmarks/curvature_topk.py --workloads mnist1d --lanczos-steps 40
 
 Needs PyHessian (``pip install --no-deps pyhessian``: it requires only numpy and torch, any version).
@@ -49,7 +49,7 @@ def _train(module: ClassificationModule, x: Tensor, y: Tensor, steps: int, lr: f
 
 def mnist1d_workload(probe: int = 512) -> tuple[ClassificationModule, tuple[Tensor, Tensor]]:
     from lightning_sgd.data.mnist1d import generate_mnist1d
-    from lightning_sgd.recipes.mnist1d import MNIST1DCNN
+    from lightning_sgd.recipes.mnist_1d import MNIST1DCNN
 
     torch.manual_seed(0)
     x, y = generate_mnist1d(3000, seed=0)
@@ -59,7 +59,7 @@ def mnist1d_workload(probe: int = 512) -> tuple[ClassificationModule, tuple[Tens
     return module, (x[:probe], y[:probe])
 
 
-def cifar_resnet_workload(probe: int = 64) -> tuple[ClassificationModule, tuple[Tensor, Tensor]]:
+def cifar_resnet_workload(probe: int = 32) -> tuple[ClassificationModule, tuple[Tensor, Tensor]]:
     from lightning_sgd.recipes.vision import CifarResNet
 
     torch.manual_seed(0)
@@ -157,9 +157,11 @@ def main(argv: list[str] | None = None) -> None:
         theirs = _accuracy(op, ph_values, ph_vectors, reference)
         rows.append((name, params, len(batch[1]), "lightning_sgd (Lanczos)", iterations, t_ours, *ours))
         rows.append((name, params, len(batch[1]), "PyHessian (power it.)", ph_hvps, t_ph, *theirs))
+        for row in rows[-2:]:
+            print("row:", row, flush=True)
         print(f"{name}: reference top-{args.k}: {[round(v, 4) for v in reference.tolist()]}")
         print(f"{name}: speed-up {t_ph / t_ours:.1f}x (PyHessian {t_ph:.2f}s / ours {t_ours:.2f}s); "
-              f"max rel eig error ours {ours[0]:.1e} vs PyHessian {theirs[0]:.1e}")
+              f"max rel eig error ours {ours[0]:.1e} vs PyHessian {theirs[0]:.1e}", flush=True)
 
     print()
     print("| " + " | ".join(header) + " |")

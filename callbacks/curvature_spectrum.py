@@ -50,9 +50,10 @@ class CurvatureSpectrum(Callback):
     Lanczos short), ``trace`` and ``trace_stderr`` (Hutch++), ``frobenius`` (``sqrt(tr H²)``), ``sharpness``
     (``λ_max·η``), ``sharpness_threshold`` (``2(1+β)``) and ``sharpness_ratio``, ``frobenius_bound``
     (``‖H‖_F·η/√B``), ``alignment_corr``/``alignment_slope`` (log-log fit of ``Var(vᵀg_i)`` on ``vᵀHv``),
-    ``seconds``, ``matvecs``, and ``skipped`` (1 when a measurement could not be made: non-finite curvature,
-    failure). With the W&B logger it also logs the spectrum as a histogram, the SLQ density as a line plot and
-    the alignment pairs as a table and scatter plot.
+    ``seconds``, ``matvecs``, ``skipped`` (1 when a measurement could not be made: non-finite curvature,
+    failure) and ``skipped_<stage>`` (1 when the time budget left a stage out). With the W&B logger it also
+    logs the spectrum as a histogram, the SLQ density as a line plot and the alignment pairs as a table and
+    scatter plot.
 
     Args:
         schedule: when to measure: every n optimizer steps (int) or a :class:`lightning_sgd.schedules.Schedule`;
@@ -241,6 +242,8 @@ class CurvatureSpectrum(Callback):
         out: dict[str, float] = {f"{prefix}/skipped": 0.0, f"{prefix}/seconds": result.seconds,
                                  f"{prefix}/matvecs": float(result.matvecs),
                                  f"{prefix}/truncated": float(result.truncated)}
+        for stage in result.skipped:  # stages the time budget (or a missing input) left out this time
+            out[f"{prefix}/skipped_{stage}"] = 1.0
         for i, (value, residual) in enumerate(zip(result.eigenvalues, result.residuals)):
             out[f"{prefix}/eig_{i}"] = value
             out[f"{prefix}/residual_{i}"] = residual
