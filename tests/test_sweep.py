@@ -121,6 +121,7 @@ class MetricRecorder(pl.Callback):
         self.history.append((trainer.global_step, float(trainer.callback_metrics["val/acc"])))
 
 
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 def test_tiny_sweep_end_to_end_and_resume(tmp_path):
     recipe = write_recipe(tmp_path / "tiny.yaml")
     args = sweep_args(recipe, "--sweep.stop_at_best=false")
