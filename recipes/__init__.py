@@ -8,9 +8,9 @@ from lightning_sgd._lazy import lazy_exports
 _EXPORTS = {
     # foundation: MNIST-1D and the classification module
     "ClassificationModule": "classification",
-    "MNIST1DDataModule": "mnist1d",
-    "MNIST1DCNN": "mnist1d",
-    "MNIST1DMLP": "mnist1d",
+    "MNIST1DDataModule": "mnist_1d",
+    "MNIST1DCNN": "mnist_1d",
+    "MNIST1DMLP": "mnist_1d",
     # modules for language models and the auto-encoder
     "LanguageModelModule": "modules",
     "AutoencoderModule": "modules",

@@ -17,7 +17,7 @@ from lightning_sgd.bootstrap import ChunkedStream, PoolSampler, PrivateRNG, batc
 from lightning_sgd.callbacks import DeepBootstrap
 from lightning_sgd.data.mnist1d import generate_mnist1d
 from lightning_sgd.recipes.classification import ClassificationModule
-from lightning_sgd.recipes.mnist1d import MNIST1DDataModule, fresh_chunk_seed, split_seed
+from lightning_sgd.recipes.mnist_1d import MNIST1DDataModule, fresh_chunk_seed, split_seed
 from lightning_sgd.schedules import EveryNSteps
 from tests.ddp import run_ddp
 from tests.helpers import TinyDataModule, fast_trainer_kwargs

@@ -14,7 +14,7 @@ import torch
 
 from lightning_sgd.cli import run
 from lightning_sgd.protocols import SupervisedModule, require_supervised
-from lightning_sgd.recipes.mnist1d import MNIST1DCNN, MNIST1DMLP, MNIST1DDataModule
+from lightning_sgd.recipes.mnist_1d import MNIST1DCNN, MNIST1DMLP, MNIST1DDataModule
 from lightning_sgd.schedules import EveryNSteps, LogSpaced, as_schedule
 from tests.ddp import run_ddp
 from tests.helpers import TinyDataModule, fast_trainer_kwargs, tiny_module
@@ -184,7 +184,7 @@ def test_built_wheel_ships_and_imports_callbacks_and_recipes(tmp_path):
     assert proc.returncode == 0, proc.stderr
     wheel = next((tmp_path / "dist").glob("lightning_sgd-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for expected in ("lightning_sgd/callbacks/__init__.py", "lightning_sgd/recipes/mnist1d.py",
+    for expected in ("lightning_sgd/callbacks/__init__.py", "lightning_sgd/recipes/mnist_1d.py",
                      "lightning_sgd/recipes/mnist1d.yaml", "lightning_sgd/py.typed", "lightning_sgd/cli.py"):
         assert expected in names
     assert not any(name.startswith(("callbacks/", "recipes/", "tests/")) for name in names)

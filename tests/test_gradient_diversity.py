@@ -16,7 +16,7 @@ from lightning_sgd.noise_scale import per_example_estimate
 from lightning_sgd.per_example import per_example_gradient_stats, trainable_parameters
 from lightning_sgd.recipes.classification import ClassificationModule
 from lightning_sgd.recipes.language import TransformerLM
-from lightning_sgd.recipes.mnist1d import MNIST1DCNN, MNIST1DMLP
+from lightning_sgd.recipes.mnist_1d import MNIST1DCNN, MNIST1DMLP
 from lightning_sgd.recipes.modules import LanguageModelModule
 from tests.helpers import TinyDataModule, classification_data, fast_trainer_kwargs, tiny_module
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,21 +44,36 @@ def _records(data: bytes) -> list[bytes]:
     return records
 
 
-def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All history rows (dicts of key → value) logged to the offline run in ``run_dir`` (``.../offline-run-*``)."""
+def _parsed_records(path: Path, timeout: float) -> list[Any]:
+    """Parse the run file, waiting up to ``timeout`` s for its ``exit`` record.
+
+    ``wandb.finish()`` returns before W&B's service has written the offline file (on a loaded machine the file can
+    still hold only its header), so a reader must wait for the run's final record.
+    """
     from wandb.proto import wandb_internal_pb2
 
+    deadline = time.monotonic() + timeout
+    while True:
+        records = []
+        for payload in _records(path.read_bytes()):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            records.append(record)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def read_history(run_dir: str | Path, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """All history rows (dicts of key → value) logged to the offline run in ``run_dir`` (``.../offline-run-*``)."""
     files = sorted(Path(run_dir).glob("run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"no run-*.wandb file in {run_dir}")
-    rows = []
-    for payload in _records(files[0].read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
-    return rows
+    return [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+        for record in _parsed_records(files[0], timeout)
+        if record.WhichOneof("record_type") == "history"
+    ]
 
 
 def logged_keys(run_dir: str | Path) -> set[str]:

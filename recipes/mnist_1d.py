@@ -1,5 +1,8 @@
 """MNIST-1D recipe: the data module and the two networks of the MNIST-1D paper (Greydanus & Kobak 2020).
 
+The module is named ``mnist_1d`` so that it never shadows the ``mnist1d`` package when ``recipes/`` is the working
+directory (jsonargparse enters a config's folder while parsing it).
+
 The data is generated offline by :func:`lightning_sgd.data.mnist1d.generate_mnist1d`, so this recipe needs no
 download. Train, val and test sets use disjoint seeds derived from one ``seed``; the generated tensors are cached
 under ``cache_dir`` so a second run starts instantly.
@@ -12,6 +15,7 @@ twin trains on.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -108,9 +112,11 @@ class MNIST1DDataModule(pl.LightningDataModule):
             return x, y
         x, y = generate_mnist1d(num_samples, seed)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        # unique temporary name + atomic rename: a killed run never leaves a truncated file, and processes that
+        # share the folder (DDP ranks, nodes on a shared filesystem) may all write the same entry safely
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         torch.save((x, y), tmp)
-        tmp.replace(path)  # atomic: a killed run never leaves a truncated cache file
+        tmp.replace(path)
         return x, y
 
     def normalize(self, x: Tensor) -> Tensor:
