@@ -92,32 +92,59 @@ class SweepConfig:
     """A batch-size sweep (Shallue et al. 2019): per batch size, quasi-random search for the fewest steps to target.
 
     On the command line every field is ``--sweep.<field>``; a whole sweep YAML is ``--sweep path.yaml``.
+
+    Args:
+        batch_sizes: batch sizes to measure, written to ``batch_size_key`` (per device: with DDP the global batch
+            is this times the world size).
+        target: value of `metric` that counts as reached (e.g. 0.8 for val/acc).
+        metric: a metric the recipe logs during validation.
+        mode: reached when metric >= target (max) or <= target (min); None: infer.
+        trials: non-divergent trials per batch size (the search budget).
+        max_trials: hard cap on trials per batch size, divergent included; None: 3 * trials.
+        max_steps: step budget per trial.
+        eval_every: evaluate the target metric every this many optimizer steps.
+        patience: give up a trial after this many evaluations without a new best metric; None: never.
+        stop_at_best: end a trial once it has used as many steps as the best trial at its batch size.
+        threads: torch.set_num_threads for the trials (1 is fastest for small models on shared CPUs).
+        search_space: name -> :class:`SearchParam` (``lr``, ``momentum`` and ``weight_decay`` know their keys).
+        recipe: recipe YAML (same as the top-level --config); --config wins when both are given.
+        batch_size_key: recipe config key of the (per-device) batch size.
+        overrides: extra recipe arguments for every trial, e.g. "--a.b=1".
+        storage: Optuna RDB URL (sqlite:///..., postgresql://...); None: sqlite in output_dir.
+        study_name: studies are named <study_name>-bs<B>; workers sharing a sweep use the same name.
+        output_dir: results.csv/json, plot and the default SQLite file go here.
+        seed: seed of the scrambled Sobol sequence.
+        edge_fraction: warn when the best value lies this close (fraction of the range) to an edge.
+        b_simple: optional GNS estimate (GradientNoiseScale's B_simple) drawn on the plot.
+        nqm: also fit the noisy quadratic model (lightning_sgd.nqm) to the curve and draw its prediction.
+        wandb: also log the table and plot to W&B (offline without credentials).
+        report_only: run no trial: rebuild the table and plot from the storage.
     """
 
-    batch_sizes: list[int] = field(default_factory=list)  # global batch sizes to measure
-    target: float | None = None  # value of `metric` that counts as reached (e.g. 0.8 for val/acc)
-    metric: str = "val/acc"  # a metric the recipe logs during validation
-    mode: Literal["max", "min"] | None = None  # reached when metric >= target (max) or <= target (min); None: infer
-    trials: int = 8  # non-divergent trials per batch size (the search budget)
-    max_trials: int | None = None  # hard cap on trials per batch size, divergent included; None: 3 * trials
-    max_steps: int = 1000  # step budget per trial
-    eval_every: int = 25  # evaluate the target metric every this many optimizer steps
-    patience: int | None = None  # give up a trial after this many evaluations without a new best metric; None: never
-    stop_at_best: bool = True  # end a trial once it has used as many steps as the best trial at its batch size
-    threads: int | None = None  # torch.set_num_threads for the trials (1 is fastest for small models on shared CPUs)
+    batch_sizes: list[int] = field(default_factory=list)
+    target: float | None = None
+    metric: str = "val/acc"
+    mode: Literal["max", "min"] | None = None
+    trials: int = 8
+    max_trials: int | None = None
+    max_steps: int = 1000
+    eval_every: int = 25
+    patience: int | None = None
+    stop_at_best: bool = True
+    threads: int | None = None
     search_space: dict[str, SearchParam] = field(default_factory=_default_space)
-    recipe: str | None = None  # recipe YAML (same as the top-level --config); --config wins when both are given
-    batch_size_key: str = "data.init_args.batch_size"  # recipe config key of the (per-device) batch size
-    overrides: list[str] = field(default_factory=list)  # extra recipe arguments for every trial, e.g. "--a.b=1"
-    storage: str | None = None  # Optuna RDB URL (sqlite:///..., postgresql://...); None: sqlite in output_dir
-    study_name: str = "sweep"  # studies are named <study_name>-bs<B>; workers sharing a sweep use the same name
-    output_dir: str = "runs/sweep"  # results.csv/json, plot and the default SQLite file go here
-    seed: int = 0  # seed of the scrambled Sobol sequence
-    edge_fraction: float = 0.1  # warn when the best value lies this close (fraction of the range) to an edge
-    b_simple: float | None = None  # optional GNS estimate (GradientNoiseScale's B_simple) drawn on the plot
-    nqm: bool = False  # also fit the noisy quadratic model (lightning_sgd.nqm) to the curve and draw its prediction
-    wandb: bool = True  # also log the table and plot to W&B (offline without credentials)
-    report_only: bool = False  # run no trial: rebuild the table and plot from the storage
+    recipe: str | None = None
+    batch_size_key: str = "data.init_args.batch_size"
+    overrides: list[str] = field(default_factory=list)
+    storage: str | None = None
+    study_name: str = "sweep"
+    output_dir: str = "runs/sweep"
+    seed: int = 0
+    edge_fraction: float = 0.1
+    b_simple: float | None = None
+    nqm: bool = False
+    wandb: bool = True
+    report_only: bool = False
 
     def resolved_mode(self) -> str:
         if self.mode is not None:
