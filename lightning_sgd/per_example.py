@@ -176,7 +176,7 @@ def per_example_gradient_stats(
             stop = min(n, start + step)
             grads = per_example_grad(detached, _slice(inputs, start, stop), _slice(targets, start, stop))
             for index, name in enumerate(names):
-                g = grads[name].flatten(1)  # (c, numel)
+                g = grads[name].reshape(stop - start, -1)  # (c, numel); also for 0-dim parameters
                 sq = torch.linalg.vector_norm(g, dim=1).to(torch.float64).square()  # (c,), no (c, numel) temporary
                 sq_norms[start:stop] += sq
                 if per_layer:

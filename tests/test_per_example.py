@@ -96,3 +96,27 @@ def test_bad_arguments():
         per_example_gradient_stats(module, (x, y), directions=torch.zeros(2, 5))
     with pytest.raises(TypeError, match="split_batch"):
         per_example_gradient_stats(nn.Linear(2, 2), (x, y))
+
+
+class _ScaledMLP(nn.Module):
+    """An MLP with a 0-dimensional parameter (a SkipInit-style scalar gain)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(25, 4), nn.Tanh(), nn.Linear(4, 3))
+        self.gain = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, x):
+        return self.gain * self.body(x)
+
+
+def test_engine_handles_zero_dimensional_parameters():
+    # Same rounding argument as the MLP test above: float32, 1e-5 relative.
+    torch.manual_seed(0)
+    module = ClassificationModule(_ScaledMLP(), num_classes=3)
+    x, y = classification_data(n=5)
+    truth = brute_force(module, x, y)
+    stats = per_example_gradient_stats(module, (x, y), chunk_size=2)
+    torch.testing.assert_close(stats.sq_norms, truth.pow(2).sum(1).double(), rtol=1e-5, atol=1e-9)
+    assert stats.mean_grad[0].shape == ()  # a module's own parameters come before its children's
+    torch.testing.assert_close(stats.mean_grad[0].reshape(1), truth[:, :1].mean(0), rtol=1e-5, atol=1e-7)
