@@ -214,12 +214,22 @@ def test_training_with_the_callback_follows_the_same_trajectory_and_logs(tmp_pat
     assert last["frobenius_bound"] == pytest.approx(last["frobenius"] * 0.1 / math.sqrt(16))
 
 
-def test_resume_keeps_history_and_does_not_measure_the_same_step_twice():
-    callback = CurvatureSpectrum(schedule=2, k=1, trace_matvecs=0)
-    callback._last_step, callback.history = 4, [{"step": 4, "eig_0": 1.0}]
-    restored = CurvatureSpectrum(schedule=2, k=1, trace_matvecs=0)
-    restored.load_state_dict(callback.state_dict())
-    assert restored._last_step == 4 and restored.history == callback.history
+def test_resume_from_a_checkpoint_keeps_history_and_does_not_measure_the_same_step_twice(tmp_path):
+    def fit(max_steps, ckpt_path=None):
+        pl.seed_everything(0)
+        callback = CurvatureSpectrum(schedule=1, k=1, lanczos_iterations=3, trace_matvecs=0)
+        trainer = pl.Trainer(**fast_trainer_kwargs(max_steps=max_steps, callbacks=[callback]))
+        trainer.fit(tiny_module(), datamodule=TinyDataModule(), ckpt_path=ckpt_path)
+        return trainer, callback
+
+    trainer, first = fit(2)
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    _, resumed = fit(4, tmp_path / "two.ckpt")
+    assert [h["step"] for h in first.history] == [0, 1, 2]
+    assert [h["step"] for h in resumed.history] == [0, 1, 2, 3, 4]  # step 2 restored, not measured again
+    assert resumed.history[:3] == first.history
+    # two instances with different operators keep separate checkpoint state
+    assert CurvatureSpectrum(operator="ggn").state_key != CurvatureSpectrum(operator="hessian").state_key
     # two instances with different operators keep separate checkpoint state
     assert CurvatureSpectrum(operator="ggn").state_key != CurvatureSpectrum(operator="hessian").state_key
 
