@@ -143,6 +143,28 @@ def test_step_milestones_reproduce_batch_and_lr_sequence_across_resume(tmp_path)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+class _WorkersDataModule(TinyDataModule):
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader, TensorDataset
+
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=True, num_workers=2,
+                          persistent_workers=True)
+
+
+def test_workers_prefetch_lag_keeps_epochs_one_pass():
+    # 2 workers x prefetch_factor 2: the 4 batches drawn ahead of step 3 keep batch 8, so 16 starts at step 7; an
+    # epoch is still the 88 examples once and the end-of-epoch validation still runs.
+    recorder = _Record()
+    trainer = pl.Trainer(**fast_trainer_kwargs(max_steps=-1, max_epochs=2, limit_val_batches=1, callbacks=[
+        BatchSizeSchedule([3], factors=2, interval="step"), recorder]))
+    trainer.fit(_module(), datamodule=_WorkersDataModule(n=88, batch_size=8))
+    assert [r[2] for r in recorder.rows] == [8] * 7 + [16] * 2 + [16] * 5 + [8]
+    for parts in recorder.seen.values():
+        seen = torch.cat(parts)
+        assert seen.numel() == 88 and torch.unique(seen).numel() == 88
+    assert recorder.val_epochs == [0, 1]
+
+
 def test_epoch_milestones_sqrt_rule_with_lr_warmup_scaling():
     # Epoch milestones (batch x4 from epoch 1) with the sqrt rule, composed with LRWarmupScaling (linear B_ref 8, no
     # warmup: scale 1 at batch 8): epoch 1 runs at batch 32 with LR x sqrt(4) = 2, then StepLR halves it.
