@@ -165,6 +165,23 @@ def test_workers_prefetch_lag_keeps_epochs_one_pass():
     assert recorder.val_epochs == [0, 1]
 
 
+class _DropLastDataModule(TinyDataModule):
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader, TensorDataset
+
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, drop_last=True)
+
+
+def test_batch_larger_than_the_data_is_capped_when_dropping_last():
+    # x100 would make batch 800 > 64 examples: with drop_last that is 0 batches per epoch, so it is capped at 64.
+    recorder = _Record()
+    schedule = BatchSizeSchedule([1], factors=100.0)
+    trainer = pl.Trainer(**fast_trainer_kwargs(max_steps=-1, max_epochs=2, callbacks=[schedule, recorder]))
+    with pytest.warns(UserWarning, match="larger than"):
+        trainer.fit(_module(), datamodule=_DropLastDataModule(n=64, batch_size=8))
+    assert [r[2] for r in recorder.rows] == [8] * 8 + [64] and schedule.batch_size == 64
+
+
 def test_epoch_milestones_sqrt_rule_with_lr_warmup_scaling():
     # Epoch milestones (batch x4 from epoch 1) with the sqrt rule, composed with LRWarmupScaling (linear B_ref 8, no
     # warmup: scale 1 at batch 8): epoch 1 runs at batch 32 with LR x sqrt(4) = 2, then StepLR halves it.

@@ -41,7 +41,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import BatchSampler, DataLoader
 from typing_extensions import override
 
@@ -231,6 +231,11 @@ class _BatchSizeController(Callback):
         # Rank 0 decides: every rank takes its numbers (they reach this point at the same step/epoch).
         batch_size, accumulate, reason = trainer.strategy.broadcast((batch_size, accumulate, reason), src=0)
         assert self._sampler is not None and self.batch_size is not None and self.accumulate is not None
+        examples = len(self._sampler.sampler)  # type: ignore[arg-type]  # this rank's share of one pass
+        if self._sampler.drop_last and batch_size > examples:
+            rank_zero_warn(f"{type(self).__name__}: per-device batch {batch_size} is larger than this rank's "
+                           f"{examples} examples per epoch and the loader drops incomplete batches; using {examples}.")
+            batch_size = examples
         if accumulate != self.accumulate and not epoch_start:
             self.pending_accumulate, accumulate = accumulate, self.accumulate
         elif epoch_start:
