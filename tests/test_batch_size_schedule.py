@@ -143,6 +143,15 @@ def test_step_milestones_reproduce_batch_and_lr_sequence_across_resume(tmp_path)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_reload_dataloaders_every_epoch_keeps_the_schedule():
+    # Lightning builds a fresh train loader each epoch: it is wrapped again and keeps the current batch.
+    recorder, _, _ = _fit([BatchSizeSchedule([3, 12], factors=2, interval="step")], max_epochs=3,
+                          reload_dataloaders_every_n_epochs=1, limit_val_batches=1)
+    expected = _simulate(88, 3, lambda step, epoch: 8 * milestone_multiplier(step, [3, 12], [2, 2]), 0.05, lambda b: 1)
+    assert [r[:3] for r in recorder.rows] == [r[:3] for r in expected]
+    assert recorder.val_epochs == [0, 1, 2]
+
+
 class _WorkersDataModule(TinyDataModule):
     def train_dataloader(self):
         from torch.utils.data import DataLoader, TensorDataset
