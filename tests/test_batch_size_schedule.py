@@ -259,6 +259,21 @@ def test_adaptive_follows_scripted_b_simple():
     assert "B_simple" in controller.history[1]["reason"] and "max_batch_size" in controller.history[2]["reason"]
 
 
+def test_adaptive_resume_continues_at_the_grown_batch(tmp_path):
+    make = lambda: [_FakeGNS({0: 20.0, 10: 60.0}),  # noqa: E731
+                    AdaptiveBatchSize(max_batch_size=64, every_n_steps=2, start_step=2, lr_rule="sqrt")]
+    straight, _, module_a = _fit(make(), max_epochs=3, n=128, shuffle=False)
+    ckpt = str(tmp_path / "epoch1.ckpt")
+    first, _, _ = _fit(make(), max_epochs=1, n=128, shuffle=False, ckpt_out=ckpt)
+    resumed, trainer, module_b = _fit(make(), max_epochs=3, n=128, shuffle=False, ckpt_in=ckpt)
+    both = first.rows + resumed.rows
+    assert [r[:3] for r in both] == [r[:3] for r in straight.rows]
+    assert [r[3] for r in both] == pytest.approx([r[3] for r in straight.rows], rel=1e-12)
+    assert {r[2] for r in straight.rows} >= {8, 20, 60}  # it grew twice, once in each fit of the resumed pair
+    for a, b in zip(module_a.parameters(), module_b.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_adaptive_accumulates_beyond_the_memory_limit_from_the_next_epoch():
     gns = _FakeGNS({0: 64.0})
     controller = AdaptiveBatchSize(max_batch_size=64, every_n_steps=2, start_step=2, max_per_device_batch_size=16,
