@@ -66,9 +66,11 @@ def _parsed_records(path: Path, timeout: float) -> list[Any]:
 
 def read_history(run_dir: str | Path, timeout: float = 60.0) -> list[dict[str, Any]]:
     """All history rows (dicts of key → value) logged to the offline run in ``run_dir`` (``.../offline-run-*``)."""
-    files = sorted(Path(run_dir).glob("run-*.wandb"))
-    if not files:
-        raise FileNotFoundError(f"no run-*.wandb file in {run_dir}")
+    deadline = time.monotonic() + timeout
+    while not (files := sorted(Path(run_dir).glob("run-*.wandb"))):  # W&B's service may not have created it yet
+        if time.monotonic() > deadline:
+            raise FileNotFoundError(f"no run-*.wandb file in {run_dir} after {timeout:.0f} s")
+        time.sleep(0.2)
     return [
         {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
         for record in _parsed_records(files[0], timeout)
