@@ -105,6 +105,8 @@ class WandbLogger(_PLWandbLogger):
     def finalize(self, status: str) -> None:
         if not self._failed:
             super().finalize(status)
+            if status == "failed":  # the run ended with an exception: close the W&B run so nothing reuses it
+                self.finish()
 
     def finish(self) -> None:
         """End the W&B run (flushes the offline run file); a later ``experiment`` access starts a new run."""

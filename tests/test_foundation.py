@@ -166,6 +166,22 @@ def test_wandb_failure_warns_once_and_training_goes_on(monkeypatch, tmp_path):
     assert (Path(csv_logger.log_dir) / "metrics.csv").read_text().count("\n") >= 4
 
 
+def test_a_failed_fit_closes_its_wandb_run(tmp_path):
+    import wandb
+
+    from lightning_sgd.loggers import WandbLogger
+
+    class Boom(pl.Callback):
+        def on_train_batch_start(self, *args):
+            raise RuntimeError("boom")
+
+    wandb_logger = WandbLogger(save_dir=str(tmp_path))
+    trainer = pl.Trainer(**fast_trainer_kwargs(logger=wandb_logger, callbacks=[Boom()]))
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(tiny_module(), datamodule=TinyDataModule())
+    assert wandb.run is None and wandb_logger.last_run_dir is not None
+
+
 def test_wandb_is_offline_without_credentials(monkeypatch):
     from lightning_sgd.loggers import WandbLogger
 
