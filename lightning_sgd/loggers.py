@@ -64,9 +64,10 @@ class WandbLogger(_PLWandbLogger):
             mode = os.environ.get("WANDB_MODE", "").lower()
             offline = mode in ("offline", "dryrun") or (mode == "" and not wandb_credentials_present())
         kwargs.setdefault("project", os.environ.get("WANDB_PROJECT", "lightning-sgd"))
-        save_dir = kwargs.get("save_dir")
-        if save_dir is not None:
-            os.makedirs(save_dir, exist_ok=True)  # wandb falls back to /tmp when the directory does not exist
+        if kwargs.get("save_dir") is not None:
+            # absolute: W&B's service process outlives a run and resolves relative paths against its own cwd
+            kwargs["save_dir"] = os.path.abspath(kwargs["save_dir"])
+            os.makedirs(kwargs["save_dir"], exist_ok=True)  # wandb falls back to /tmp when it does not exist
         super().__init__(*args, offline=offline, **kwargs)
         self._failed = False
         self.last_run_dir: str | None = None
