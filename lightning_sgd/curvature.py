@@ -73,15 +73,10 @@ def _all_reduce_mean(tensor: Tensor) -> Tensor:
     return out / dist.get_world_size()
 
 
-class AllReduceMeanOperator(CurvatureOperator):
-    """``matvec`` of ``inner`` averaged over the ranks: the operator of the union of every rank's probe batches.
+class _WrappedOperator(CurvatureOperator):
+    """An operator that forwards ``size``/``device``/``dtype`` to the operator it wraps; subclasses define matvec."""
 
-    Used for the GGN and empirical Fisher under DDP (the library only ships a DDP Hessian). Equal per-rank batch
-    counts and sizes make the mean of the rank means the mean over the union.
-    """
-
-    def __init__(self, inner: CurvatureOperator) -> None:
-        self.inner = inner
+    inner: CurvatureOperator
 
     @property
     def size(self) -> int:
@@ -94,6 +89,17 @@ class AllReduceMeanOperator(CurvatureOperator):
     @property
     def dtype(self) -> torch.dtype:
         return self.inner.dtype
+
+
+class AllReduceMeanOperator(_WrappedOperator):
+    """``matvec`` of ``inner`` averaged over the ranks: the operator of the union of every rank's probe batches.
+
+    Used for the GGN and empirical Fisher under DDP (the library only ships a DDP Hessian). Equal per-rank batch
+    counts and sizes make the mean of the rank means the mean over the union.
+    """
+
+    def __init__(self, inner: CurvatureOperator) -> None:
+        self.inner = inner
 
     def matvec(self, v: Tensor) -> Tensor:
         return _all_reduce_mean(self.inner.matvec(v))
@@ -163,7 +169,7 @@ def num_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-class CheckedOperator(CurvatureOperator):
+class CheckedOperator(_WrappedOperator):
     """Wraps an operator: counts and times matvecs, refuses non-finite results, optionally fixes the RNG.
 
     Args:
@@ -178,18 +184,6 @@ class CheckedOperator(CurvatureOperator):
         self.fixed_seed = fixed_seed
         self.matvecs = 0
         self.seconds = 0.0
-
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    @property
-    def device(self) -> torch.device:
-        return self.inner.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.inner.dtype
 
     def matvec(self, v: Tensor) -> Tensor:
         start = time.perf_counter()

@@ -1,6 +1,6 @@
 """Benchmark recipes (installed as ``lightning_sgd.recipes``): LightningModules, DataModules, networks, YAML configs.
 
-Run one with ``lightning-sgd fit --config recipes/<name>.yaml``; docs/readme/recipes.md lists them all.
+Run one with ``lightning-sgd fit --config recipes/<name>.yaml``; the README section "Benchmark recipes" lists them all.
 """
 
 from lightning_sgd._lazy import lazy_exports

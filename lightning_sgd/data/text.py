@@ -11,7 +11,7 @@ Tokenizer (:class:`WordVocab`): split each line on whitespace and append ``<eos>
 vocabulary (``<unk>`` for the rest). For PTB the vocabulary is every word of ``ptb.train.txt`` (10,000 words incl.
 ``<unk>``, + ``<eos>``). For LM1B it is the ``vocab_size`` most frequent words of the first ``vocab_shards``
 training shards (ties broken alphabetically), so it is deterministic; Shallue et al. used a 32k sub-word vocabulary
-instead, which we do not reproduce (see docs/readme/recipes.md).
+instead, which we do not reproduce (see the README section "Benchmark recipes").
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ Semantics (all norms are of mean-loss gradients as they reach the optimizer):
 Cost: two dot products per bucket (two memory passes over the gradient), the last bucket written into a reused
 buffer W floats longer, DDP calling a Python hook instead of its C++ all-reduce, and one device-to-host copy of
 W + 1 numbers per measured step. ``benchmarks/ddp_overhead.py`` measures it against plain DDP
-(``benchmarks/results/ddp.md``: ~1.8 ms of CPU per step for 2.4 M parameters).
+(BENCHMARKS.md: ~2 ms of CPU per step for 2.4 M parameters).
 """
 
 from __future__ import annotations
