@@ -148,7 +148,7 @@ def run(argv: Sequence[str]) -> Any:
         subclass_mode_data=True,
         trainer_defaults={"logger": DEFAULT_LOGGERS},
         save_config_kwargs={"overwrite": True},
-        args=args,
+        args=None if args == sys.argv[1:] else args,  # LightningCLI warns when given sys.argv's own arguments
     )
 
 
