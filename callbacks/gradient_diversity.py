@@ -14,21 +14,20 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 from typing_extensions import override
 
 from lightning_sgd.diversity import batch_size_bound, diversity_from_stats
 from lightning_sgd.per_example import per_example_gradient_stats, trainable_parameters
-from lightning_sgd.protocols import require_supervised
+from lightning_sgd.protocols import first_tensor, require_supervised
 from lightning_sgd.schedules import Schedule, as_schedule
 
 __all__ = ["GradientDiversity"]
 
 
 def _num_examples(pl_module: Any, batch: Any) -> int:
-    inputs, _ = pl_module.split_batch(batch)
-    leaves = [leaf for leaf in tree_flatten(inputs)[0] if isinstance(leaf, Tensor)]
-    return int(leaves[0].shape[0]) if leaves else 0
+    tensor = first_tensor(pl_module.split_batch(batch)[0])
+    return int(tensor.shape[0]) if tensor is not None else 0  # no tensor: n = 0, a counted skip
 
 
 class GradientDiversity(Callback):

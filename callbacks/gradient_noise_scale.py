@@ -15,7 +15,6 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
 from typing_extensions import override
 
 from lightning_sgd.noise_scale import (
@@ -26,7 +25,7 @@ from lightning_sgd.noise_scale import (
     two_batch_estimate,
 )
 from lightning_sgd.per_example import batchnorm_eval, layer_of, per_example_gradient_stats, trainable_parameters
-from lightning_sgd.protocols import require_supervised
+from lightning_sgd.protocols import num_examples, require_supervised, slice_examples
 from lightning_sgd.schedules import Schedule, as_schedule
 
 __all__ = ["GradientNoiseScale"]
@@ -42,16 +41,7 @@ def _has_batchnorm(module: nn.Module) -> bool:
 
 
 def _num_examples(pl_module: Any, batch: Any) -> int:
-    inputs, _ = pl_module.split_batch(batch) if callable(getattr(pl_module, "split_batch", None)) else (batch, None)
-    leaves = [leaf for leaf in tree_flatten(inputs)[0] if isinstance(leaf, Tensor)]
-    if not leaves:
-        raise TypeError("GradientNoiseScale: cannot find a tensor in the batch to read its batch size from.")
-    return int(leaves[0].shape[0])
-
-
-def _cut(tree: Any, part: slice) -> Any:
-    """The examples ``part`` of every tensor in a (possibly nested) batch."""
-    return tree_map(lambda t: t[part] if isinstance(t, Tensor) else t, tree)
+    return num_examples(pl_module, batch, "GradientNoiseScale")
 
 
 class GradientNoiseScale(Callback):
@@ -438,7 +428,7 @@ class GradientNoiseScale(Callback):
             with torch.random.fork_rng(devices=devices), torch.enable_grad():
                 for k in range(parts):
                     part = slice(k * size, (k + 1) * size)
-                    x, y = _cut(inputs, part), _cut(targets, part)
+                    x, y = slice_examples(inputs, part), slice_examples(targets, part)
                     grads = torch.autograd.grad(pl_module.loss(pl_module(x), y), tensors, allow_unused=True)
                     small.append(self._grad_sq_norms(list(grads), names))
                     for m, g in zip(mean, grads):
@@ -469,9 +459,11 @@ class GradientNoiseScale(Callback):
 
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         with batchnorm_eval(pl_module), torch.random.fork_rng(devices=devices), torch.enable_grad():
-            group_grads = [grad(loss_fn)(params, _cut(inputs, slice(k * size, (k + 1) * size)),
-                                         _cut(targets, slice(k * size, (k + 1) * size))) for k in range(groups)]
-            hx, hy = _cut(inputs, slice(n // 2, n)), _cut(targets, slice(n // 2, n))  # Hessian from the other half
+            parts = [slice(k * size, (k + 1) * size) for k in range(groups)]
+            group_grads = [grad(loss_fn)(params, slice_examples(inputs, part), slice_examples(targets, part))
+                           for part in parts]
+            half = slice(n // 2, n)  # the Hessian comes from the other half of the batch
+            hx, hy = slice_examples(inputs, half), slice_examples(targets, half)
 
             def quad(v: dict[str, Tensor]) -> float:
                 hv = jvp(lambda p: grad(loss_fn)(p, hx, hy), (params,), (v,))[1]

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
-from lightning_sgd.protocols import require_supervised
+from lightning_sgd.protocols import require_supervised, slice_examples
 
 __all__ = ["PerExampleStats", "per_example_gradient_stats", "batchnorm_eval", "trainable_parameters", "layer_of"]
 
@@ -107,10 +107,6 @@ def _batch_size(tree: Any) -> int:
     return n
 
 
-def _slice(tree: Any, start: int, stop: int) -> Any:
-    return tree_map(lambda t: t[start:stop] if isinstance(t, Tensor) else t, tree)
-
-
 def per_example_gradient_stats(
     module: nn.Module,
     batch: Any,
@@ -174,7 +170,8 @@ def per_example_gradient_stats(
     with batchnorm_eval(module), torch.random.fork_rng(devices=devices), torch.enable_grad():
         for start in range(0, n, step):
             stop = min(n, start + step)
-            grads = per_example_grad(detached, _slice(inputs, start, stop), _slice(targets, start, stop))
+            grads = per_example_grad(detached, slice_examples(inputs, slice(start, stop)),
+                                     slice_examples(targets, slice(start, stop)))
             for index, name in enumerate(names):
                 g = grads[name].reshape(stop - start, -1)  # (c, numel); also for 0-dim parameters
                 sq = torch.linalg.vector_norm(g, dim=1).to(torch.float64).square()  # (c,), no (c, numel) temporary

@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map
 
 
 @runtime_checkable
@@ -42,3 +43,23 @@ def require_supervised(module: torch.nn.Module, who: str) -> SupervisedModule:
             "or add these methods."
         )
     return module  # type: ignore[return-value]
+
+
+def first_tensor(tree: Any) -> Tensor | None:
+    """The first tensor in a (possibly nested) batch, or ``None`` if it holds none."""
+    return next((leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, Tensor)), None)
+
+
+def num_examples(module: torch.nn.Module, batch: Any, who: str) -> int:
+    """Examples in ``batch``: dim 0 of the first tensor of the module's inputs (of the whole batch when the module
+    has no ``split_batch``). Raises a ``TypeError`` naming ``who`` when there is no tensor to read it from."""
+    split = getattr(module, "split_batch", None)
+    tensor = first_tensor(split(batch)[0] if callable(split) else batch)
+    if tensor is None:
+        raise TypeError(f"{who}: cannot find a tensor in the batch to read its batch size from.")
+    return int(tensor.shape[0])
+
+
+def slice_examples(tree: Any, part: slice) -> Any:
+    """The examples ``part`` of every tensor in a (possibly nested) batch; other leaves are kept as they are."""
+    return tree_map(lambda t: t[part] if isinstance(t, Tensor) else t, tree)

@@ -35,7 +35,6 @@ What it adds to Lightning's ``EMAWeightAveraging``:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from itertools import islice
 from typing import Any
 
@@ -47,6 +46,8 @@ from pytorch_lightning.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
+
+from lightning_sgd.protocols import first_tensor, num_examples
 
 __all__ = ["EMAWeights", "ema_decay"]
 
@@ -71,27 +72,6 @@ def ema_decay(
     if warmup:
         d = min(d, 1.0 - (1.0 + num_updates / warmup_gamma) ** -warmup_power)
     return d
-
-
-def _batch_size(pl_module: pl.LightningModule, batch: Any) -> int:
-    if hasattr(pl_module, "split_batch"):
-        inputs, _ = pl_module.split_batch(batch)
-        if isinstance(inputs, Tensor):
-            return int(inputs.shape[0])
-    for item in _tensors(batch):
-        return int(item.shape[0])
-    raise TypeError("EMAWeights: cannot find the batch size of a training batch (no tensor in it).")
-
-
-def _tensors(obj: Any) -> Iterator[Tensor]:
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from _tensors(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from _tensors(value)
 
 
 class EMAWeights(WeightAveraging):
@@ -204,7 +184,7 @@ class EMAWeights(WeightAveraging):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any, batch_idx: int
     ) -> None:
         if self.half_life_samples is not None:
-            self._pending_samples += _batch_size(pl_module, batch) * trainer.world_size
+            self._pending_samples += num_examples(pl_module, batch, "EMAWeights") * trainer.world_size
         if trainer.global_step > self._latest_update_step and self.should_update(step_idx=trainer.global_step - 1):
             decay = ema_decay(self.num_updates, self._pending_samples, decay=self.decay,
                               half_life_samples=self.half_life_samples, warmup=self.warmup,
@@ -362,7 +342,7 @@ class EMAWeights(WeightAveraging):
             device = next(ema.parameters()).device
             for batch in islice(iter(loader), self.recalibrate_batches):
                 batch = trainer.strategy.batch_to_device(batch, device)
-                inputs = ema.split_batch(batch)[0] if hasattr(ema, "split_batch") else next(_tensors(batch))
+                inputs = ema.split_batch(batch)[0] if hasattr(ema, "split_batch") else first_tensor(batch)
                 ema(inputs)
         finally:
             for bn, momentum in momenta.items():
