@@ -60,25 +60,31 @@ def _rows(result, **extra) -> list[dict]:
     return [{**extra, **{k: float(v[i]) for k, v in d.items()}} for i in range(len(result.batch_size))]
 
 
-def figure_3a(out: str, *, quick: bool = False, target: float = 0.01) -> list[dict]:
-    """Steps to target vs batch size per preconditioning power: plain SGD (dashed) and tuned momentum (solid)."""
+def _versus_plain_sgd(out: str, name: str, variant: str, label: str, variant_kwargs: dict, *, quick: bool,
+                      target: float) -> list[dict]:
+    """Steps to target vs batch size per preconditioning power: plain SGD (dashed) against ``variant`` (solid)."""
     plt = _plt()
     bs = _batch_sizes(quick)
     rows: list[dict] = []
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     for p in POWERS:
         plain = steps_to_target(bs, precondition_power=p, target=target, warn_edges=False)
-        mom = steps_to_target(bs, precondition_power=p, momentum="tune", target=target, warn_edges=False)
-        rows += _rows(plain, figure="3a", power=p, optimizer="sgd")
-        rows += _rows(mom, figure="3a", power=p, optimizer="momentum")
+        other = steps_to_target(bs, precondition_power=p, target=target, warn_edges=False, **variant_kwargs)
+        rows += _rows(plain, figure=name, power=p, optimizer="sgd")
+        rows += _rows(other, figure=name, power=p, optimizer=variant)
         ax.plot(bs, plain.steps, "--", color=COLORS[p])
-        ax.plot(bs, mom.steps, "-", color=COLORS[p], label=f"pow {p:g}")
+        ax.plot(bs, other.steps, "-", color=COLORS[p], label=f"pow {p:g}")
     ax.plot(bs, lower_bound_steps(bs, target), "k--", label="lower bound")
     _loglog(ax)
-    ax.set_title("NQM: momentum (solid) vs plain SGD (dashed)")
+    ax.set_title(f"NQM: {label} (solid) vs plain SGD (dashed)")
     ax.legend(fontsize=8)
-    _save(fig, out, "3a", rows)
+    _save(fig, out, name, rows)
     return rows
+
+
+def figure_3a(out: str, *, quick: bool = False, target: float = 0.01) -> list[dict]:
+    """Steps to target vs batch size per preconditioning power: plain SGD (dashed) and tuned momentum (solid)."""
+    return _versus_plain_sgd(out, "3a", "momentum", "momentum", {"momentum": "tune"}, quick=quick, target=target)
 
 
 def figure_3b(out: str, *, quick: bool = False, target: float = 0.01, pieces: int = 50) -> list[dict]:
@@ -124,25 +130,8 @@ def figure_3b(out: str, *, quick: bool = False, target: float = 0.01, pieces: in
 
 def figure_4(out: str, *, quick: bool = False, target: float = 0.01) -> list[dict]:
     """EMA of the iterates (solid, γ tuned) vs plain SGD (dashed), per preconditioning power."""
-    plt = _plt()
-    bs = _batch_sizes(quick)
-    rows: list[dict] = []
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for p in POWERS:
-        plain = steps_to_target(bs, precondition_power=p, target=target, warn_edges=False)
-        # exhaustive: the EMA landscape has several local optima in (α, γ) that the coarse-to-fine search can miss
-        ema = steps_to_target(bs, precondition_power=p, ema="tune", target=target, warn_edges=False,
-                              exhaustive=True)
-        rows += _rows(plain, figure="4", power=p, optimizer="sgd")
-        rows += _rows(ema, figure="4", power=p, optimizer="ema")
-        ax.plot(bs, plain.steps, "--", color=COLORS[p])
-        ax.plot(bs, ema.steps, "-", color=COLORS[p], label=f"pow {p:g}")
-    ax.plot(bs, lower_bound_steps(bs, target), "k--", label="lower bound")
-    _loglog(ax)
-    ax.set_title("NQM: EMA (solid) vs plain SGD (dashed)")
-    ax.legend(fontsize=8)
-    _save(fig, out, "4", rows)
-    return rows
+    # exhaustive: the EMA landscape has several local optima in (α, γ) that the coarse-to-fine search can miss
+    return _versus_plain_sgd(out, "4", "ema", "EMA", {"ema": "tune", "exhaustive": True}, quick=quick, target=target)
 
 
 def figure_13(out: str, *, quick: bool = False, targets=(0.1, 0.03, 0.01, 0.003, 0.001)) -> list[dict]:
