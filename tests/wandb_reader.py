@@ -44,36 +44,37 @@ def _records(data: bytes) -> list[bytes]:
     return records
 
 
-def _parsed_records(path: Path, timeout: float) -> list[Any]:
-    """Parse the run file, waiting up to ``timeout`` s for its ``exit`` record.
-
-    ``wandb.finish()`` returns before W&B's service has written the offline file (on a loaded machine the file can
-    still hold only its header), so a reader must wait for the run's final record.
-    """
+def _parse(path: Path) -> list[Any]:
     from wandb.proto import wandb_internal_pb2
 
-    deadline = time.monotonic() + timeout
-    while True:
-        records = []
-        for payload in _records(path.read_bytes()):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(payload)
-            records.append(record)
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.2)
+    records = []
+    for payload in _records(path.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        records.append(record)
+    return records
 
 
 def read_history(run_dir: str | Path, timeout: float = 60.0) -> list[dict[str, Any]]:
-    """All history rows (dicts of key → value) logged to the offline run in ``run_dir`` (``.../offline-run-*``)."""
+    """All history rows (dicts of key → value) logged to the offline run in ``run_dir`` (``.../offline-run-*``).
+
+    ``wandb.finish()`` returns before W&B's service has created and written the offline file (on a loaded machine
+    it can be missing or hold only its header), so this waits up to ``timeout`` s for the run's ``exit`` record.
+    """
     deadline = time.monotonic() + timeout
-    while not (files := sorted(Path(run_dir).glob("run-*.wandb"))):  # W&B's service may not have created it yet
+    while True:
+        files = sorted(Path(run_dir).glob("run-*.wandb"))
+        records = _parse(files[0]) if files else []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
         if time.monotonic() > deadline:
-            raise FileNotFoundError(f"no run-*.wandb file in {run_dir} after {timeout:.0f} s")
+            if not files:
+                raise FileNotFoundError(f"no run-*.wandb file in {run_dir} after {timeout:.0f} s")
+            break
         time.sleep(0.2)
     return [
         {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-        for record in _parsed_records(files[0], timeout)
+        for record in records
         if record.WhichOneof("record_type") == "history"
     ]
 
