@@ -3,8 +3,9 @@
 Configurations run in interleaved rounds (so a slow patch of a shared machine hits all of them) and the median
 per-step process CPU time (one torch thread; see StepTimer) is compared with the matching no-callback run:
 
-- single device: per_example source measuring every step (the cost of one measured step), split source every step,
-  and the default settings (source auto -> per_example, every 50 steps: the overall overhead);
+- single device: per_example source measuring every step (the cost of one measured step) with each engine (layer
+  hooks on the training backward, and vmap re-running the batch), split source every step, and the default settings
+  (source auto -> per_example through the hooks, every 50 steps: the overall overhead);
 - gradient accumulation (2 micro-batches): the accumulation source measuring every step;
 - with ``--ddp``: a 2-process CPU DDP job comparing plain DDP, DDP + the callback's hook source, and
   GradStatsDDPStrategy + the callback (the record source), each measuring every step.
@@ -82,7 +83,10 @@ def run(model: str, steps: int, accumulate: int, callback: GradientNoiseScale | 
 def single_device(model: str, steps: int, rounds: int) -> dict[str, float]:
     configs = {
         "none": (1, lambda: None),
-        "per_example, every step": (1, lambda: GradientNoiseScale(source="per_example", schedule=1)),
+        "per_example (hooks), every step": (1, lambda: GradientNoiseScale(source="per_example", schedule=1,
+                                                                           engine="hooks")),
+        "per_example (vmap), every step": (1, lambda: GradientNoiseScale(source="per_example", schedule=1,
+                                                                          engine="vmap")),
         "split (4 parts), every step": (1, lambda: GradientNoiseScale(source="split", schedule=1)),
         "default (auto, every 50)": (1, lambda: GradientNoiseScale()),
         "none, accumulate 2": (2, lambda: None),

@@ -13,7 +13,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -25,12 +25,14 @@ from lightning_sgd.noise_scale import (
     two_batch_estimate,
 )
 from lightning_sgd.per_example import batchnorm_eval, layer_of, per_example_gradient_stats, trainable_parameters
+from lightning_sgd.per_example_hooks import PerExampleNormHooks, unsupported_layers, validate
 from lightning_sgd.protocols import num_examples, require_supervised, slice_examples
 from lightning_sgd.schedules import Schedule, as_schedule
 
 __all__ = ["GradientNoiseScale"]
 
 _SOURCES = ("auto", "ddp", "accumulation", "per_example", "split")
+_ENGINES = ("auto", "hooks", "vmap")
 _HOOK_SOURCES = ("ddp", "accumulation")
 #: Default schedule when none is given: the hook sources cost almost nothing, the compute sources re-run the batch.
 _DEFAULT_INTERVAL = {"ddp": 1, "accumulation": 1, "per_example": 50, "split": 50}
@@ -62,19 +64,22 @@ class GradientNoiseScale(Callback):
       ranks. With accumulation, every micro-batch on every rank is one small batch.
     - ``"accumulation"`` (``accumulate_grad_batches > 1``): each micro-batch's gradient (read by the same hooks while
       it is being accumulated) vs their mean: zero extra FLOPs.
-    - ``"per_example"``: per-example gradient norms from the shared engine
-      (:func:`lightning_sgd.per_example.per_example_gradient_stats`, ``vmap(grad)`` in chunks of ``chunk_size``).
+    - ``"per_example"``: per-example gradient norms of the training step's own backward pass, read by layer hooks
+      from each layer's input and output gradient (:mod:`lightning_sgd.per_example_hooks`: Linear, Conv1d/2d,
+      Embedding, LayerNorm, GroupNorm), so a measured step costs the training step plus a few small matmuls per
+      layer; or, with ``engine="vmap"`` or any other layer type, from the shared ``vmap(grad)`` engine
+      (:func:`lightning_sgd.per_example.per_example_gradient_stats`, in chunks of ``chunk_size``), which re-runs
+      the batch.
     - ``"split"``: the batch split into ``split_parts`` equal parts (remainder dropped), one extra forward/backward
       per part. BatchNorm buffers and the RNG are restored afterwards, so training is unaffected.
     - ``"auto"`` (default): ``"ddp"`` with more than one process, else ``"accumulation"`` when accumulating, else
       ``"per_example"``, except for models with BatchNorm, whose per-example gradients in train mode are
       ill-defined: those fall back to ``"split"`` (each part normalized by its own statistics, like ghost batch
-      norm). Why per-example over split on one device: both re-run the batch once. Measured on 2 CPU threads
-      (benchmarks/gns_overhead.py, MNIST-1D CNN, batch 100) a per-example step costs ~2.9× a plain step and a
-      4-part split ~2.2×, but per-example uses b = 1, the largest possible gap between the two batch sizes: its
-      tr Σ sample is a sample variance with B − 1 degrees of freedom instead of k − 1 = 3, i.e. roughly
-      (B − 1)/(k − 1) ≈ 30× lower variance for 1.3× the cost. Pick ``"split"`` when #params × ``chunk_size``
-      does not fit in memory (or lower ``chunk_size``).
+      norm). Why per-example over split on one device: per-example uses b = 1, the largest possible gap between
+      the two batch sizes: its tr Σ sample is a sample variance with B − 1 degrees of freedom instead of
+      k − 1 = 3, i.e. roughly (B − 1)/(k − 1) ≈ 30× lower variance; and with the hook engine it is also the
+      cheaper one (no second pass; benchmarks/gns_overhead.py). Even through ``vmap`` it costs only ~1.3× a
+      4-part split.
 
     Args:
         schedule: when to measure (``int`` n = every n steps, or a :class:`lightning_sgd.schedules.Schedule`).
@@ -83,6 +88,14 @@ class GradientNoiseScale(Callback):
         source: ``"auto"``, ``"ddp"``, ``"accumulation"``, ``"per_example"`` or ``"split"`` (see above).
         split_parts: parts for the ``"split"`` source (>= 2).
         chunk_size: examples per ``vmap`` chunk for the ``"per_example"`` source (memory ≈ chunk × #params).
+        engine: how the ``"per_example"`` source gets per-example norms: ``"hooks"`` (layer hooks on the training
+            backward; ``ValueError`` at setup if a layer is unsupported), ``"vmap"`` (re-run the batch with
+            ``vmap(grad)``), or ``"auto"`` (hooks when every layer with trainable parameters is supported, there is
+            one process, no accumulation and automatic optimization; else vmap). The hook engine checks itself
+            against vmap on a few examples at its first measurement, and checks at every measurement that layers
+            ran once and the per-example bias gradients add up to ``.grad``; on any mismatch (tied weights, a
+            parameter used outside its layer, a loss that is not a mean over examples) it warns and switches to
+            vmap for the rest of the run.
         beta: EMA decay per measurement.
         per_layer: also estimate B_simple per layer (the module owning the parameters); logged under
             ``gns/layer/<name>/...``. Not available when the numbers come from a strategy's record.
@@ -114,6 +127,7 @@ class GradientNoiseScale(Callback):
         per_layer: bool = False,
         b_noise_schedule: int | Schedule | None = None,
         b_noise_groups: int = 4,
+        engine: str = "auto",
     ) -> None:
         if source not in _SOURCES:
             raise ValueError(f"GradientNoiseScale: source must be one of {_SOURCES}, got {source!r}.")
@@ -123,6 +137,9 @@ class GradientNoiseScale(Callback):
             raise ValueError(f"GradientNoiseScale: b_noise_groups must be >= 2, got {b_noise_groups}.")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"GradientNoiseScale: chunk_size must be >= 1 or None, got {chunk_size}.")
+        if engine not in _ENGINES:
+            raise ValueError(f"GradientNoiseScale: engine must be one of {_ENGINES}, got {engine!r}.")
+        self.engine = engine
         self.schedule = None if schedule is None else as_schedule(schedule)
         self.source = source
         self.split_parts = split_parts
@@ -152,6 +169,8 @@ class GradientNoiseScale(Callback):
         self._batch: Any = None
         self._batch_step = -1
         self._last_step = -1
+        self._hooks: PerExampleNormHooks | None = None  # the per-example hook engine, when it is in use
+        self._hooks_validated = False
 
     # ------------------------------------------------------------------------------------------- public values
     @property
@@ -219,6 +238,26 @@ class GradientNoiseScale(Callback):
                            "only the total is measured.")
         if self._source in _HOOK_SOURCES and not self._use_record:
             self._register_hooks(params)
+        self._hooks, self._hooks_validated = None, False
+        if self._source == "per_example" and self.engine != "vmap":
+            self._setup_hook_engine(trainer, pl_module)
+
+    def _setup_hook_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        reasons = unsupported_layers(pl_module)
+        if trainer.world_size > 1:
+            reasons.append("more than one process (.grad is the all-reduced gradient)")
+        if trainer.accumulate_grad_batches > 1:
+            reasons.append("gradient accumulation (.grad spans several backward passes)")
+        if not pl_module.automatic_optimization:
+            reasons.append("manual optimization")
+        if not reasons:
+            self._hooks = PerExampleNormHooks(pl_module, layer_names=self.per_layer)
+        elif self.engine == "hooks":
+            raise ValueError("GradientNoiseScale(engine='hooks') cannot read per-example norms from layer hooks "
+                             f"here: {'; '.join(reasons)}. Use engine='vmap' (or 'auto', which picks it).")
+        else:
+            rank_zero_info(f"GradientNoiseScale: per-example norms through vmap (a second pass per measured step), "
+                           f"since the layer-hook engine does not apply: {'; '.join(reasons)}.")
 
     def _register_hooks(self, params: dict[str, Tensor]) -> None:
         """A tensor hook on each parameter sees that parameter's gradient of the current backward pass (one
@@ -245,6 +284,8 @@ class GradientNoiseScale(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
+        if self._hooks is not None:
+            self._hooks.disarm()
         self._acc, self._batch = None, None
 
     # --------------------------------------------------------------------------------------------------- hooks
@@ -263,6 +304,8 @@ class GradientNoiseScale(Callback):
             self._acc = []
             self._micro_sizes.append(n)
         self._batch = batch if (measuring and self._source in ("per_example", "split")) or b_noise else None
+        if self._hooks is not None and measuring:
+            self._hooks.arm()
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -294,7 +337,7 @@ class GradientNoiseScale(Callback):
         if self._source in _HOOK_SOURCES:
             samples = self._record_samples(trainer) if self._use_record else self._hook_samples(trainer, pl_module)
         elif self._source == "per_example":
-            samples = self._per_example_samples(pl_module)
+            samples = self._per_example_samples(trainer, pl_module)
         else:
             samples = self._split_samples(pl_module)
         if samples is None:
@@ -396,12 +439,49 @@ class GradientNoiseScale(Callback):
         b_eff = total_w / inv_b
         return self._samples(stats[:-2] / total_w, b_eff, big, total_w * b_eff)
 
-    def _per_example_samples(self, pl_module: pl.LightningModule) -> dict[str, NoiseScaleSample] | None:
+    def _hook_engine_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             n: int) -> dict[str, NoiseScaleSample] | None:
+        """Samples from the norms the layer hooks read off this step's backward; ``None`` (after switching to vmap
+        for good, with a warning) when they cannot be trusted."""
+        hooks = self._hooks
+        assert hooks is not None
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        problem = hooks.check_bias_sums(scale)
+        sq, layer_sq, collect_problem = hooks.collect()
+        problem = problem or collect_problem
+        if problem is None and sq is not None and sq.numel() != n:
+            problem = f"the hooks saw {sq.numel()} examples, the batch has {n}"
+        if problem is None and not self._hooks_validated:
+            problem = validate(pl_module, self._batch)
+            self._hooks_validated = problem is None
+        if problem is not None:
+            rank_zero_warn(f"GradientNoiseScale: per-example norms from layer hooks cannot be trusted for this model "
+                           f"({problem}); measuring through vmap from now on. Pass engine='vmap' to skip the hooks.")
+            self._hooks = None
+            return None
+        assert sq is not None
+        factor = (n / scale) ** 2  # contributions to the mean loss, AMP-scaled -> per-example gradients
+        params = self._params
+        big = self._grad_sq_norms([p.grad for p in params.values()], list(params))
+        out = {"": per_example_estimate(sq * factor, float(big[0]))}
+        for i, layer in enumerate(self._layers if self.per_layer else []):
+            sq_layer = layer_sq.get(layer)
+            sq_layer = torch.zeros_like(sq) if sq_layer is None else sq_layer
+            out[layer] = per_example_estimate(sq_layer * factor, float(big[1 + i]))
+        return out
+
+    def _per_example_samples(self, trainer: pl.Trainer,
+                             pl_module: pl.LightningModule) -> dict[str, NoiseScaleSample] | None:
         batch = self._batch
         n = _num_examples(pl_module, batch)
         if n < 2:
             raise ValueError("GradientNoiseScale(source='per_example') got a batch of 1 example: the per-example "
                              "estimator needs B >= 2. Use a larger batch, gradient accumulation or DDP.")
+        if self._hooks is not None and self._hooks.armed:
+            samples = self._hook_engine_samples(trainer, pl_module, n)
+            if samples is not None:
+                return samples
         stats = per_example_gradient_stats(pl_module, batch, chunk_size=self.chunk_size, per_layer=self.per_layer)
         names = list(trainable_parameters(pl_module))
         big = self._grad_sq_norms(stats.mean_grad, names)

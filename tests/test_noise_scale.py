@@ -241,7 +241,10 @@ def brute_sample(kind, steps_batches, params, parts=4):
 
 
 @pytest.mark.parametrize("source, accumulate, extra, rel", [
-    ("per_example", 1, {}, 1e-4),
+    ("per_example", 1, {}, 1e-4),  # engine auto -> layer hooks on the training backward
+    ("per_example", 1, {"engine": "vmap"}, 1e-4),
+    # hooks under fp16 autocast + GradScaler: the hooks see scaled fp16 output gradients; off by 65536² if unscaled
+    ("per_example", 1, {"amp": True}, 3e-2),
     ("split", 1, {}, 1e-4),
     ("accumulation", 2, {}, 1e-4),
     # fp16 autocast with a GradScaler (scale 65536; Lightning gives CPU no scaler by default, so pass one) and
@@ -253,7 +256,8 @@ def test_each_source_matches_brute_force_on_tiny_mlp(source, accumulate, extra, 
     # Each measured step's raw sample equals the same estimator computed from brute-force autograd gradients at the
     # recorded parameters. float32 gradients, float64 sums: relative 1e-4 covers the rounding (trΣ is a difference
     # of norms of similar size).
-    gns = GradientNoiseScale(source=source, schedule=1, split_parts=4, chunk_size=5)
+    engine = extra.pop("engine", "auto")
+    gns = GradientNoiseScale(source=source, schedule=1, split_parts=4, chunk_size=5, engine=engine)
     recorder = StepRecorder(gns)
     if extra.pop("amp", False):
         extra["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
@@ -268,6 +272,8 @@ def test_each_source_matches_brute_force_on_tiny_mlp(source, accumulate, extra, 
         assert got.grad_sq_norm == pytest.approx(truth.grad_sq_norm, rel=rel, abs=1e-8)
         assert got.trace_cov == pytest.approx(truth.trace_cov, rel=rel, abs=1e-8)
     assert math.isfinite(gns.b_simple) and gns.b_simple == gns.ema.b_simple
+    if source == "per_example":  # the engine really used, with no fallback
+        assert (gns._hooks is not None) == (engine == "auto")
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     assert scaler is None or scaler.get_scale() > 1000  # the AMP case really ran with scaled gradients
 
