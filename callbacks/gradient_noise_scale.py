@@ -162,7 +162,13 @@ class GradientNoiseScale(Callback):
         self._handles: list[Any] = []
         self._layers: list[str] = []
         self._acc: list[tuple[int, Tensor]] | None = None  # (layer slot, |grad|) per parameter, this micro-batch
-        self._micro: list[list[tuple[int, Tensor]]] = []  # per micro-batch: (layer slot, |grad_p|) per parameter
+        # per micro-batch: (layer slot, |grad_p|) per parameter from the tensor hooks, or the (1 + L,) squared norms
+        self._micro: list[list[tuple[int, Tensor]] | Tensor] = []
+        self._differencing = False  # accumulation on one process: micro-batch gradients as differences of .grad
+        self._prev: list[Tensor] = []  # .grad after the previous micro-batch (one buffer per parameter)
+        self._prev_valid: set[int] = set()  # parameters whose buffer holds this step's previous .grad
+        self._armed_diff = False
+        self._slots: list[int] = []  # per parameter: its slot in the (1 + L,) per-layer vectors
         self._params: dict[str, Tensor] = {}
         self._micro_sizes: list[int] = []
         self._step_examples = 0
@@ -232,11 +238,15 @@ class GradientNoiseScale(Callback):
         self._schedule = self.schedule or as_schedule(_DEFAULT_INTERVAL[self._source])
         params = self._params = trainable_parameters(pl_module)
         self._layers = list(dict.fromkeys(layer_of(name) for name in params))
+        layer_index = {layer: i for i, layer in enumerate(self._layers)}
+        self._slots = [1 + layer_index[layer_of(name)] for name in params]  # per parameter: its per-layer slot
         self._use_record = self._source == "ddp" and hasattr(trainer.strategy, "latest_grad_stats")
         if self._use_record and self.per_layer:
             rank_zero_warn("GradientNoiseScale: per_layer is not available from the strategy's grad-stats record; "
                            "only the total is measured.")
-        if self._source in _HOOK_SOURCES and not self._use_record:
+        self._differencing = self._source == "accumulation" and trainer.world_size == 1
+        self._prev, self._prev_valid = [], set()
+        if self._source in _HOOK_SOURCES and not self._use_record and not self._differencing:
             self._register_hooks(params)
         self._hooks, self._hooks_validated = None, False
         if self._source == "per_example" and self.engine != "vmap":
@@ -284,6 +294,7 @@ class GradientNoiseScale(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
+        self._prev, self._prev_valid, self._armed_diff = [], set(), False
         if self._hooks is not None:
             self._hooks.disarm()
         self._acc, self._batch = None, None
@@ -301,7 +312,10 @@ class GradientNoiseScale(Callback):
         measuring = self._schedule(step)
         b_noise = self.b_noise_schedule is not None and self.b_noise_schedule(step)
         if self._source in _HOOK_SOURCES and not self._use_record and measuring:
-            self._acc = []
+            if self._differencing:
+                self._armed_diff = True
+            else:
+                self._acc = []
             self._micro_sizes.append(n)
         self._batch = batch if (measuring and self._source in ("per_example", "split")) or b_noise else None
         if self._hooks is not None and measuring:
@@ -312,6 +326,41 @@ class GradientNoiseScale(Callback):
         if self._acc is not None:  # no tensor work here: everything is reduced once per optimizer step
             self._micro.append(self._acc)
             self._acc = None
+        if self._armed_diff:
+            self._armed_diff = False
+            self._micro.append(self._difference_sq_norms(first=len(self._micro) == 0))
+
+    def _difference_sq_norms(self, first: bool) -> Tensor:
+        """(1 + L,) squared norms of this micro-batch's gradient: .grad now minus .grad after the previous one.
+
+        Three fused passes over the gradients (subtract, norm, copy) with ``torch._foreach_*``: one C++ call each
+        instead of a Python hook per parameter. Memory: one copy of the gradients, allocated once.
+        """
+        params = list(self._params.values())
+        if not self._prev:
+            self._prev = [torch.zeros_like(p) for p in params]
+        if first:
+            self._prev_valid = set()
+        present = [i for i, p in enumerate(params) if p.grad is not None]
+        grads = [params[i].grad.detach() for i in present]
+        prev = [self._prev[i] for i in present]
+        stale = [buffer for i, buffer in zip(present, prev) if i not in self._prev_valid]
+        if len(stale) == len(prev):  # the step's first micro-batch: .grad is its gradient
+            norms = torch._foreach_norm(grads)
+        else:
+            if stale:  # parameters without .grad after the previous micro-batches: their previous sum is 0
+                torch._foreach_zero_(stale)
+            torch._foreach_sub_(prev, grads)  # prev = S_{k-1} - S_k = -g_k
+            norms = torch._foreach_norm(prev)
+        torch._foreach_copy_(prev, grads)
+        self._prev_valid.update(present)
+        out = torch.zeros(1 + len(self._layers) if self.per_layer else 1, dtype=torch.float64)
+        if norms:
+            sq = torch.stack(norms).double().square().cpu()  # (#present,)
+            out[0] = sq.sum()
+            if self.per_layer:
+                out.index_add_(0, torch.tensor([self._slots[i] for i in present]), sq)
+        return out
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -421,7 +470,7 @@ class GradientNoiseScale(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         local_w = len(self._micro)
-        micro = torch.stack([self._micro_sq_norms(m) for m in self._micro])  # (W, 1 + L)
+        micro = torch.stack([m if isinstance(m, Tensor) else self._micro_sq_norms(m) for m in self._micro])
         micro *= (accumulate / scale) ** 2  # |g_k|² of the micro-batches' mean losses
         params = self._params
         # .grad = (1/A) Σ_k g_k (averaged over ranks by DDP); the mean of the small-batch gradients is .grad·A/W.

@@ -448,3 +448,19 @@ def test_sources_agree_with_each_other_and_the_population_truth():
         # sample), so 4 SE still rules out the naive estimator's bias (B_simple/B ≈ 85% of |G|²).
         _within([s.grad_sq_norm for s in samples], truth_grad_sq, k=4.0, max_rel_se=0.2)
         _within([s.trace_cov for s in samples], truth_trace, k=4.0, max_rel_se=0.2)
+
+
+def test_accumulation_differencing_handles_parameters_that_get_grad_late():
+    # The accumulation source on one process reads micro-batch k's gradient as .grad_k - .grad_{k-1}. A parameter
+    # that first gets a gradient in micro-batch 2 (a branch not used before) must count as 0 before, and a new step
+    # must not reuse the previous step's buffers. Exact arithmetic on small integers: equality.
+    gns = GradientNoiseScale(source="accumulation", per_layer=True)
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+    gns._params, gns._layers, gns._slots = {"x.a": a, "y.b": b}, ["x", "y"], [1, 2]
+    a.grad = torch.tensor([1.0, 2.0, 2.0])  # micro-batch 1: only a
+    assert gns._difference_sq_norms(first=True).tolist() == [9.0, 9.0, 0.0]
+    a.grad = a.grad + torch.tensor([0.0, 0.0, 4.0])
+    b.grad = torch.tensor([3.0, 4.0])  # micro-batch 2: b's first gradient
+    assert gns._difference_sq_norms(first=False).tolist() == [41.0, 16.0, 25.0]
+    a.grad, b.grad = torch.tensor([2.0, 0.0, 0.0]), None  # a new step: fresh sums
+    assert gns._difference_sq_norms(first=True).tolist() == [4.0, 4.0, 0.0]
