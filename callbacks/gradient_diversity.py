@@ -13,12 +13,14 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from torch import Tensor
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 from typing_extensions import override
 
 from lightning_sgd.diversity import batch_size_bound, diversity_from_stats
 from lightning_sgd.per_example import per_example_gradient_stats, trainable_parameters
+from lightning_sgd.per_example_hooks import hook_gradient_stats, unsupported_layers, validate
 from lightning_sgd.protocols import first_tensor, require_supervised
 from lightning_sgd.schedules import Schedule, as_schedule
 
@@ -28,6 +30,12 @@ __all__ = ["GradientDiversity"]
 def _num_examples(pl_module: Any, batch: Any) -> int:
     tensor = first_tensor(pl_module.split_batch(batch)[0])
     return int(tensor.shape[0]) if tensor is not None else 0  # no tensor: n = 0, a counted skip
+
+
+def _hook_problems(module: nn.Module) -> list[str]:
+    """Why the layer-hook engine cannot serve this model (unsupported layers, BatchNorm); empty when it can."""
+    return unsupported_layers(module) + [f"{name}: BatchNorm" for name, m in module.named_modules()
+                                         if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 class GradientDiversity(Callback):
@@ -41,10 +49,13 @@ class GradientDiversity(Callback):
     examples drawn once at the start of training (same examples every time, so the curve over training is not
     confounded by batch-to-batch sampling). Drawing the probe set does not change the training data order or RNG.
 
-    Per-example gradients come from :func:`lightning_sgd.per_example.per_example_gradient_stats` (``vmap(grad)``,
-    ``chunk_size`` examples at a time). **BatchNorm** layers run in eval mode (running statistics) for the
-    measurement, because per-example gradients in train mode are ill-defined; their mode is restored afterwards.
-    Dropout stays active with independent masks per example.
+    Per-example gradient norms come from one forward and backward of the n examples with layer hooks
+    (:func:`lightning_sgd.per_example_hooks.hook_gradient_stats`: Linear, Conv, Embedding, LayerNorm, GroupNorm;
+    checked once against vmap on a few examples) or, for other layers, BatchNorm, or ``engine="vmap"``, from
+    :func:`lightning_sgd.per_example.per_example_gradient_stats` (``vmap(grad)``, ``chunk_size`` examples at a
+    time). **BatchNorm** layers run in eval mode (running statistics) for the measurement, because per-example
+    gradients in train mode are ill-defined; their mode is restored afterwards. Dropout stays active with
+    independent masks per example.
 
     Under DDP each rank measures its own examples; rank 0 logs its value.
 
@@ -54,6 +65,8 @@ class GradientDiversity(Callback):
         delta: δ ∈ (0, 1] in the bound B ≤ δ·n·Δ + 1.
         per_layer: also Δ per layer (the module owning the parameters), logged as ``diversity/layer/<name>``.
         chunk_size: examples per ``vmap`` chunk (peak memory ≈ chunk_size × #params).
+        engine: ``"auto"`` (layer hooks when every layer is supported, there is no BatchNorm and the one-time
+            check against vmap passes; else vmap), ``"hooks"`` or ``"vmap"``.
 
     Logs ``diversity/value`` (Δ), ``diversity/n_delta`` (n·Δ, ≈ 1 + B_simple when Δ ≪ 1),
     ``diversity/batch_bound`` (δ·n·Δ + 1) and ``diversity/skipped``. The last value is the attribute ``diversity``.
@@ -68,6 +81,7 @@ class GradientDiversity(Callback):
         delta: float = 1.0,
         per_layer: bool = False,
         chunk_size: int | None = 64,
+        engine: str = "auto",
     ) -> None:
         if probe_size is not None and probe_size < 2:
             raise ValueError(f"GradientDiversity: probe_size must be >= 2 (Δ compares examples) or None, got "
@@ -76,6 +90,10 @@ class GradientDiversity(Callback):
             raise ValueError(f"GradientDiversity: delta must be in (0, 1], got {delta}.")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"GradientDiversity: chunk_size must be >= 1 or None, got {chunk_size}.")
+        if engine not in ("auto", "hooks", "vmap"):
+            raise ValueError(f"GradientDiversity: engine must be 'auto', 'hooks' or 'vmap', got {engine!r}.")
+        self.engine = engine
+        self._use_hooks: tuple[int, bool] | None = None  # (id of the module, engine = hooks), decided once per module
         self.schedule = as_schedule(schedule)
         self.probe_size = probe_size
         self.delta = delta
@@ -94,6 +112,11 @@ class GradientDiversity(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             require_supervised(pl_module, "GradientDiversity")
+            self._use_hooks = None
+            problems = _hook_problems(pl_module)
+            if problems and self.engine == "hooks":
+                raise ValueError(f"GradientDiversity(engine='hooks') cannot use layer hooks for: {'; '.join(problems)}"
+                                 ". Use engine='vmap' (or 'auto', which picks it).")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -144,7 +167,13 @@ class GradientDiversity(Callback):
         n = _num_examples(pl_module, batch)
         if n < 2:
             return self._skip("too_few")
-        stats = per_example_gradient_stats(pl_module, batch, chunk_size=self.chunk_size, per_layer=self.per_layer)
+        if self._use_hooks is None or self._use_hooks[0] != id(pl_module):
+            self._use_hooks = (id(pl_module), self._hooks_apply(pl_module, batch))
+        if self._use_hooks[1]:
+            stats = hook_gradient_stats(pl_module, batch, per_layer=self.per_layer)
+        else:
+            stats = per_example_gradient_stats(pl_module, batch, chunk_size=self.chunk_size,
+                                               per_layer=self.per_layer)
         if not bool(torch.isfinite(stats.sq_norms).all()) or not all(bool(torch.isfinite(g).all())
                                                                      for g in stats.mean_grad):
             return self._skip("nonfinite")
@@ -161,6 +190,17 @@ class GradientDiversity(Callback):
         }
         metrics.update({f"diversity/layer/{k}": v for k, v in layers.items() if math.isfinite(v)})
         return metrics
+
+    def _hooks_apply(self, pl_module: pl.LightningModule, batch: Any) -> bool:
+        """Whether the layer-hook engine serves this module: supported layers, no BatchNorm, and per-example norms
+        equal to vmap's on a few examples of ``batch`` (a one-time check)."""
+        if self.engine == "vmap" or _hook_problems(pl_module):
+            return False
+        problem = validate(pl_module, batch)
+        if problem is not None:
+            rank_zero_warn(f"GradientDiversity: layer hooks cannot be trusted for this model ({problem}); "
+                           "measuring through vmap. Pass engine='vmap' to skip the check.")
+        return problem is None
 
     def _skip(self, reason: str) -> dict[str, float]:
         self.skipped[reason] += 1

@@ -45,10 +45,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils._pytree import tree_map
 
-from lightning_sgd.per_example import per_example_gradient_stats, trainable_parameters
+from lightning_sgd.per_example import PerExampleStats, layer_of, per_example_gradient_stats, trainable_parameters
 from lightning_sgd.protocols import num_examples, require_supervised
 
-__all__ = ["PerExampleNormHooks", "unsupported_layers", "validate", "module_eval"]
+__all__ = ["PerExampleNormHooks", "unsupported_layers", "validate", "module_eval", "hook_gradient_stats"]
 
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
 #: Upper bound on the elements of one materialized per-example-gradient block (float32: 64 MB).
@@ -362,3 +362,40 @@ class _SubBatchModule(nn.Module):
 
     def loss(self, outputs: Tensor, targets: Any) -> Tensor:
         return self.inner.loss(outputs, targets)
+
+
+def hook_gradient_stats(module: nn.Module, batch: Any, *, per_layer: bool = False) -> PerExampleStats:
+    """:func:`lightning_sgd.per_example.per_example_gradient_stats` through the layer hooks: one forward and one
+    backward of the whole batch instead of ``vmap`` over examples (no ``directions``).
+
+    The module keeps its mode (dropout draws one mask per example, as in training); the global RNG is restored, so
+    measuring does not change the training trajectory. Raises ``ValueError`` for unsupported layers, BatchNorm in
+    train mode (its batch statistics couple the examples, and its running statistics would move), or anything the
+    hooks report; run :func:`validate` once per model to rule out parameters used outside their layers.
+    """
+    require_supervised(module, "hook_gradient_stats")
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in module.modules()):
+        raise ValueError("hook_gradient_stats: BatchNorm in train mode couples the examples of a batch; use the "
+                         "vmap engine (lightning_sgd.per_example), which runs BatchNorm on its running statistics.")
+    inputs, targets = module.split_batch(batch)
+    n = num_examples(module, batch, "hook_gradient_stats")
+    params = trainable_parameters(module)
+    hooks = PerExampleNormHooks(module, layer_names=per_layer)
+    device = next(iter(params.values())).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
+        hooks.arm()
+        try:
+            loss = module.loss(module(inputs), targets)
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        finally:
+            sq, layer_sq, problem = hooks.collect()
+    if problem is not None:
+        raise ValueError(f"hook_gradient_stats: {problem}.")
+    assert sq is not None
+    factor = float(n) ** 2  # contributions to a mean over n examples -> per-example gradients
+    layers = None
+    if per_layer:
+        zeros = torch.zeros_like(sq)
+        layers = {layer: layer_sq.get(layer, zeros) * factor for layer in dict.fromkeys(map(layer_of, params))}
+    mean_grad = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params.values(), grads)]
+    return PerExampleStats(sq_norms=sq * factor, layer_sq_norms=layers, mean_grad=mean_grad, projections=None, n=n)

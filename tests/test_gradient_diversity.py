@@ -135,6 +135,7 @@ def test_engine_diversity_on_recipe_networks(kind):
     cb = GradientDiversity(schedule=1, per_layer=True)
     metrics = cb.measure(module, (x, y))
     assert all(m.training for m in module.modules())  # BatchNorm's train mode restored after the measurement
+    assert cb._use_hooks[1] == (kind in ("mlp", "cnn"))  # layer hooks; attention, tied weights, BN: vmap
     module.eval()  # brute force in eval mode = what the engine does for BatchNorm (no-op for the others)
     truth = brute_force_diversity(module, x, y)
     assert metrics["diversity/value"] == pytest.approx(truth, rel=1e-4)

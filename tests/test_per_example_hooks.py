@@ -226,3 +226,26 @@ def test_hooks_and_vmap_engines_give_the_same_samples_on_the_mnist1d_cnn():
         assert a.trace_cov == pytest.approx(b.trace_cov, rel=1e-4)
     for layer, ema in gns_vmap.layer_ema.items():
         assert gns_hooks.layer_ema[layer].b_simple == pytest.approx(ema.b_simple, rel=1e-3)
+
+
+def test_standalone_hook_stats_equal_the_vmap_engine():
+    # One forward/backward with hooks vs vmap over examples, float64 CNN: same per-example norms (total and per
+    # layer) and batch-mean gradient to 1e-10 (rounding only). BatchNorm in train mode is refused.
+    from lightning_sgd.per_example import per_example_gradient_stats
+    from lightning_sgd.per_example_hooks import hook_gradient_stats
+
+    torch.manual_seed(0)
+    module = ClassificationModule(MNIST1DCNN(channels=5), num_classes=10).double()
+    batch = (torch.randn(7, 40, dtype=torch.float64), torch.randint(0, 10, (7,)))
+    got = hook_gradient_stats(module, batch, per_layer=True)
+    ref = per_example_gradient_stats(module, batch, per_layer=True)
+    torch.testing.assert_close(got.sq_norms, ref.sq_norms, rtol=1e-10, atol=0)
+    for layer, value in ref.layer_sq_norms.items():
+        torch.testing.assert_close(got.layer_sq_norms[layer], value, rtol=1e-10, atol=0)
+    for a, b in zip(got.mean_grad, ref.mean_grad, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    assert all(p.grad is None for p in module.parameters())  # .grad untouched
+    bn = ClassificationModule(nn.Sequential(nn.Linear(40, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 10)),
+                              num_classes=10)
+    with pytest.raises(ValueError, match="BatchNorm in train mode"):
+        hook_gradient_stats(bn, (torch.randn(7, 40), torch.randint(0, 10, (7,))))
