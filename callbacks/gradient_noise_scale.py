@@ -169,6 +169,7 @@ class GradientNoiseScale(Callback):
         self._prev_valid: set[int] = set()  # parameters whose buffer holds this step's previous .grad
         self._armed_diff = False
         self._slots: list[int] = []  # per parameter: its slot in the (1 + L,) per-layer vectors
+        self._assign = torch.zeros(0, 1, dtype=torch.float64)
         self._params: dict[str, Tensor] = {}
         self._micro_sizes: list[int] = []
         self._step_examples = 0
@@ -240,6 +241,11 @@ class GradientNoiseScale(Callback):
         self._layers = list(dict.fromkeys(layer_of(name) for name in params))
         layer_index = {layer: i for i, layer in enumerate(self._layers)}
         self._slots = [1 + layer_index[layer_of(name)] for name in params]  # per parameter: its per-layer slot
+        # (#params, 1 + L) 0/1 matrix: squared norms per parameter @ it = (total, per layer...) in one matmul
+        self._assign = torch.zeros(len(params), 1 + len(self._layers) if self.per_layer else 1, dtype=torch.float64)
+        self._assign[:, 0] = 1.0
+        if self.per_layer:
+            self._assign[torch.arange(len(params)), torch.tensor(self._slots, dtype=torch.long)] = 1.0
         self._use_record = self._source == "ddp" and hasattr(trainer.strategy, "latest_grad_stats")
         if self._use_record and self.per_layer:
             rank_zero_warn("GradientNoiseScale: per_layer is not available from the strategy's grad-stats record; "
@@ -354,13 +360,10 @@ class GradientNoiseScale(Callback):
             norms = torch._foreach_norm(prev)
         torch._foreach_copy_(prev, grads)
         self._prev_valid.update(present)
-        out = torch.zeros(1 + len(self._layers) if self.per_layer else 1, dtype=torch.float64)
-        if norms:
-            sq = torch.stack(norms).double().square().cpu()  # (#present,)
-            out[0] = sq.sum()
-            if self.per_layer:
-                out.index_add_(0, torch.tensor([self._slots[i] for i in present]), sq)
-        return out
+        if not norms:
+            return torch.zeros(self._assign.shape[1], dtype=torch.float64)
+        assign = self._assign if len(present) == len(params) else self._assign[present]  # (#present, 1 + L)
+        return torch.stack(norms).double().square().cpu() @ assign  # total, then per layer
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

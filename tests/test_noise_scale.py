@@ -457,6 +457,7 @@ def test_accumulation_differencing_handles_parameters_that_get_grad_late():
     gns = GradientNoiseScale(source="accumulation", per_layer=True)
     a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
     gns._params, gns._layers, gns._slots = {"x.a": a, "y.b": b}, ["x", "y"], [1, 2]
+    gns._assign = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]], dtype=torch.float64)
     a.grad = torch.tensor([1.0, 2.0, 2.0])  # micro-batch 1: only a
     assert gns._difference_sq_norms(first=True).tolist() == [9.0, 9.0, 0.0]
     a.grad = a.grad + torch.tensor([0.0, 0.0, 4.0])
