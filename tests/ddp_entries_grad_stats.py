@@ -34,8 +34,10 @@ class _Probe(pl.Callback):
         self.autocast = autocast
         self.micro: list[list[float]] = []
         self.steps: list[dict[str, Any]] = []
+        self.recorder = ""  # which measuring path the strategy runs (its recorder's class)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.recorder = type(trainer.strategy._recorder).__name__
         inputs, targets = pl_module.split_batch(batch)
         ctx = torch.autocast("cpu", dtype=self.autocast) if self.autocast else contextlib.nullcontext()
         with ctx:
@@ -62,7 +64,10 @@ def _strategy(config: str) -> GradStatsDDPStrategy:
         return GradStatsDDPStrategy(ddp_comm_state=state, ddp_comm_hook=powersgd.powerSGD_hook)
     if config == "every2":
         return GradStatsDDPStrategy(every_n_steps=2)
-    # tiny buckets: one per parameter, so the per-bucket sums and the packed last bucket are both exercised
+    if config == "bucket_view":  # .grad is the bucket: the comm-hook path (tiny buckets: one per parameter, so
+        # the per-bucket sums and the separate all-reduce of the local norms with the last bucket are exercised)
+        return GradStatsDDPStrategy(gradient_as_bucket_view=True, bucket_cap_mb=1e-4)
+    # DDP's own all-reduce, norms from .grad at the end of backward; tiny buckets: one bucket per parameter
     return GradStatsDDPStrategy(bucket_cap_mb=1e-4)
 
 
@@ -90,6 +95,7 @@ def norms_by_hand(outdir: Path, configs: list[str], steps: int = 2, batch_size: 
         results[config] = {
             "micro": probe.micro, "steps": probe.steps,
             "warnings": [str(w.message) for w in caught if "GradStatsDDPStrategy" in str(w.message)],
+            "recorder": probe.recorder,
         }
     dump(outdir, int(os.environ.get("RANK", trainer.global_rank)), results)
 

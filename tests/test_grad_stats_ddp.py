@@ -10,12 +10,12 @@ from torch.utils.data import DistributedSampler
 
 from tests.ddp import run_ddp
 
-CONFIGS = ["plain", "accumulate", "bf16", "fp16_scaler", "fp16_hook", "powersgd", "every2"]
+CONFIGS = ["plain", "bucket_view", "accumulate", "bf16", "fp16_scaler", "fp16_hook", "powersgd", "every2"]
 
 
 @pytest.fixture(scope="module")
 def by_hand(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """One DDP job, seven short fits (2 optimizer steps each, "every2": 3; per-device batch 8)."""
+    """One DDP job, eight short fits (2 optimizer steps each, "every2": 3; per-device batch 8)."""
     return run_ddp("tests.ddp_entries_grad_stats:norms_by_hand", tmp_path_factory.mktemp("by_hand"), configs=CONFIGS,
                    steps=2, batch_size=8)
 
@@ -69,6 +69,14 @@ def test_local_and_global_norms_match_hand_gradients(by_hand: list[dict], config
             torch.testing.assert_close(reduced, mean, rtol=1e-5, atol=1e-7)
 
 
+def test_each_config_ran_the_measuring_path_it_is_meant_to_cover(by_hand: list[dict]) -> None:
+    """Without a user hook DDP keeps its own all-reduce and the norms come from ``.grad`` at the end of backward;
+    a user hook or gradient_as_bucket_view (``.grad`` is the bucket being all-reduced) takes the comm-hook path."""
+    for config in CONFIGS:
+        hooked = config in ("bucket_view", "fp16_hook", "powersgd")
+        assert by_hand[0][config]["recorder"] == ("_BucketNormRecorder" if hooked else "_BackwardEndRecorder")
+
+
 def test_bf16_autocast_changes_norms_only_by_rounding(by_hand: list[dict]) -> None:
     """Same data and init as "plain": bf16 autocast on CPU has no loss scaler, norms differ by bf16 rounding only."""
     plain = torch.tensor(by_hand[0]["plain"]["steps"][0]["local_sq_norms"])
@@ -77,7 +85,7 @@ def test_bf16_autocast_changes_norms_only_by_rounding(by_hand: list[dict]) -> No
 
 
 def test_warnings_only_for_hooks_that_change_the_gradient(by_hand: list[dict]) -> None:
-    for config in ["plain", "accumulate", "bf16", "fp16_scaler", "fp16_hook", "every2"]:
+    for config in ["plain", "bucket_view", "accumulate", "bf16", "fp16_scaler", "fp16_hook", "every2"]:
         assert by_hand[0][config]["warnings"] == []
     assert any("compressed" in w and "powerSGD_hook" in w for w in by_hand[0]["powersgd"]["warnings"])
 

@@ -80,95 +80,152 @@ def _sq_norm(t: Tensor) -> Tensor:
     return torch.dot(t, t)
 
 
+def _grads_sq_norm(grads: list[Tensor]) -> Tensor:
+    """Σ |g|² over a list of gradients as a 0-dim fp64 tensor: one fused ``_foreach_norm`` (one memory pass)."""
+    full, half = [], []
+    for g in grads:
+        if g.is_sparse:
+            g = g.coalesce().values()
+        (full if g.dtype in (torch.float32, torch.float64) else half).append(g)
+    norms = list(torch._foreach_norm(full)) if full else []
+    if half:  # fp16/bf16 gradients: accumulate and return the norms in fp32
+        norms += torch._foreach_norm(half, dtype=torch.float32)
+    if not norms:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(norms).double().square().sum()
+
+
 def _hook_name(hook: Callable | None) -> str:
     if hook is None:
         return "allreduce_hook"
     return getattr(hook, "__name__", type(hook).__name__)
 
 
-class _BucketNormRecorder:
-    """State of the comm hook: per-bucket squared norms of one synced backward, and every rank's local total."""
+class _NormRecorder:
+    """What both recorders share: every rank's local |g_r|², gathered by a W-float all-reduce."""
 
-    def __init__(self, process_group: Any, user_hook: Callable | None = None, user_state: Any = None) -> None:
+    def __init__(self, process_group: Any) -> None:
         self.process_group = process_group if process_group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(self.process_group)
         self.rank = dist.get_rank(self.process_group)
-        self.user_hook, self.user_state = user_hook, user_state
-        self.local_parts: dict[int, Tensor] = {}  # bucket index -> |local bucket|²
-        self.global_parts: dict[int, Tensor] = {}  # bucket index -> |averaged bucket|²
-        self.rank_sq_norms: Tensor | None = None  # (W,) every rank's total local |g_r|², after the collective
-        self.synced = False  # set when the last bucket of a backward has been all-reduced
+        self.synced = False  # set when a synced backward has been measured; cleared by collect()
         self.active = True  # measure in this backward (False on the steps that every_n_steps skips)
-        self._packed: Tensor | None = None  # the last bucket's all-reduce buffer, reused every step
+        self._slots: Tensor | None = None  # (W,) every rank's local |g_r|² after the all-reduce; reused
+        self._slots_work: Any = None  # that all-reduce (async), waited for in collect()
 
-    def _local_total(self) -> Tensor:
-        return torch.stack(list(self.local_parts.values())).sum()
+    def _launch_rank_norms(self, local: Tensor) -> None:
+        """All-reduce the W local totals, asynchronously: slot r holds rank r's |g_r|², the others 0."""
+        slots = self._slots
+        if slots is None or slots.dtype != local.dtype or slots.device != local.device:
+            slots = self._slots = torch.zeros(self.world_size, dtype=local.dtype, device=local.device)  # (W,)
+        else:
+            slots.zero_()
+        slots[self.rank] = local
+        self._slots_work = dist.all_reduce(slots, group=self.process_group, async_op=True)
+
+    def _rank_norms(self) -> Tensor:
+        """Wait for the W local norms: (W,) fp64 on the CPU, a fresh tensor (the slots are reused next step)."""
+        assert self._slots_work is not None and self._slots is not None
+        self._slots_work.wait()
+        self._slots_work = None
+        return self._slots.to("cpu", torch.float64, copy=True)
+
+
+class _BackwardEndRecorder(_NormRecorder):
+    """No comm hook: DDP keeps its C++ all-reduce (and its division fused into the bucket copy).
+
+    A hook on the loss queues an autograd-engine callback when a synced backward starts. Callbacks run in the
+    order they were queued, and DDP queues its own (which copies the averaged buckets into ``.grad``) only when the
+    last bucket becomes ready, later in the same backward: so ours sees every parameter's *local* ``.grad`` (all
+    buckets already launched), takes |g_r|² in one fused pass and launches the W-float all-reduce of the local
+    norms, which runs while DDP waits for the last bucket. After backward, ``.grad`` is the average: one more pass
+    gives |ḡ|² (:meth:`collect`). Only used without gradient_as_bucket_view (then ``.grad`` is the bucket itself,
+    divided and being all-reduced in place while the callback would read it).
+    """
+
+    def __init__(self, process_group: Any, params: list[Tensor]) -> None:
+        super().__init__(process_group)
+        self.params = params  # the DDP module's trainable parameters
+
+    def _grads(self) -> list[Tensor]:
+        return [p.grad for p in self.params if p.grad is not None]
+
+    def arm(self, loss: Tensor) -> None:
+        """Measure the backward that is about to start from ``loss`` (a synced one, on a measured step)."""
+        loss.register_hook(self._on_loss_grad)
+
+    def _on_loss_grad(self, grad: Tensor) -> None:
+        torch.autograd.Variable._execution_engine.queue_callback(self._at_backward_end)
+
+    def _at_backward_end(self) -> None:
+        self._launch_rank_norms(_grads_sq_norm(self._grads()))
+        self.synced = True
+
+    def collect(self) -> tuple[Tensor, Tensor]:
+        """After a synced backward: (every rank's local |g_r|² (W,), global |ḡ|²), fp64 on the CPU."""
+        self.synced = False
+        global_sq = _grads_sq_norm(self._grads()).cpu()
+        return self._rank_norms(), global_sq
+
+
+class _BucketNormRecorder(_NormRecorder):
+    """State of the comm hook (used with a user hook, or gradient_as_bucket_view): per-bucket squared norms."""
+
+    def __init__(self, process_group: Any, user_hook: Callable | None = None, user_state: Any = None) -> None:
+        super().__init__(process_group)
+        self.user_hook, self.user_state = user_hook, user_state
+        self.local_parts: list[Tensor] = []  # |local bucket|², in bucket order
+        self.global_parts: list[Tensor] = []  # |averaged bucket|², in order of completion
 
     def _start(self, bucket: dist.GradBucket) -> Tensor:
         buffer = bucket.buffer()
         if bucket.index() == 0:  # the reducer launches buckets in index order: a new synced backward begins
-            self.local_parts, self.global_parts, self.rank_sq_norms = {}, {}, None
-        self.local_parts[bucket.index()] = _sq_norm(buffer)
+            self.local_parts, self.global_parts, self._slots_work = [], [], None
+        self.local_parts.append(_sq_norm(buffer))
         return buffer
 
     def plain(self, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
-        """Average the bucket like DDP's default hook; the last bucket also carries the W local norms."""
+        """Average the bucket in place like DDP's default hook; the last bucket also sends the W local norms.
+
+        They travel in their own W-float all-reduce, launched (on every rank in the same order) just before the
+        last bucket's: packing them into the bucket's collective needs a copy of the whole bucket.
+        """
         buffer = self._start(bucket)
-        index, world = bucket.index(), self.world_size
-        if not bucket.is_last() or buffer.dtype not in (torch.float32, torch.float64):
-            return self._with_global_norm(default_hooks._allreduce_fut(self.process_group, buffer), index,
-                                          bucket.is_last())
-        n = buffer.numel()
-        packed = self._packed
-        if packed is None or packed.numel() != n + world or packed.dtype != buffer.dtype \
-                or packed.device != buffer.device:
-            # kept across steps: a fresh multi-MB allocation page-faults on every step (~0.1 ms per MB on CPU);
-            # reusing it is safe because DDP copies the result into .grad before backward returns
-            packed = self._packed = buffer.new_empty(n + world)  # (n + W,): [bucket / W, one slot per rank]
-        torch.div(buffer, world, out=packed[:n])
-        packed[n:] = 0
-        packed[n + self.rank] = self._local_total()
-
-        def unpack(fut: torch.futures.Future) -> Tensor:
-            out = fut.value()[0]
-            grad = out[:n]
-            self.global_parts[index] = _sq_norm(grad)
-            self.rank_sq_norms = out[n:]
-            self.synced = True
-            return grad
-
-        return dist.all_reduce(packed, group=self.process_group, async_op=True).get_future().then(unpack)
+        last = bucket.is_last()
+        if last:
+            self._launch_rank_norms(torch.stack(self.local_parts).sum())
+        buffer.div_(self.world_size)
+        fut = dist.all_reduce(buffer, group=self.process_group, async_op=True).get_future()
+        return self._with_global_norm(fut, last)
 
     def wrapped(self, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
         """Run the user's hook on the bucket, taking the norm before it and the norm of its result.
 
-        The user hook owns the bucket's collective, so the local norms cannot ride along: :meth:`gather_rank_norms`
-        all-reduces them (W floats) after backward. Launching it here instead would race with hooks that start
-        their own collectives from future callbacks (PowerSGD), and gloo needs the same collective order on all ranks.
+        The user hook owns the bucket's collectives, so the local norms are all-reduced after backward
+        (:meth:`collect`): launching that collective here would race with hooks that start their own collectives
+        from future callbacks (PowerSGD), and gloo needs the same collective order on all ranks.
         """
         self._start(bucket)
         assert self.user_hook is not None
-        return self._with_global_norm(self.user_hook(self.user_state, bucket), bucket.index(), bucket.is_last())
+        return self._with_global_norm(self.user_hook(self.user_state, bucket), bucket.is_last())
 
-    def _with_global_norm(self, fut: torch.futures.Future, index: int,
-                          last: bool = False) -> torch.futures.Future[Tensor]:
+    def _with_global_norm(self, fut: torch.futures.Future, last: bool) -> torch.futures.Future[Tensor]:
         def record(fut: torch.futures.Future) -> Tensor:
             value = fut.value()
             out = value[0] if isinstance(value, (list, tuple)) else value
-            self.global_parts[index] = _sq_norm(out)
-            if last:
-                self.synced = True
+            self.global_parts.append(_sq_norm(out))
             return out
 
+        if last:
+            self.synced = True
         return fut.then(record)
 
-    def gather_rank_norms(self) -> None:
-        """All-reduce the W local totals (only needed when the bucket collectives could not carry them)."""
-        local = self._local_total()
-        slots = torch.zeros(self.world_size, dtype=local.dtype, device=local.device)  # (W,)
-        slots[self.rank] = local
-        dist.all_reduce(slots, group=self.process_group)
-        self.rank_sq_norms = slots
+    def collect(self) -> tuple[Tensor, Tensor]:
+        """After a synced backward: (every rank's local |g_r|² (W,), global |ḡ|²), fp64 on the CPU."""
+        self.synced = False
+        if self._slots_work is None:  # a user hook: its collectives could not carry the local norms
+            self._launch_rank_norms(torch.stack(self.local_parts).sum())
+        return self._rank_norms(), torch.stack(self.global_parts).sum().to("cpu", torch.float64)
 
 
 def _grad_stats_hook(recorder, bucket):  # noqa: ANN001, ANN202 - DDP checks real (not string) annotations
@@ -232,7 +289,7 @@ class GradStatsDDPStrategy(DDPStrategy):
         self.log_grad_norms = log_grad_norms
         self.max_logged_ranks = max_logged_ranks
         self.latest_grad_stats: AllReduceGradStats | None = None
-        self._recorder: _BucketNormRecorder | None = None
+        self._recorder: _BackwardEndRecorder | _BucketNormRecorder | None = None
         self._counted_step, self._step_examples = -1, 0  # examples training_step saw for this optimizer step
         self._warned_batch_size = False
 
@@ -244,7 +301,8 @@ class GradStatsDDPStrategy(DDPStrategy):
 
     @override
     def _register_ddp_hooks(self) -> None:
-        """Register the measuring hook (wrapping the user's) on every device type, not only CUDA."""
+        """Measure with DDP's own all-reduce when possible, else register the measuring comm hook (wrapping the
+        user's) on every device type, not only CUDA."""
         assert isinstance(self.model, DistributedDataParallel)
         user_hook = self._ddp_comm_hook
         if self._ddp_comm_wrapper is not None:
@@ -252,8 +310,12 @@ class GradStatsDDPStrategy(DDPStrategy):
         self._warn_if_meaning_changes(user_hook)
         backend = dist.get_backend(self.model.process_group)
         if backend not in _SUPPORTED_BACKENDS:
-            rank_zero_warn(f"GradStatsDDPStrategy: comm hooks are only tested on {_SUPPORTED_BACKENDS}, the process "
-                           f"group uses {backend!r}; if the hook cannot be registered no gradient stats are recorded.")
+            rank_zero_warn(f"GradStatsDDPStrategy: only tested on {_SUPPORTED_BACKENDS}, the process group uses "
+                           f"{backend!r}; if the comm hook cannot be registered no gradient stats are recorded.")
+        if user_hook is None and not getattr(self.model, "gradient_as_bucket_view", False):
+            params = [p for p in self.model.module.parameters() if p.requires_grad]
+            self._recorder = _BackwardEndRecorder(self.model.process_group, params)
+            return
         recorder = _BucketNormRecorder(self.model.process_group, user_hook, self._ddp_comm_state)
         try:
             self.model.register_comm_hook(recorder, _grad_stats_hook)
@@ -308,31 +370,35 @@ class GradStatsDDPStrategy(DDPStrategy):
             return 0
 
     @override
+    def pre_backward(self, closure_loss: Tensor) -> None:
+        super().pre_backward(closure_loss)
+        recorder = self._recorder
+        if (isinstance(recorder, _BackwardEndRecorder) and recorder.active and closure_loss.requires_grad
+                and isinstance(self.model, DistributedDataParallel) and self.model.require_backward_grad_sync):
+            recorder.arm(closure_loss)  # a synced backward (not a no_sync micro-batch) on a measured step
+
+    @override
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
         recorder = self._recorder
         if recorder is None or not recorder.synced:
             return  # a no_sync micro-batch, or no hook
-        recorder.synced = False
-        if recorder.rank_sq_norms is None:  # a user hook, or a half-precision last bucket
-            recorder.gather_rank_norms()
-        assert recorder.rank_sq_norms is not None
-        global_sq = torch.stack(list(recorder.global_parts.values())).sum()
-        values = torch.cat([recorder.rank_sq_norms.reshape(-1).double(), global_sq.double().reshape(1)]).cpu()
+        local, global_sq = recorder.collect()  # (W,), () fp64 on the CPU
         scaler = getattr(self.precision_plugin, "scaler", None)
         if scaler is not None:  # GradScaler: the hook saw scaled gradients
-            values = values / float(scaler.get_scale()) ** 2
-        local_batch = self._step_examples
-        if not bool(torch.isfinite(values).all()):
+            inv = float(scaler.get_scale()) ** -2
+            local, global_sq = local * inv, global_sq * inv
+        global_value = float(global_sq)
+        if not (math.isfinite(global_value) and bool(torch.isfinite(local).all())):
             return  # overflow: the scaler skips this step, so do not publish it
-        world = recorder.world_size
+        local_batch = self._step_examples
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         self.latest_grad_stats = AllReduceGradStats(
             step=trainer.global_step if trainer is not None else -1,
-            local_sq_norms=values[:world],
-            global_sq_norm=float(values[world]),
+            local_sq_norms=local,
+            global_sq_norm=global_value,
             local_batch_size=local_batch,
-            global_batch_size=world * local_batch,
+            global_batch_size=recorder.world_size * local_batch,
         )
 
     @override
