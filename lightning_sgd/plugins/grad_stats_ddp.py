@@ -1,13 +1,24 @@
-"""DDP that measures local and global gradient norms inside its all-reduce (the comm hook), at small cost.
+"""DDP that measures local (per-rank) and global gradient norms around its all-reduce, at small cost.
 
-:class:`GradStatsDDPStrategy` is Lightning's ``DDPStrategy`` plus a DDP communication hook, registered on every
-backend (Lightning itself registers comm hooks on CUDA only; gloo/CPU works too). Per gradient bucket the hook
+:class:`GradStatsDDPStrategy` is Lightning's ``DDPStrategy`` that, on every synced backward,
 
-- takes the local squared norm |g_r|² of the bucket before the all-reduce (this rank's mean-loss gradient),
-- takes the global squared norm |ḡ|² of the all-reduced (averaged) bucket after it, and
-- gathers every rank's total local squared norm in the *same* collective: the last bucket is all-reduced as
-  ``[bucket / W, 0, …, |g_r|², …, 0]`` (W extra floats, this rank's norm in slot r, zeros elsewhere), so the
-  summed tail holds all W local norms. No extra collective per step.
+- takes each rank's local squared norm |g_r|² of its gradient before the all-reduce (its mean-loss gradient),
+- takes the global squared norm |ḡ|² of the all-reduced (averaged) gradient after it, and
+- gathers all W local norms on every rank in one W-float all-reduce, launched asynchronously as soon as the local
+  norm is known, so it runs while DDP still waits for its last bucket.
+
+How, on every backend (gloo/CPU included; Lightning itself registers comm hooks on CUDA only):
+
+- Default (no user comm hook, ``gradient_as_bucket_view=False``): no comm hook. DDP keeps its C++ all-reduce, with
+  the 1/W division fused into its copy of the gradients into the buckets. A hook on the loss queues an autograd
+  callback that runs at the end of backward *before* DDP's own (which copies the averaged buckets into
+  ``.grad``): it takes |g_r|² from the local ``.grad`` (one fused ``_foreach_norm`` pass) and launches the W-float
+  all-reduce; after backward one more pass over the averaged ``.grad`` gives |ḡ|². A Python comm hook alone
+  (DDP calling Python per bucket, ``dist.all_reduce``'s Python wrapper, an unfused division) cost more than both
+  norm passes together (``benchmarks/results/ddp_overhead_profile.md``).
+- With a user hook, or ``gradient_as_bucket_view=True`` (``.grad`` is then the bucket itself, all-reduced in place
+  while the callback would read it): a comm hook takes the norm of each bucket before the all-reduce (or the user
+  hook) and of its result after it, and divides in place like DDP's default hook.
 
 Each optimizer step it publishes an :class:`lightning_sgd.grad_stats.AllReduceGradStats` as
 ``strategy.latest_grad_stats`` (read by :class:`lightning_sgd.callbacks.GradientNoiseScale`: W small batches of
@@ -16,30 +27,34 @@ Each optimizer step it publishes an :class:`lightning_sgd.grad_stats.AllReduceGr
 
 Semantics (all norms are of mean-loss gradients as they reach the optimizer):
 
-- Gradient accumulation: DDP skips the hook on ``no_sync`` micro-batches; on the last one it all-reduces the
+- Gradient accumulation: nothing is measured on ``no_sync`` micro-batches; on the last one DDP all-reduces the
   accumulated ``.grad``, which Lightning has built from losses divided by ``accumulate_grad_batches``: the mean-loss
   gradient of all micro-batches. So the local batch is ``micro-batches × per-device batch`` (counted from the
   batches ``training_step`` saw for this optimizer step); per-micro-batch norms are never seen.
-- AMP: with a ``GradScaler`` (fp16 on CUDA) the bucket holds scaled gradients; norms are divided by the scale²
+- AMP: with a ``GradScaler`` (fp16 on CUDA) the gradients are scaled; norms are divided by the scale²
   used for that backward (read before the scaler updates it). Steps whose gradients overflowed (the scaler skips
   them) are not published. Tested on CPU with fp16 autocast and a CPU ``GradScaler``.
   bf16 autocast (CPU or CUDA) has no scaler and gradients are fp32: nothing to undo.
-- Clipping happens after backward, so the hook always sees the norms before clipping.
+- Clipping happens after backward, so the norms are always those before clipping.
 - A user hook (``ddp_comm_hook``, optionally with ``ddp_comm_wrapper``) is wrapped, not replaced: the local norm is
-  taken from the bucket before the user hook runs, the global norm from what it returns, and the local norms then
-  travel in one extra W-float all-reduce per step (the user hook owns the bucket's collective). With fp16/bf16
+  taken from the bucket before the user hook runs, the global norm from what it returns, and the local norms
+  travel in the W-float all-reduce after backward (launching it inside the hook could race with collectives that
+  the user hook starts from future callbacks, as PowerSGD does; gloo needs the same order on all ranks). With fp16/bf16
   compression the global norm is of the rounded average; with PowerSGD or any other hook that changes the
   gradient's meaning, it is of the *compressed* gradient and a warning says so.
 - Manual optimization: stats are published after every synced backward; ``local_batch_size`` counts the examples
   of the ``training_step`` calls of the current ``global_step`` (the loss must be a mean over them, as Lightning
   makes it under automatic optimization).
-- ``every_n_steps``: the other steps run DDP's plain all-reduce, so the record (whose ``step`` says which step it
-  belongs to) is only refreshed on measured steps; GradientNoiseScale skips stale records.
+- ``every_n_steps``: the other steps run DDP's plain all-reduce with no extra work (on the comm-hook path: DDP's
+  default hook, or the user's), so the record (whose ``step`` says which step it belongs to) is only refreshed on
+  measured steps; GradientNoiseScale skips stale records.
 
-Cost: two dot products per bucket (two memory passes over the gradient), the last bucket written into a reused
-buffer W floats longer, DDP calling a Python hook instead of its C++ all-reduce, and one device-to-host copy of
-W + 1 numbers per measured step. ``benchmarks/ddp_overhead.py`` measures it against plain DDP
-(BENCHMARKS.md: ~2 ms of CPU per step for 2.4 M parameters).
+Cost per measured step (default path): two memory passes over the gradient (|g_r|² and |ḡ|²), one W-float
+all-reduce, and a few small tensor ops; nothing on ``no_sync`` micro-batches or unmeasured steps. On the 2-core CPU
+with 2 gloo processes and a 2.4 M-parameter MLP (``benchmarks/ddp_overhead.py``) that is ~1 ms of CPU per step
+(ratio ~1.05 at batch 64/process, ~1.02 at 256), down from ~2 ms with the earlier all-Python comm hook; the
+passes cost ~0.2-0.5 ms each there (memory-bound, both ranks contending), and gloo's thread spins while it waits
+for the tiny all-reduce. Breakdown and figures: ``benchmarks/results/ddp_overhead_profile.md``.
 """
 
 from __future__ import annotations
