@@ -50,11 +50,11 @@ Semantics (all norms are of mean-loss gradients as they reach the optimizer):
   measured steps; GradientNoiseScale skips stale records.
 
 Cost per measured step (default path): two memory passes over the gradient (|g_r|² and |ḡ|²), one W-float
-all-reduce, and a few small tensor ops; nothing on ``no_sync`` micro-batches or unmeasured steps. On the 2-core CPU
-with 2 gloo processes and a 2.4 M-parameter MLP (``benchmarks/ddp_overhead.py``) that is ~1 ms of CPU per step
-(ratio ~1.05 at batch 64/process, ~1.02 at 256), down from ~2 ms with the earlier all-Python comm hook; the
-passes cost ~0.2-0.5 ms each there (memory-bound, both ranks contending), and gloo's thread spins while it waits
-for the tiny all-reduce. Breakdown and figures: ``benchmarks/results/ddp_overhead_profile.md``.
+all-reduce, and a few small tensor ops; nothing on ``no_sync`` micro-batches or unmeasured steps. On the shared
+2-core CPU with 2 gloo processes and a 2.4 M-parameter MLP (``benchmarks/ddp_overhead.py``, load ~2) that is
+~1 ms of CPU per step: ratio ~1.03-1.07 at batch 64/process and ~1.00-1.04 at 256, down from 1.11-1.12 and
+~1.05 with the earlier all-Python comm hook. The passes cost ~0.2-0.5 ms each there (memory-bound, both ranks
+at once) and a tiny gloo all-reduce 0.2-0.6 ms of CPU. Breakdown: ``benchmarks/results/ddp_overhead_profile.md``.
 """
 
 from __future__ import annotations
