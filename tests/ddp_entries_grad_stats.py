@@ -64,6 +64,8 @@ def _strategy(config: str) -> GradStatsDDPStrategy:
         return GradStatsDDPStrategy(ddp_comm_state=state, ddp_comm_hook=powersgd.powerSGD_hook)
     if config == "every2":
         return GradStatsDDPStrategy(every_n_steps=2)
+    if config == "static_graph":  # DDP delays the first iteration's all-reduce to its end-of-backward callback
+        return GradStatsDDPStrategy(static_graph=True, bucket_cap_mb=1e-4)
     if config == "bucket_view":  # .grad is the bucket: the comm-hook path (tiny buckets: one per parameter, so
         # the per-bucket sums and the separate all-reduce of the local norms with the last bucket are exercised)
         return GradStatsDDPStrategy(gradient_as_bucket_view=True, bucket_cap_mb=1e-4)

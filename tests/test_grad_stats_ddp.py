@@ -10,12 +10,13 @@ from torch.utils.data import DistributedSampler
 
 from tests.ddp import run_ddp
 
-CONFIGS = ["plain", "bucket_view", "accumulate", "bf16", "fp16_scaler", "fp16_hook", "powersgd", "every2"]
+CONFIGS = ["plain", "bucket_view", "static_graph", "accumulate", "bf16", "fp16_scaler", "fp16_hook", "powersgd",
+           "every2"]
 
 
 @pytest.fixture(scope="module")
 def by_hand(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """One DDP job, eight short fits (2 optimizer steps each, "every2": 3; per-device batch 8)."""
+    """One DDP job, nine short fits (2 optimizer steps each, "every2": 3; per-device batch 8)."""
     return run_ddp("tests.ddp_entries_grad_stats:norms_by_hand", tmp_path_factory.mktemp("by_hand"), configs=CONFIGS,
                    steps=2, batch_size=8)
 
@@ -85,7 +86,7 @@ def test_bf16_autocast_changes_norms_only_by_rounding(by_hand: list[dict]) -> No
 
 
 def test_warnings_only_for_hooks_that_change_the_gradient(by_hand: list[dict]) -> None:
-    for config in ["plain", "bucket_view", "accumulate", "bf16", "fp16_scaler", "fp16_hook", "every2"]:
+    for config in ["plain", "bucket_view", "static_graph", "accumulate", "bf16", "fp16_scaler", "fp16_hook", "every2"]:
         assert by_hand[0][config]["warnings"] == []
     assert any("compressed" in w and "powerSGD_hook" in w for w in by_hand[0]["powersgd"]["warnings"])
 
