@@ -59,11 +59,14 @@ class GradientNoiseScale(Callback):
 
     - ``"ddp"``: each rank's local gradient (small) vs the all-reduced gradient (big). If the strategy publishes
       ``latest_grad_stats`` (:class:`lightning_sgd.plugins.GradStatsDDPStrategy`) its record for the current step is
-      used, at no extra communication; otherwise each parameter's local gradient is read by a tensor hook *before*
-      DDP overwrites ``.grad`` with the average, and one all-reduce of a few scalars per measured step combines the
-      ranks. With accumulation, every micro-batch on every rank is one small batch.
-    - ``"accumulation"`` (``accumulate_grad_batches > 1``): each micro-batch's gradient (read by the same hooks while
-      it is being accumulated) vs their mean: zero extra FLOPs.
+      used (small batch = one rank's whole step). Otherwise every micro-batch on every rank is one small batch: its
+      gradient is the difference of ``.grad`` before and after its backward (three ``torch._foreach`` passes),
+      taken for the synced backward in an autograd-engine callback that runs before DDP overwrites ``.grad`` with
+      the average; that callback also launches the one all-reduce of a few scalars per measured step, which then
+      overlaps DDP's last bucket. With ``gradient_as_bucket_view=True`` (``.grad`` is DDP's bucket, reduced in
+      place) a tensor hook per parameter reads the local gradients instead.
+    - ``"accumulation"`` (``accumulate_grad_batches > 1``): each micro-batch's gradient (the same ``.grad``
+      differences) vs their mean: zero extra FLOPs.
     - ``"per_example"``: per-example gradient norms of the training step's own backward pass, read by layer hooks
       from each layer's input and output gradient (:mod:`lightning_sgd.per_example_hooks`: Linear, Conv1d/2d,
       Embedding, LayerNorm, GroupNorm), so a measured step costs the training step plus a few small matmuls per
@@ -164,7 +167,11 @@ class GradientNoiseScale(Callback):
         self._acc: list[tuple[int, Tensor]] | None = None  # (layer slot, |grad|) per parameter, this micro-batch
         # per micro-batch: (layer slot, |grad_p|) per parameter from the tensor hooks, or the (1 + L,) squared norms
         self._micro: list[list[tuple[int, Tensor]] | Tensor] = []
-        self._differencing = False  # accumulation on one process: micro-batch gradients as differences of .grad
+        # hook sources without the strategy's record: micro-batch gradients as differences of .grad (on one process,
+        # and under DDP unless .grad is a view of DDP's buckets); else a tensor hook per parameter
+        self._differencing = False
+        self._engine_diff = False  # this synced DDP backward is differenced in an engine callback (before finalize)
+        self._stats_work: tuple[Any, Tensor] | None = None  # (async all-reduce, its buffer) of this step's scalars
         self._prev: list[Tensor] = []  # .grad after the previous micro-batch (one buffer per parameter)
         self._prev_valid: set[int] = set()  # parameters whose buffer holds this step's previous .grad
         self._armed_diff = False
@@ -250,7 +257,9 @@ class GradientNoiseScale(Callback):
         if self._use_record and self.per_layer:
             rank_zero_warn("GradientNoiseScale: per_layer is not available from the strategy's grad-stats record; "
                            "only the total is measured.")
-        self._differencing = self._source == "accumulation" and trainer.world_size == 1
+        ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None) or {}
+        self._differencing = (self._source in _HOOK_SOURCES and not self._use_record
+                              and (trainer.world_size == 1 or not ddp_kwargs.get("gradient_as_bucket_view", False)))
         self._prev, self._prev_valid = [], set()
         if self._source in _HOOK_SOURCES and not self._use_record and not self._differencing:
             self._register_hooks(params)
@@ -301,6 +310,7 @@ class GradientNoiseScale(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
         self._prev, self._prev_valid, self._armed_diff = [], set(), False
+        self._engine_diff, self._stats_work = False, None
         if self._hooks is not None:
             self._hooks.disarm()
         self._acc, self._batch = None, None
@@ -328,13 +338,45 @@ class GradientNoiseScale(Callback):
             self._hooks.arm()
 
     @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        # Under DDP, a synced backward ends with DDP's finalize callback overwriting .grad with the average. An
+        # autograd-engine callback queued when the backward starts (from a hook on the loss) runs before it, since
+        # DDP queues its own only when its last bucket is ready: there .grad is still this rank's.
+        if not (self._armed_diff and trainer.world_size > 1 and loss.requires_grad):
+            return
+        model = trainer.strategy.model
+        if getattr(model, "require_backward_grad_sync", True):  # not a no_sync micro-batch
+            self._engine_diff = True
+            loss.register_hook(self._queue_engine_diff)
+
+    def _queue_engine_diff(self, grad: Tensor) -> None:
+        torch.autograd.Variable._execution_engine.queue_callback(self._engine_diff_callback)
+
+    def _engine_diff_callback(self) -> None:
+        """End of a synced DDP backward, before DDP's finalize: difference this rank's .grad and launch the one
+        all-reduce of this step's scalars, which then overlaps DDP's wait for its last bucket."""
+        self._micro.append(self._difference_sq_norms(first=len(self._micro) == 0))
+        device = next(iter(self._params.values())).device  # NCCL reduces device tensors only
+        stats = self._local_stats().to(device)
+        self._stats_work = (torch.distributed.all_reduce(stats, async_op=True), stats)
+
+    @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._acc is not None:  # no tensor work here: everything is reduced once per optimizer step
             self._micro.append(self._acc)
             self._acc = None
         if self._armed_diff:
             self._armed_diff = False
-            self._micro.append(self._difference_sq_norms(first=len(self._micro) == 0))
+            if self._engine_diff:  # done by the engine callback
+                self._engine_diff = False
+            else:
+                self._micro.append(self._difference_sq_norms(first=len(self._micro) == 0))
+
+    def _local_stats(self) -> Tensor:
+        """(1 + L + 2,) float64: Σ_k |g_k|² (total, per layer) over this rank's micro-batches, Σ_k 1/b_k, W_local."""
+        micro = torch.stack([m if isinstance(m, Tensor) else self._micro_sq_norms(m) for m in self._micro])
+        extra = torch.tensor([sum(1.0 / b for b in self._micro_sizes), float(len(self._micro))], dtype=torch.float64)
+        return torch.cat([micro.sum(0), extra])
 
     def _difference_sq_norms(self, first: bool) -> Tensor:
         """(1 + L,) squared norms of this micro-batch's gradient: .grad now minus .grad after the previous one.
@@ -465,6 +507,9 @@ class GradientNoiseScale(Callback):
         return self._samples(small, record.local_batch_size, big, record.global_batch_size)
 
     def _hook_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, NoiseScaleSample] | None:
+        pending, self._stats_work = self._stats_work, None
+        if pending is not None:  # launched by the engine callback at the end of the synced backward
+            pending[0].wait()
         if not self._micro or len(self._micro) != len(self._micro_sizes):
             self.skipped["too_few"] += 1
             return None
@@ -473,15 +518,17 @@ class GradientNoiseScale(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         local_w = len(self._micro)
-        micro = torch.stack([m if isinstance(m, Tensor) else self._micro_sq_norms(m) for m in self._micro])
-        micro *= (accumulate / scale) ** 2  # |g_k|² of the micro-batches' mean losses
         params = self._params
         # .grad = (1/A) Σ_k g_k (averaged over ranks by DDP); the mean of the small-batch gradients is .grad·A/W.
         big = self._grad_sq_norms([p.grad for p in params.values()], list(params)) * (accumulate / local_w) ** 2
-        stats = torch.cat([micro.sum(0), torch.tensor([sum(1.0 / b for b in self._micro_sizes), float(local_w)],
-                                                      dtype=torch.float64)])
-        if trainer.world_size > 1:
-            stats = trainer.strategy.reduce(stats.to(pl_module.device), reduce_op="sum").double().cpu()
+        if pending is not None:
+            stats = pending[1].double().cpu()
+        else:
+            stats = self._local_stats()
+            if trainer.world_size > 1:
+                stats = trainer.strategy.reduce(stats.to(pl_module.device), reduce_op="sum").double().cpu()
+        stats = stats.clone()
+        stats[:-2] *= (accumulate / scale) ** 2  # |g_k|² of the micro-batches' mean losses
         total_w, inv_b = float(stats[-1]), float(stats[-2])
         if total_w < 2:
             self.skipped["too_few"] += 1

@@ -37,22 +37,28 @@ class StepRecorder(Callback):
 
 
 def gns_ddp(outdir: Path, configs: list[list[Any]], max_steps: int = 3) -> None:
-    """``configs``: ``[accumulate_grad_batches, use GradStatsDDPStrategy]`` pairs, run one after another."""
+    """``configs``: ``[accumulate_grad_batches, use GradStatsDDPStrategy]`` pairs, or ``[accumulate, False,
+    "bucket_view"]`` for plain DDP with ``gradient_as_bucket_view=True``; run one after another."""
+    from pytorch_lightning.strategies import DDPStrategy
+
     from lightning_sgd.callbacks import GradientNoiseScale
     from lightning_sgd.plugins.grad_stats_ddp import GradStatsDDPStrategy
 
     results = {}
     rank = 0
-    for accumulate, record in configs:
+    for accumulate, record, *variant in configs:
         pl.seed_everything(0)
         gns = GradientNoiseScale(source="ddp", schedule=1)
         recorder = StepRecorder(gns)
         extra = {"strategy": GradStatsDDPStrategy(log_grad_norms=False)} if record else {}
+        if variant == ["bucket_view"]:
+            extra = {"strategy": DDPStrategy(gradient_as_bucket_view=True)}
         trainer = pl.Trainer(**ddp_trainer_kwargs(max_steps=max_steps, accumulate_grad_batches=accumulate,
                                                   callbacks=[gns, recorder], **extra))
         trainer.fit(tiny_module(lr=0.5), datamodule=TinyDataModule(n=64, batch_size=4))
         rank = trainer.global_rank
-        results[f"{accumulate}-{int(record)}"] = {"steps": recorder.steps, "b_simple": gns.b_simple,
-                                                  "measured": gns.measured, "used_record": gns._use_record}
+        results["-".join([str(accumulate), str(int(record)), *variant])] = {
+            "steps": recorder.steps, "b_simple": gns.b_simple, "measured": gns.measured,
+            "used_record": gns._use_record, "differencing": gns._differencing}
     dump(outdir, rank, results)
     torch.distributed.barrier() if torch.distributed.is_initialized() else None

@@ -280,17 +280,21 @@ def test_each_source_matches_brute_force_on_tiny_mlp(source, accumulate, extra, 
 
 @pytest.mark.ddp
 def test_ddp_source_matches_per_rank_brute_force(tmp_path):
-    # A real 2-process gloo job, three runs: plain DDP without and with accumulation (2 micro-batches), where the
-    # callback's tensor hooks read every micro-batch gradient of every rank before DDP averages .grad and one
-    # all-reduce of scalars combines them; and GradStatsDDPStrategy, whose comm-hook record the callback consumes
-    # (small batch = one rank's whole step). Ground truth: the gradients recomputed here from the batches each
-    # rank saw, at the recorded parameters.
-    results = run_ddp("tests.ddp_entries_gns:gns_ddp", tmp_path, configs=[[1, False], [2, False], [2, True]])
+    # A real 2-process gloo job, four runs: plain DDP without and with accumulation (2 micro-batches), where the
+    # callback reads every micro-batch gradient of every rank as a difference of .grad (the synced one in an
+    # autograd-engine callback that runs before DDP overwrites .grad with the average: if it ran after, every
+    # number below would be off) and one all-reduce of scalars combines them; the same with
+    # gradient_as_bucket_view=True, where .grad is DDP's bucket and tensor hooks read the gradients instead; and
+    # GradStatsDDPStrategy, whose record the callback consumes (small batch = one rank's whole step). Ground
+    # truth: the gradients recomputed here from the batches each rank saw, at the recorded parameters.
+    results = run_ddp("tests.ddp_entries_gns:gns_ddp", tmp_path,
+                      configs=[[1, False], [2, False], [2, False, "bucket_view"], [2, True]])
     module = tiny_module()
-    for key in ("1-0", "2-0", "2-1"):
+    for key in ("1-0", "2-0", "2-0-bucket_view", "2-1"):
         ranks = [r[key] for r in results]
         assert ranks[0]["measured"] == 3 and ranks[0]["b_simple"] == ranks[1]["b_simple"]
         assert ranks[0]["used_record"] == key.endswith("1")
+        assert ranks[0]["differencing"] == (key in ("1-0", "2-0"))
         for step in range(3):
             entries = [r["steps"][step] for r in ranks]
             params = [torch.tensor(p) for p in entries[0]["params"]]
