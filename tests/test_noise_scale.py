@@ -460,12 +460,21 @@ def test_accumulation_differencing_handles_parameters_that_get_grad_late():
     # must not reuse the previous step's buffers. Exact arithmetic on small integers: equality.
     gns = GradientNoiseScale(source="accumulation", per_layer=True)
     a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
-    gns._params, gns._layers, gns._slots = {"x.a": a, "y.b": b}, ["x", "y"], [1, 2]
+    gns._params, gns._param_list, gns._layers = {"x.a": a, "y.b": b}, [a, b], ["x", "y"]
     gns._assign = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]], dtype=torch.float64)
+
+    def micro(first, last):
+        gns._micro = [gns._difference_norms(first, last)]
+        return gns._micro_matrix()[0].tolist()
+
     a.grad = torch.tensor([1.0, 2.0, 2.0])  # micro-batch 1: only a
-    assert gns._difference_sq_norms(first=True).tolist() == [9.0, 9.0, 0.0]
+    assert micro(True, False) == [9.0, 9.0, 0.0]
     a.grad = a.grad + torch.tensor([0.0, 0.0, 4.0])
     b.grad = torch.tensor([3.0, 4.0])  # micro-batch 2: b's first gradient
-    assert gns._difference_sq_norms(first=False).tolist() == [41.0, 16.0, 25.0]
+    assert micro(False, False) == [41.0, 16.0, 25.0]
+    a.grad, b.grad = a.grad + torch.tensor([1.0, 2.0, 2.0]), b.grad + torch.tensor([3.0, 4.0])  # the last one
+    assert micro(False, True) == [34.0, 9.0, 25.0]
     a.grad, b.grad = torch.tensor([2.0, 0.0, 0.0]), None  # a new step: fresh sums
-    assert gns._difference_sq_norms(first=True).tolist() == [4.0, 4.0, 0.0]
+    assert micro(True, True) == [4.0, 4.0, 0.0]
+    a.grad, b.grad = None, None  # no gradient at all: a zero row
+    assert micro(True, True) == [0.0, 0.0, 0.0]
