@@ -1,7 +1,8 @@
 """GradientNoiseScale overhead: step time with vs without the callback, same model and data, side by side.
 
-Configurations run in interleaved rounds (so a slow patch of a shared machine hits all of them) and the median
-per-step process CPU time (one torch thread; see StepTimer) is compared with the matching no-callback run:
+Configurations run in rounds, each round in a rotated order (so a slow patch of a shared machine hits all of them
+alike); within a round the median per-step process CPU time (one torch thread; see StepTimer) of each configuration
+is divided by that of the matching no-callback run, and the median of these per-round ratios is reported:
 
 - single device: per_example source measuring every step (the cost of one measured step) with each engine (layer
   hooks on the training backward, and vmap re-running the batch), split source every step, and the default settings
@@ -93,15 +94,40 @@ def single_device(model: str, steps: int, rounds: int) -> dict[str, float]:
         "none, accumulate 2": (2, lambda: None),
         "accumulation, every step": (2, lambda: GradientNoiseScale(source="accumulation", schedule=1)),
     }
-    times: dict[str, list[float]] = {name: [] for name in configs}
-    for _ in range(rounds):
-        for name, (accumulate, factory) in configs.items():
-            times[name] += run(model, steps, accumulate, factory())
-    return {name: statistics.median(t) for name, t in times.items()} | {
-        # the default schedule's overall cost is the mean step time, not the median (1 in 20 steps is slow)
-        "default (auto, every 50) [mean]": statistics.fmean(times["default (auto, every 50)"]),
-        "none [mean]": statistics.fmean(times["none"]),
-    }
+    reference = {name: "none, accumulate 2" if accumulate > 1 else "none" for name, (accumulate, _) in configs.items()}
+    rounds_out = []
+    for r in range(rounds):
+        times = {}
+        for name in _rotated(list(configs), r):
+            accumulate, factory = configs[name]
+            times[name] = run(model, steps, accumulate, factory())
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        # the default schedule's overall cost is the mean step time, not the median (1 in 50 steps is slow)
+        medians["default (auto, every 50) [mean]"] = statistics.fmean(times["default (auto, every 50)"])
+        medians["none [mean]"] = statistics.fmean(times["none"])
+        rounds_out.append(medians)
+    reference["default (auto, every 50) [mean]"] = reference["none [mean]"] = "none [mean]"
+    return _summarize(rounds_out, reference)
+
+
+def _rotated(names: list[str], r: int) -> list[str]:
+    """Round r runs the configurations starting from the r-th: each one meets each position of the round (slow
+    drifts of a shared machine hit every configuration alike)."""
+    r %= len(names)
+    return names[r:] + names[:r]
+
+
+def _summarize(rounds: list[dict[str, float]],
+               reference: dict[str, str]) -> dict[str, tuple[float, float, list[float]]]:
+    """Per configuration: (median ms/step over rounds, median of the per-round ratios to its reference, the ratios).
+
+    A ratio is taken within one round (same minute of machine time), so a machine that is slower in one round than
+    in another does not show up as overhead."""
+    out = {}
+    for name in rounds[0]:
+        ratios = [r[name] / r[reference[name]] for r in rounds]
+        out[name] = (statistics.median(r[name] for r in rounds), statistics.median(ratios), ratios)
+    return out
 
 
 def ddp_worker(model: str, steps: int, rounds: int, out: str) -> None:
@@ -114,16 +140,22 @@ def ddp_worker(model: str, steps: int, rounds: int, out: str) -> None:
         "GradStatsDDP + record source, every step": lambda: (GradientNoiseScale(source="ddp", schedule=1),
                                                              GradStatsDDPStrategy(log_grad_norms=False)),
     }
-    times: dict[str, list[float]] = {name: [] for name in configs}
     rank = 0
-    for _ in range(rounds):
-        for name, factory in configs.items():
-            callback, strategy = factory()
-            times[name] += run(model, steps, 1, callback, batch=50, devices=2, strategy=strategy)
+    rounds_out = []
+    for r in range(rounds):
+        medians = {}
+        for name in _rotated(list(configs), r):
+            callback, strategy = configs[name]()
+            medians[name] = statistics.median(run(model, steps, 1, callback, batch=50, devices=2, strategy=strategy))
             rank = int(os.environ.get("LOCAL_RANK", 0))
+        # what a user switching from plain DDP pays in all: the strategy's own measuring plus the callback
+        medians["GradStatsDDP + record source, vs plain ddp"] = medians["GradStatsDDP + record source, every step"]
+        rounds_out.append(medians)
+    reference = {name: "GradStatsDDP none" if name.startswith("GradStats") else "ddp none" for name in rounds_out[0]}
+    reference["GradStatsDDP + record source, vs plain ddp"] = "ddp none"
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({name: statistics.median(t) for name, t in times.items()}, f)
+            json.dump(_summarize(rounds_out, reference), f)
 
 
 def main() -> None:
@@ -131,8 +163,8 @@ def main() -> None:
     parser.add_argument("--model", choices=["cnn", "cnn-wide", "mlp"], default="cnn",
                         help="cnn: the recipe's (25 channels, 5.2k params, ~3 ms steps, mostly Lightning's own "
                              "per-step Python); cnn-wide: 128 channels (~106k params), where compute dominates")
-    parser.add_argument("--steps", type=int, default=100, help="measured steps per run (after 5 warm-up steps)")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=60, help="measured steps per run (after 5 warm-up steps)")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of all configurations, in rotated order")
     parser.add_argument("--ddp", action="store_true", help="also run the 2-process DDP comparison")
     parser.add_argument("--ddp-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -143,21 +175,20 @@ def main() -> None:
     print(f"model={args.model} batch=100 steps={args.steps} rounds={args.rounds} torch={torch.__version__} "
           f"threads=1", flush=True)
     result = single_device(args.model, args.steps, args.rounds)
-    base, base_acc = result["none"], result["none, accumulate 2"]
-    print(f"{'configuration':45s} {'cpu ms/step':>11s} {'ratio':>7s}")
-    for name, value in result.items():
-        ref = base_acc if "accumulat" in name else (result["none [mean]"] if "[mean]" in name else base)
-        print(f"{name:45s} {1e3 * value:11.2f} {value / ref:7.3f}")
+    print(f"{'configuration':45s} {'cpu ms/step':>11s} {'ratio':>7s}   per-round ratios (median of rounds shown)")
+    _print(result)
     if args.ddp:
         out = os.path.abspath("gns_ddp_times.json")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run([sys.executable, os.path.abspath(__file__), "--model", args.model, "--steps", str(args.steps),
                         "--rounds", str(args.rounds), "--ddp-worker", out], check=True, env=env)
         with open(out) as f:
-            ddp = json.load(f)
-        for name, value in ddp.items():
-            ref = ddp["GradStatsDDP none"] if name.startswith("GradStats") else ddp["ddp none"]
-            print(f"{name:45s} {1e3 * value:11.2f} {value / ref:7.3f}")
+            _print(json.load(f))
+
+
+def _print(result: dict[str, Any]) -> None:
+    for name, (ms, ratio, ratios) in result.items():
+        print(f"{name:45s} {1e3 * ms:11.2f} {ratio:7.3f}   {' '.join(f'{x:.3f}' for x in ratios)}")
 
 
 if __name__ == "__main__":
