@@ -26,6 +26,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from typing import Any
@@ -178,7 +179,7 @@ def main() -> None:
     print(f"{'configuration':45s} {'cpu ms/step':>11s} {'ratio':>7s}   per-round ratios (median of rounds shown)")
     _print(result)
     if args.ddp:
-        out = os.path.abspath("gns_ddp_times.json")
+        out = os.path.join(tempfile.mkdtemp(prefix="gns_overhead_"), "ddp_times.json")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run([sys.executable, os.path.abspath(__file__), "--model", args.model, "--steps", str(args.steps),
                         "--rounds", str(args.rounds), "--ddp-worker", out], check=True, env=env)
