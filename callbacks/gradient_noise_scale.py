@@ -503,22 +503,20 @@ class GradientNoiseScale(Callback):
                 out.index_add_(0, torch.tensor([slot for slot, _ in norms]), sq)
         return out
 
-    def _grad_sq_norms(self, grads: list[Tensor | None], names: list[str]) -> Tensor:
-        """(1 + L,) float64 squared norms of a gradient list: total, then per layer when per_layer."""
-        width = 1 + len(self._layers) if self.per_layer else 1
-        out = torch.zeros(width, dtype=torch.float64)
-        present = [(name, g.detach()) for name, g in zip(names, grads) if g is not None]
+    def _grad_sq_norms(self, grads: list[Tensor | None]) -> Tensor:
+        """(1 + L,) float64 squared norms of a gradient list in trainable-parameter order (``None``: no gradient):
+        total, then per layer when per_layer. One fused norm call and one matmul with the assignment matrix."""
+        present = [i for i, g in enumerate(grads) if g is not None]
         if not present:
-            return out
-        norms = torch._foreach_norm([g.float() for _, g in present])  # one call for all parameters
-        sq = torch.stack(norms).double().square().cpu()  # (#params,)
-        out[0] = sq.sum()
-        if self.per_layer:
-            index = {layer: 1 + i for i, layer in enumerate(self._layers)}
-            out.index_add_(0, torch.tensor([index[layer_of(name)] for name, _ in present]), sq)
-        return out
+            return torch.zeros(self._assign.shape[1], dtype=torch.float64)
+        tensors = [grads[i].detach() for i in present]
+        if any(t.dtype not in (torch.float32, torch.float64) for t in tensors):
+            tensors = [t if t.dtype in (torch.float32, torch.float64) else t.float() for t in tensors]
+        sq = torch.stack(torch._foreach_norm(tensors)).double().square().cpu()  # (#present,)
+        return sq @ (self._assign if len(present) == len(grads) else self._assign[present])
 
-    def _samples(self, small: Tensor, b_small: float, big: Tensor, b_big: float) -> dict[str, NoiseScaleSample]:
+    def _samples(self, small: Tensor | list[float], b_small: float, big: Tensor | list[float],
+                 b_big: float) -> dict[str, NoiseScaleSample]:
         """Per entry of the (1 + L,) vectors of mean small-batch and big-batch squared norms."""
         keys = [""] + (self._layers if self.per_layer else [])
         out = {}
@@ -553,23 +551,22 @@ class GradientNoiseScale(Callback):
         local_w = len(self._micro)
         params = self._params
         # .grad = (1/A) Σ_k g_k (averaged over ranks by DDP); the mean of the small-batch gradients is .grad·A/W.
-        big = self._grad_sq_norms([p.grad for p in params.values()], list(params)) * (accumulate / local_w) ** 2
+        big = (self._grad_sq_norms([p.grad for p in params.values()]) * (accumulate / local_w) ** 2).tolist()
         if pending is not None:
             stats = pending[1].double().cpu()
         else:
             stats = self._local_stats()
             if trainer.world_size > 1:
                 stats = trainer.strategy.reduce(stats.to(pl_module.device), reduce_op="sum").double().cpu()
-        stats = stats.clone()
-        stats[:-2] *= (accumulate / scale) ** 2  # |g_k|² of the micro-batches' mean losses
-        total_w, inv_b = float(stats[-1]), float(stats[-2])
+        *sums, inv_b, total_w = stats.tolist()
         if total_w < 2:
             self.skipped["too_few"] += 1
             return None
+        factor = (accumulate / scale) ** 2 / total_w  # |g_k|² of the micro-batches' mean losses, averaged over k
         # Unequal small batches: E mean_k|g_k|² = |G|² + trΣ/b_eff with b_eff = W / Σ_k 1/b_k, and the mean of the
         # W small gradients has E|.|² = |G|² + trΣ/(W·b_eff).
         b_eff = total_w / inv_b
-        return self._samples(stats[:-2] / total_w, b_eff, big, total_w * b_eff)
+        return self._samples([v * factor for v in sums], b_eff, big, total_w * b_eff)
 
     def _hook_engine_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              n: int) -> dict[str, NoiseScaleSample] | None:
@@ -597,7 +594,7 @@ class GradientNoiseScale(Callback):
         assert sq is not None
         factor = (n / scale) ** 2  # contributions to the mean loss, AMP-scaled -> per-example gradients
         params = self._params
-        big = self._grad_sq_norms([p.grad for p in params.values()], list(params))
+        big = self._grad_sq_norms([p.grad for p in params.values()])
         out = {"": per_example_estimate(sq * factor, float(big[0]))}
         for i, layer in enumerate(self._layers if self.per_layer else []):
             sq_layer = layer_sq.get(layer)
@@ -617,8 +614,7 @@ class GradientNoiseScale(Callback):
             if samples is not None:
                 return samples
         stats = per_example_gradient_stats(pl_module, batch, chunk_size=self.chunk_size, per_layer=self.per_layer)
-        names = list(trainable_parameters(pl_module))
-        big = self._grad_sq_norms(stats.mean_grad, names)
+        big = self._grad_sq_norms(stats.mean_grad)
         out = {"": per_example_estimate(stats.sq_norms, float(big[0]))}
         for i, layer in enumerate(self._layers if self.per_layer else []):
             out[layer] = per_example_estimate(stats.layer_sq_norms[layer], float(big[1 + i]))
@@ -633,7 +629,7 @@ class GradientNoiseScale(Callback):
             raise ValueError("GradientNoiseScale(source='split') got a batch of 1 example; it needs B >= 2.")
         size = n // parts
         params = trainable_parameters(pl_module)
-        names, tensors = list(params), list(params.values())
+        tensors = list(params.values())
         buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
         small = []
         mean = [torch.zeros_like(p) for p in tensors]
@@ -644,7 +640,7 @@ class GradientNoiseScale(Callback):
                     part = slice(k * size, (k + 1) * size)
                     x, y = slice_examples(inputs, part), slice_examples(targets, part)
                     grads = torch.autograd.grad(pl_module.loss(pl_module(x), y), tensors, allow_unused=True)
-                    small.append(self._grad_sq_norms(list(grads), names))
+                    small.append(self._grad_sq_norms(list(grads)))
                     for m, g in zip(mean, grads):
                         if g is not None:
                             m.add_(g, alpha=1.0 / parts)
@@ -652,7 +648,7 @@ class GradientNoiseScale(Callback):
             with torch.no_grad():
                 for name, b in pl_module.named_buffers():
                     b.copy_(buffers[name])
-        big = self._grad_sq_norms(mean, names)
+        big = self._grad_sq_norms(mean)
         return self._samples(torch.stack(small).mean(0), size, big, parts * size)
 
     def _measure_b_noise(self, pl_module: pl.LightningModule) -> dict[str, float]:
