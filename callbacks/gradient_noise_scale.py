@@ -284,7 +284,10 @@ class GradientNoiseScale(Callback):
         if not pl_module.automatic_optimization:
             reasons.append("manual optimization")
         if not reasons:
-            self._hooks = PerExampleNormHooks(pl_module, layer_names=self.per_layer)
+            # only the training step's own forward: other callbacks' extra passes (diversity probes, curvature
+            # products) run between arm (on_train_batch_start) and collect, under their own hook names
+            self._hooks = PerExampleNormHooks(pl_module, layer_names=self.per_layer,
+                                              capture_if=lambda: pl_module._current_fx_name == "training_step")
         elif self.engine == "hooks":
             raise ValueError("GradientNoiseScale(engine='hooks') cannot read per-example norms from layer hooks "
                              f"here: {'; '.join(reasons)}. Use engine='vmap' (or 'auto', which picks it).")

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -191,15 +191,20 @@ class PerExampleNormHooks:
         module: the model; every submodule that owns trainable parameters must be supported
             (:func:`unsupported_layers` is empty), else ``ValueError``.
         layer_names: also keep squared norms per layer (owning module name), as :func:`layer_of` names them.
+        capture_if: called at each armed forward of a layer; the forward is ignored when it returns False (e.g.
+            GradientNoiseScale captures only forwards inside Lightning's ``training_step``, not the extra passes
+            other callbacks run between ``arm`` and ``collect``).
     """
 
-    def __init__(self, module: nn.Module, layer_names: bool = False) -> None:
+    def __init__(self, module: nn.Module, layer_names: bool = False,
+                 capture_if: Callable[[], bool] | None = None) -> None:
         problems = unsupported_layers(module)
         if problems:
             raise ValueError("PerExampleNormHooks cannot compute per-example norms through: " + "; ".join(problems)
                              + ". Use the vmap engine (lightning_sgd.per_example) for this model.")
         self.module = module
         self.layer_names = layer_names
+        self.capture_if = capture_if
         self._layers = {sub: name for name, sub in module.named_modules() if any(
             p.requires_grad for p in sub.parameters(recurse=False))}
         self._handles: list[Any] = []
@@ -231,6 +236,8 @@ class PerExampleNormHooks:
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
+            return
+        if self.capture_if is not None and not self.capture_if():
             return
         name = self._layers[module]
         self._calls[name] = self._calls.get(name, 0) + 1

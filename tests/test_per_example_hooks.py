@@ -249,3 +249,32 @@ def test_standalone_hook_stats_equal_the_vmap_engine():
                               num_classes=10)
     with pytest.raises(ValueError, match="BatchNorm in train mode"):
         hook_gradient_stats(bn, (torch.randn(7, 40), torch.randint(0, 10, (7,))))
+
+
+def test_other_callbacks_passes_between_arm_and_collect_are_ignored():
+    # GradientDiversity (after GNS in the list) runs its own forward/backward on a probe set in on_train_batch_start,
+    # after GNS armed its hooks: GNS must capture only the training step's forward (else its norms mix the probe's
+    # in and its self-checks send it to vmap). Same samples as the vmap engine, step by step (1e-4: float32).
+    from lightning_sgd.callbacks import GradientDiversity
+
+    def run(engine):
+        torch.manual_seed(0)
+        gns = GradientNoiseScale(source="per_example", schedule=1, engine=engine)
+        samples = []
+
+        class Keep(pl.Callback):
+            def on_train_batch_end(self, *args):
+                samples.append(gns.last_sample)
+
+        callbacks = [gns, GradientDiversity(schedule=1, probe_size=24), Keep()]
+        trainer = pl.Trainer(**fast_trainer_kwargs(max_steps=3, callbacks=callbacks))
+        trainer.fit(ClassificationModule(nn.Sequential(nn.Linear(25, 8), nn.Tanh(), nn.Linear(8, 3)), num_classes=3),
+                    datamodule=TinyDataModule(n=64, batch_size=16))
+        return samples, gns
+
+    hooks, gns = run("hooks")
+    vmap, _ = run("vmap")
+    assert gns._hooks is not None and gns.measured == 3  # no fallback
+    for a, b in zip(hooks, vmap, strict=True):
+        assert a.grad_sq_norm == pytest.approx(b.grad_sq_norm, rel=1e-4)
+        assert a.trace_cov == pytest.approx(b.trace_cov, rel=1e-4)
