@@ -278,3 +278,43 @@ def test_other_callbacks_passes_between_arm_and_collect_are_ignored():
     for a, b in zip(hooks, vmap, strict=True):
         assert a.grad_sq_norm == pytest.approx(b.grad_sq_norm, rel=1e-4)
         assert a.trace_cov == pytest.approx(b.trace_cov, rel=1e-4)
+
+
+class _NoVmapTanh(torch.autograd.Function):
+    """tanh as an autograd.Function without a vmap rule: vmap(grad) cannot run it, a plain backward can."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class _NoVmapNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(25, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(_NoVmapTanh.apply(self.a(x)))
+
+
+def test_a_model_vmap_cannot_run_still_gets_the_hooks_with_a_warning():
+    # The one-time cross-check needs vmap; when vmap cannot run the model the hooks are still right (they only need
+    # a plain backward): a warning, no fallback, and the per-example norms equal brute force (float32: 1e-5).
+    torch.manual_seed(0)
+    module = ClassificationModule(_NoVmapNet(), num_classes=3)
+    x, y = torch.randn(8, 25), torch.randint(0, 3, (8,))
+    with pytest.warns(UserWarning, match="vmap engine cannot run this model"):
+        assert validate(module, (x, y)) is None
+    hooks = PerExampleNormHooks(module)
+    hooks.arm()
+    module.loss(module(x), y).backward()
+    sq, _, problem = hooks.collect()
+    assert problem is None
+    torch.testing.assert_close((sq * 64).float(), _brute_sq_norms(module, x, y), rtol=1e-5, atol=0)
