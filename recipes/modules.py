@@ -21,10 +21,23 @@ def _default_optimizer(params: Any) -> torch.optim.Optimizer:
 
 
 class _ConfiguredOptimizer(pl.LightningModule):
-    """Shared ``configure_optimizers``: optimizer factory + optional LR scheduler stepped every optimizer step."""
+    """Shared ``configure_optimizers`` (optimizer factory + optional LR scheduler stepped every optimizer step) and
+    the train/val/test steps, which all run the subclass's ``_step(batch, stage)``."""
 
     optimizer_factory: OptimizerCallable
     lr_scheduler_factory: LRSchedulerCallable | None
+
+    def _step(self, batch: Any, stage: str) -> Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "test")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
@@ -80,15 +93,6 @@ class LanguageModelModule(_ConfiguredOptimizer):
             self.log(f"{stage}/ppl", torch.exp(loss.detach()), on_epoch=True, batch_size=len(targets))
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "test")
-
 
 class AutoencoderModule(_ConfiguredOptimizer):
     """Reconstruct the inputs: ``split_batch((x, label)) = (x, x.flatten(1))``; labels are ignored.
@@ -134,15 +138,6 @@ class AutoencoderModule(_ConfiguredOptimizer):
             mse = ((torch.sigmoid(outputs) - targets) ** 2).sum(dim=1).mean()
             self.log(f"{stage}/mse", mse, on_epoch=True, batch_size=len(targets))
         return loss
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "test")
 
 
 __all__ = ["AutoencoderModule", "LanguageModelModule"]
