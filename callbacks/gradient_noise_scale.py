@@ -169,10 +169,11 @@ class GradientNoiseScale(Callback):
         self._use_record = False
         self._handles: list[Any] = []
         self._layers: list[str] = []
-        self._acc: list[tuple[int, Tensor]] | None = None  # (layer slot, |grad|) per parameter, this micro-batch
-        # per micro-batch: (layer slot, |grad_p|) per parameter from the tensor hooks, or (present, norms) from the
-        # .grad differences (see _difference_norms)
-        self._micro: list[list[tuple[int, Tensor]] | tuple[list[int] | None, list[Tensor]]] = []
+        # this micro-batch's (parameter indices, |grad_p|) from the tensor hooks, in the order the hooks fired
+        self._acc: tuple[list[int], list[Tensor]] | None = None
+        # per micro-batch: (indices of the parameters with a gradient, or None for all of them; their norms), from
+        # the tensor hooks or the .grad differences (see _difference_norms); reduced once per step by _micro_matrix
+        self._micro: list[tuple[list[int] | None, list[Tensor]]] = []
         self._param_list: list[Tensor] = []
         # hook sources without the strategy's record: micro-batch gradients as differences of .grad (on one process,
         # and under DDP unless .grad is a view of DDP's buckets); else a tensor hook per parameter
@@ -182,7 +183,6 @@ class GradientNoiseScale(Callback):
         self._prev: list[Tensor] = []  # .grad after the previous micro-batch (one buffer per parameter)
         self._prev_valid: set[int] = set()  # parameters whose buffer holds this step's previous .grad
         self._armed_diff = False
-        self._slots: list[int] = []  # per parameter: its slot in the (1 + L,) per-layer vectors
         self._assign = torch.zeros(0, 1, dtype=torch.float64)
         self._params: dict[str, Tensor] = {}
         self._micro_sizes: list[int] = []
@@ -255,12 +255,12 @@ class GradientNoiseScale(Callback):
         self._param_list = list(params.values())
         self._layers = list(dict.fromkeys(layer_of(name) for name in params))
         layer_index = {layer: i for i, layer in enumerate(self._layers)}
-        self._slots = [1 + layer_index[layer_of(name)] for name in params]  # per parameter: its per-layer slot
+        slots = [1 + layer_index[layer_of(name)] for name in params]  # per parameter: its per-layer slot
         # (#params, 1 + L) 0/1 matrix: squared norms per parameter @ it = (total, per layer...) in one matmul
         self._assign = torch.zeros(len(params), 1 + len(self._layers) if self.per_layer else 1, dtype=torch.float64)
         self._assign[:, 0] = 1.0
         if self.per_layer:
-            self._assign[torch.arange(len(params)), torch.tensor(self._slots, dtype=torch.long)] = 1.0
+            self._assign[torch.arange(len(params)), torch.tensor(slots, dtype=torch.long)] = 1.0
         self._use_record = self._source == "ddp" and hasattr(trainer.strategy, "latest_grad_stats")
         if self._use_record and self.per_layer:
             rank_zero_warn("GradientNoiseScale: per_layer is not available from the strategy's grad-stats record; "
@@ -299,15 +299,14 @@ class GradientNoiseScale(Callback):
         """A tensor hook on each parameter sees that parameter's gradient of the current backward pass (one
         micro-batch, this rank only) before it is accumulated into ``.grad`` and before DDP averages it."""
         self._remove_hooks()
-        index = {layer: i for i, layer in enumerate(self._layers)}
-        for name, param in params.items():
-            slot = 1 + index[layer_of(name)] if self.per_layer else 0
-            self._handles.append(param.register_hook(self._make_hook(slot)))
+        for i, param in enumerate(params.values()):
+            self._handles.append(param.register_hook(self._make_hook(i)))
 
-    def _make_hook(self, slot: int):
+    def _make_hook(self, index: int):
         def hook(grad: Tensor) -> None:
             if self._acc is not None:  # one small kernel per parameter; squares and sums once per micro-batch
-                self._acc.append((slot, torch.linalg.vector_norm(grad.detach(), dtype=torch.float32)))
+                self._acc[0].append(index)
+                self._acc[1].append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
             return None
 
         return hook
@@ -342,7 +341,7 @@ class GradientNoiseScale(Callback):
             if self._differencing:
                 self._armed_diff = True
             else:
-                self._acc = []
+                self._acc = ([], [])
             self._micro_sizes.append(n)
         self._batch = batch if (measuring and self._source in ("per_example", "split")) or b_noise else None
         if self._hooks is not None and measuring:
@@ -367,7 +366,7 @@ class GradientNoiseScale(Callback):
         """End of a synced DDP backward, before DDP's finalize: difference this rank's .grad and launch the one
         all-reduce of this step's scalars, which then overlaps DDP's wait for its last bucket."""
         self._micro.append(self._difference_norms(first=len(self._micro) == 0, last=True))
-        device = next(iter(self._params.values())).device  # NCCL reduces device tensors only
+        device = self._param_list[0].device  # NCCL reduces device tensors only
         stats = self._local_stats().to(device)
         self._stats_work = (torch.distributed.all_reduce(stats, async_op=True), stats)
 
@@ -429,18 +428,16 @@ class GradientNoiseScale(Callback):
     def _micro_matrix(self) -> Tensor:
         """(W, 1 + L) float64 squared norms of this rank's micro-batches (total, then per layer)."""
         width = self._assign.shape[1]
-        if all(isinstance(m, tuple) and m[0] is None for m in self._micro):  # every parameter had a .grad
+        if all(indices is None for indices, _ in self._micro):  # every parameter had a .grad, in parameter order
             norms = torch.stack([n for _, micro in self._micro for n in micro]).reshape(len(self._micro), -1)
             return norms.double().square().cpu() @ self._assign
         rows = []
-        for m in self._micro:
-            if not isinstance(m, tuple):  # tensor hooks: (layer slot, norm) per parameter
-                rows.append(self._micro_sq_norms(m))
-            elif not m[1]:
+        for indices, norms in self._micro:
+            if not norms:
                 rows.append(torch.zeros(width, dtype=torch.float64))
             else:
-                assign = self._assign if m[0] is None else self._assign[m[0]]
-                rows.append(torch.stack(m[1]).double().square().cpu() @ assign)
+                assign = self._assign if indices is None else self._assign[indices]
+                rows.append(torch.stack(norms).double().square().cpu() @ assign)
         return torch.stack(rows)
 
     @override
@@ -495,16 +492,6 @@ class GradientNoiseScale(Callback):
                 metrics[f"gns/layer/{layer}/trace_cov"] = ema.trace_cov
                 metrics[f"gns/layer/{layer}/b_simple"] = ema.b_simple
         return {k: v for k, v in metrics.items() if math.isfinite(v)}
-
-    def _micro_sq_norms(self, norms: list[tuple[int, Tensor]]) -> Tensor:
-        """(1 + L,) float64 squared norms of one micro-batch from its per-parameter norms."""
-        out = torch.zeros(1 + len(self._layers) if self.per_layer else 1, dtype=torch.float64)
-        if norms:
-            sq = torch.stack([norm for _, norm in norms]).double().square().cpu()  # (#params,)
-            out[0] = sq.sum()
-            if self.per_layer:
-                out.index_add_(0, torch.tensor([slot for slot, _ in norms]), sq)
-        return out
 
     def _grad_sq_norms(self, grads: list[Tensor | None]) -> Tensor:
         """(1 + L,) float64 squared norms of a gradient list in trainable-parameter order (``None``: no gradient):
