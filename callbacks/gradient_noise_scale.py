@@ -72,7 +72,7 @@ class GradientNoiseScale(Callback):
     - ``"accumulation"`` (``accumulate_grad_batches > 1``): each micro-batch's gradient (the same ``.grad``
       differences) vs their mean: zero extra FLOPs.
     - ``"per_example"``: per-example gradient norms of the training step's own backward pass, read by layer hooks
-      from each layer's input and output gradient (:mod:`lightning_sgd.per_example_hooks`: Linear, Conv1d/2d,
+      from each layer's input and output gradient (:mod:`lightning_sgd.per_example_hooks`: Linear, Conv1d/2d/3d,
       Embedding, LayerNorm, GroupNorm), so a measured step costs the training step plus a few small matmuls per
       layer; or, with ``engine="vmap"`` or any other layer type, from the shared ``vmap(grad)`` engine
       (:func:`lightning_sgd.per_example.per_example_gradient_stats`, in chunks of ``chunk_size``), which re-runs
@@ -101,9 +101,8 @@ class GradientNoiseScale(Callback):
             one process, no accumulation and automatic optimization; else vmap). The hook engine checks itself
             against vmap on a few examples at its first measurement, checks at every measurement that layers ran
             once, and on the first 5 measurements and every 25th that the per-example bias gradients add up to
-            ``.grad``; on any mismatch (tied weights, a
-            parameter used outside its layer, a loss that is not a mean over examples) it warns and switches to
-            vmap for the rest of the run.
+            ``.grad``; on any mismatch (tied weights, a parameter used outside its layer, a loss that is not a mean
+            over examples) it warns and switches to vmap for the rest of the run.
         beta: EMA decay per measurement.
         per_layer: also estimate B_simple per layer (the module owning the parameters); logged under
             ``gns/layer/<name>/...``. Not available when the numbers come from a strategy's record.
@@ -184,7 +183,6 @@ class GradientNoiseScale(Callback):
         self._prev_valid: set[int] = set()  # parameters whose buffer holds this step's previous .grad
         self._armed_diff = False
         self._assign = torch.zeros(0, 1, dtype=torch.float64)
-        self._params: dict[str, Tensor] = {}
         self._micro_sizes: list[int] = []
         self._step_examples = 0
         self._batch: Any = None
@@ -251,8 +249,8 @@ class GradientNoiseScale(Callback):
             return
         self._source = self._resolve_source(trainer, pl_module)
         self._schedule = self.schedule or as_schedule(_DEFAULT_INTERVAL[self._source])
-        params = self._params = trainable_parameters(pl_module)
-        self._param_list = list(params.values())
+        params = trainable_parameters(pl_module)
+        self._param_list = list(params.values())  # trainable parameters in module order (shared ones once)
         self._layers = list(dict.fromkeys(layer_of(name) for name in params))
         layer_index = {layer: i for i, layer in enumerate(self._layers)}
         slots = [1 + layer_index[layer_of(name)] for name in params]  # per parameter: its per-layer slot
@@ -427,18 +425,18 @@ class GradientNoiseScale(Callback):
 
     def _micro_matrix(self) -> Tensor:
         """(W, 1 + L) float64 squared norms of this rank's micro-batches (total, then per layer)."""
-        width = self._assign.shape[1]
         if all(indices is None for indices, _ in self._micro):  # every parameter had a .grad, in parameter order
             norms = torch.stack([n for _, micro in self._micro for n in micro]).reshape(len(self._micro), -1)
             return norms.double().square().cpu() @ self._assign
-        rows = []
-        for indices, norms in self._micro:
-            if not norms:
-                rows.append(torch.zeros(width, dtype=torch.float64))
-            else:
-                assign = self._assign if indices is None else self._assign[indices]
-                rows.append(torch.stack(norms).double().square().cpu() @ assign)
-        return torch.stack(rows)
+        return torch.stack([self._layer_sums(indices, norms) for indices, norms in self._micro])
+
+    def _layer_sums(self, indices: list[int] | None, norms: list[Tensor]) -> Tensor:
+        """(1 + L,) float64 squared norms (total, then per layer) from per-parameter norms of the parameters at
+        ``indices`` (``None``: all of them, in order)."""
+        if not norms:
+            return torch.zeros(self._assign.shape[1], dtype=torch.float64)
+        assign = self._assign if indices is None else self._assign[indices]
+        return torch.stack(norms).double().square().cpu() @ assign
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -497,13 +495,11 @@ class GradientNoiseScale(Callback):
         """(1 + L,) float64 squared norms of a gradient list in trainable-parameter order (``None``: no gradient):
         total, then per layer when per_layer. One fused norm call and one matmul with the assignment matrix."""
         present = [i for i, g in enumerate(grads) if g is not None]
-        if not present:
-            return torch.zeros(self._assign.shape[1], dtype=torch.float64)
         tensors = [grads[i].detach() for i in present]
         if any(t.dtype not in (torch.float32, torch.float64) for t in tensors):
             tensors = [t if t.dtype in (torch.float32, torch.float64) else t.float() for t in tensors]
-        sq = torch.stack(torch._foreach_norm(tensors)).double().square().cpu()  # (#present,)
-        return sq @ (self._assign if len(present) == len(grads) else self._assign[present])
+        norms = list(torch._foreach_norm(tensors)) if tensors else []
+        return self._layer_sums(None if len(present) == len(grads) else present, norms)
 
     def _samples(self, small: Tensor | list[float], b_small: float, big: Tensor | list[float],
                  b_big: float) -> dict[str, NoiseScaleSample]:
@@ -539,9 +535,8 @@ class GradientNoiseScale(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         local_w = len(self._micro)
-        params = self._params
         # .grad = (1/A) Σ_k g_k (averaged over ranks by DDP); the mean of the small-batch gradients is .grad·A/W.
-        big = (self._grad_sq_norms([p.grad for p in params.values()]) * (accumulate / local_w) ** 2).tolist()
+        big = (self._grad_sq_norms([p.grad for p in self._param_list]) * (accumulate / local_w) ** 2).tolist()
         if pending is not None:
             stats = pending[1].double().cpu()
         else:
@@ -583,8 +578,7 @@ class GradientNoiseScale(Callback):
             return None
         assert sq is not None
         factor = (n / scale) ** 2  # contributions to the mean loss, AMP-scaled -> per-example gradients
-        params = self._params
-        big = self._grad_sq_norms([p.grad for p in params.values()])
+        big = self._grad_sq_norms([p.grad for p in self._param_list])
         out = {"": per_example_estimate(sq * factor, float(big[0]))}
         for i, layer in enumerate(self._layers if self.per_layer else []):
             sq_layer = layer_sq.get(layer)

@@ -460,7 +460,7 @@ def test_accumulation_differencing_handles_parameters_that_get_grad_late():
     # must not reuse the previous step's buffers. Exact arithmetic on small integers: equality.
     gns = GradientNoiseScale(source="accumulation", per_layer=True)
     a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
-    gns._params, gns._param_list, gns._layers = {"x.a": a, "y.b": b}, [a, b], ["x", "y"]
+    gns._param_list, gns._layers = [a, b], ["x", "y"]
     gns._assign = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]], dtype=torch.float64)
 
     def micro(first, last):
