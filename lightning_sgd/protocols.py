@@ -1,14 +1,17 @@
-"""The contract between measurement callbacks and the user's LightningModule.
+"""The optional three-method contract between measurement callbacks and a LightningModule.
 
-Per-example gradients, curvature operators and the bootstrap twin all need to run the model's forward pass and
-loss outside ``training_step``. A module supports them by implementing three small methods:
+Every callback works on a module that has only ``training_step`` and ``configure_optimizers``: the loss of a batch
+comes from the module's own ``training_step`` (:mod:`lightning_sgd.module_loss`). A module may also implement
 
-- ``split_batch(batch) -> (inputs, targets)``: what ``forward`` takes and what the loss compares against.
-- ``forward(inputs) -> outputs``.
-- ``loss(outputs, targets) -> Tensor``: the scalar training loss, a *mean* over the examples of the batch, so that
-  the loss of a batch of one example is that example's loss.
+- ``split_batch(batch) -> (inputs, targets)``: what ``forward`` takes and what the loss compares against,
+- ``forward(inputs) -> outputs``,
+- ``loss(outputs, targets) -> Tensor``: the scalar training loss, a *mean* over the examples of the batch,
 
-Every recipe module implements them (see :class:`lightning_sgd.recipes.ClassificationModule`).
+which the measurements then use instead of ``training_step`` (skipping whatever else it computes). Only the
+generalized Gauss-Newton matrix (``CurvatureSpectrum(operator="ggn")``) *needs* them: it needs the network's outputs
+separately from the loss. See README section "Use it with your own LightningModule".
+
+The batch helpers below are kept for existing imports; they are :mod:`lightning_sgd.batches`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map
+
+from lightning_sgd.batches import batch_size, slice_batch, tensor_leaves
+from lightning_sgd.module_loss import PROTOCOL_HELP, ProtocolRequired, has_protocol
 
 
 @runtime_checkable
@@ -32,34 +37,25 @@ class SupervisedModule(Protocol):
 
 
 def require_supervised(module: torch.nn.Module, who: str) -> SupervisedModule:
-    """Return ``module`` if it implements :class:`SupervisedModule`, else raise a ``TypeError`` saying how to fix it."""
-    missing = [name for name in ("split_batch", "forward", "loss") if not callable(getattr(module, name, None))]
-    if missing:
-        raise TypeError(
-            f"{who} needs the LightningModule to implement {', '.join(missing)}: "
-            "`split_batch(batch) -> (inputs, targets)`, `forward(inputs) -> outputs` and "
-            "`loss(outputs, targets) -> scalar mean loss` (see lightning_sgd.protocols). "
-            f"{type(module).__name__} is missing them; subclass lightning_sgd.recipes.ClassificationModule "
-            "or add these methods."
-        )
+    """Return ``module`` if it implements :class:`SupervisedModule`, else raise :class:`ProtocolRequired` saying how
+    to add it. Only for features that need the network's outputs separately from the loss."""
+    if not has_protocol(module):
+        raise ProtocolRequired(f"{who} needs the network's outputs separately from the loss, which `training_step` "
+                               f"does not expose; {type(module).__name__} does not implement them: {PROTOCOL_HELP}.")
     return module  # type: ignore[return-value]
 
 
 def first_tensor(tree: Any) -> Tensor | None:
     """The first tensor in a (possibly nested) batch, or ``None`` if it holds none."""
-    return next((leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, Tensor)), None)
+    leaves = tensor_leaves(tree)
+    return leaves[0] if leaves else None
 
 
 def num_examples(module: torch.nn.Module, batch: Any, who: str) -> int:
-    """Examples in ``batch``: dim 0 of the first tensor of the module's inputs (of the whole batch when the module
-    has no ``split_batch``). Raises a ``TypeError`` naming ``who`` when there is no tensor to read it from."""
-    split = getattr(module, "split_batch", None)
-    tensor = first_tensor(split(batch)[0] if callable(split) else batch)
-    if tensor is None:
-        raise TypeError(f"{who}: cannot find a tensor in the batch to read its batch size from.")
-    return int(tensor.shape[0])
+    """Examples in ``batch`` (:func:`lightning_sgd.batches.batch_size`; ``module`` is not consulted)."""
+    return batch_size(batch, who)
 
 
 def slice_examples(tree: Any, part: slice) -> Any:
-    """The examples ``part`` of every tensor in a (possibly nested) batch; other leaves are kept as they are."""
-    return tree_map(lambda t: t[part] if isinstance(t, Tensor) else t, tree)
+    """The examples ``part`` of a batch (:func:`lightning_sgd.batches.slice_batch`)."""
+    return slice_batch(tree, part)

@@ -1,0 +1,69 @@
+"""Both Lightning packages: ``pytorch_lightning`` and ``lightning.pytorch`` (``import lightning as L``).
+
+The two packages ship the same classes twice, and each Trainer accepts only its own package's ``Callback``,
+``Strategy`` and ``LightningModule`` subclasses (``isinstance`` checks in the Trainer and in LightningCLI's
+``class_path`` validation). Our callbacks therefore derive from :class:`Callback` below, which subclasses *both*
+packages' ``Callback`` (the two are plain classes with the same hook names and no state), so one class works under
+either Trainer and either LightningCLI, with no different import for the user.
+
+Anything else that differs by package (the strategy, ``WeightAveraging``, logger classes) is looked up through
+:func:`package_of`, which tells which package a Trainer or module comes from.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+import pytorch_lightning as _pl
+from pytorch_lightning.callbacks import Callback as _PLCallback
+
+try:  # the unified package is optional: users of pytorch_lightning alone need not install it
+    import lightning.pytorch as _lpt
+    from lightning.pytorch.callbacks import Callback as _LCallback
+except ImportError:  # pragma: no cover - both are installed by the project's set-up
+    _lpt = None
+    _LCallback = None
+
+__all__ = ["Callback", "PACKAGES", "package_of", "is_lightning_module", "is_trainer"]
+
+#: The Lightning packages importable here, ``pytorch_lightning`` first.
+PACKAGES: tuple[ModuleType, ...] = (_pl,) if _lpt is None else (_pl, _lpt)
+
+if _LCallback is None:  # pragma: no cover
+    Callback = _PLCallback
+else:
+
+    class Callback(_PLCallback, _LCallback):  # type: ignore[misc,valid-type]
+        """A ``Callback`` of both Lightning packages: accepted by ``pytorch_lightning.Trainer`` and by
+        ``lightning.Trainer`` (and by both packages' LightningCLI)."""
+
+
+def package_of(obj: Any) -> ModuleType:
+    """The Lightning package (``pytorch_lightning`` or ``lightning.pytorch``) a Trainer, LightningModule, Callback or
+    Strategy instance belongs to; ``pytorch_lightning`` when it cannot tell."""
+    for cls in type(obj).__mro__:
+        module = cls.__module__ or ""
+        if module.startswith("lightning.pytorch"):
+            return _lpt if _lpt is not None else _pl
+        if module.startswith("pytorch_lightning"):
+            return _pl
+    return _pl
+
+
+def is_lightning_module(obj: Any) -> bool:
+    """A ``LightningModule`` of either package."""
+    return any(isinstance(obj, package.LightningModule) for package in PACKAGES)
+
+
+def is_trainer(obj: Any) -> bool:
+    """A ``Trainer`` of either package."""
+    return any(isinstance(obj, package.Trainer) for package in PACKAGES)
+
+
+def import_from(package: ModuleType, path: str) -> Any:
+    """``path`` (``"callbacks.WeightAveraging"``) looked up in ``package`` (one of :data:`PACKAGES`)."""
+    module_name, _, attr = path.rpartition(".")
+    module = importlib.import_module(f"{package.__name__}.{module_name}") if module_name else package
+    return getattr(module, attr)
