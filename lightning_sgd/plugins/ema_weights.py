@@ -1,53 +1,66 @@
-"""Exponential moving average of the weights, on top of Lightning's ``WeightAveraging``.
+"""Exponential moving average of the weights, with Lightning's ``WeightAveraging`` checkpoint layout.
 
-Draws on Lightning's ``WeightAveraging``/``EMAWeightAveraging`` (checkpoint layout, hooks), timm's
-``utils/model_ema.py`` (``ModelEmaV3``: ``torch._foreach_lerp_`` update, decay warmup) and
+Draws on Lightning's ``WeightAveraging``/``EMAWeightAveraging`` (checkpoint layout, hooks, ``should_update``),
+timm's ``utils/model_ema.py`` (``ModelEmaV3``: ``torch._foreach_lerp_`` update, decay warmup) and
 ``torch.optim.swa_utils.update_bn`` (BN recalibration). Each EMA update ``k`` (after an optimizer step) does
 
 .. math::  \\bar\\theta_k = d_k \\bar\\theta_{k-1} + (1 - d_k)\\,\\theta_k, \\qquad \\bar\\theta_1 = \\theta_1,
 
 with the decay ``d_k`` either fixed (``decay``) or given as a half-life in samples ``H``:
 ``d_k = 0.5 ** (n_k / H)``, where ``n_k`` is the number of training examples consumed since the previous update
-(per-device batch x world size x accumulated batches x steps between updates), counted from the actual batches.
-So the EMA's memory stays ``H`` examples when the batch size, the device count, the accumulation or the update
-interval changes, also in the middle of a fit. ``warmup=True`` caps the decay as timm does:
-``d_k <= 1 - (1 + (k - 1) / gamma) ** -power``.
+(per-device batch x world size x accumulated batches x steps between updates), counted from the actual batches
+(:func:`lightning_sgd.batches.batch_size`: any batch structure). So the EMA's memory stays ``H`` examples when the
+batch size, the device count, the accumulation or the update interval changes, also in the middle of a fit.
+``warmup=True`` caps the decay as timm does: ``d_k <= 1 - (1 + (k - 1) / gamma) ** -power``.
 
 What it adds to Lightning's ``EMAWeightAveraging``:
 
+- one class for both Lightning packages (``pytorch_lightning`` and ``lightning.pytorch``): it derives from
+  :class:`lightning_sgd.compat.Callback` and keeps the EMA copy in a ``torch.optim.swa_utils.AveragedModel``, with
+  ``WeightAveraging``'s checkpoint layout (``state_dict`` = EMA weights, ``current_model_state``,
+  ``averaging_state``), so checkpoints of either callback load into the other;
 - parameters and buffers are matched BY NAME (a ghost-BN-converted model and its EMA copy still line up);
 - the EMA starts at the first update (``start_step``): validation before that, and the sanity check, use the raw
   weights (Lightning's callback evaluates a never-updated copy of the initial weights);
 - ``validate="ema"`` (default): validation runs with the EMA weights under the module's own keys (``val/...``);
   ``"both"``: validation runs with the raw weights (``val/...``) and the callback also evaluates the EMA weights
-  and logs ``val_ema/loss`` (and ``val_ema/acc`` for classification) through the module's
-  :mod:`lightning_sgd.protocols` contract; ``"raw"``: no EMA evaluation;
+  and logs ``val_ema/loss``: the mean over the validation batches (weighted by their sizes) of the module's own
+  training loss (its ``training_step``, through :class:`lightning_sgd.module_loss.ModuleLoss`, in eval mode under
+  ``no_grad``, logging muted), and ``val_ema/acc`` when the module implements the optional
+  ``split_batch``/``forward``/``loss`` protocol and its outputs are class logits; ``"raw"``: no EMA evaluation;
 - BatchNorm buffers: ``"average"`` (EMA like parameters), ``"copy"`` (the raw model's buffers) or
-  ``"recalibrate"`` (``update_bn``-style: recompute running statistics of the EMA weights on
-  ``recalibrate_batches`` training batches before each EMA evaluation and at the end of training);
+  ``"recalibrate"`` (``update_bn``-style: recompute running statistics of the EMA weights by running the module's
+  ``training_step`` in train mode on ``recalibrate_batches`` training batches, before each EMA evaluation and at
+  the end of training);
 - after ``fit`` the module holds the EMA weights (as Lightning's callback does), and the raw weights stay
   available: :meth:`EMAWeights.raw_state_dict` / :meth:`EMAWeights.restore_raw_weights`; a checkpoint saved
   after fit stores the EMA weights as ``state_dict`` and the raw ones as ``current_model_state``;
 - ``trainer.test(ckpt_path=...)`` / ``validate(ckpt_path=...)`` evaluate the checkpoint's EMA weights, also on a
   trainer that has just run ``fit`` (Lightning's callback would restore the raw weights there).
+
+``validate="both"`` and ``bn_buffers="recalibrate"`` (on a model with BatchNorm) re-run ``training_step``, so they
+are refused at setup for a module with manual optimization (its ``training_step`` steps the optimizers).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from copy import deepcopy
 from itertools import islice
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import WeightAveraging
-from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities.types import STEP_OUTPUT
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
-from lightning_sgd.protocols import first_tensor, num_examples
+from lightning_sgd.batches import batch_size
+from lightning_sgd.compat import Callback, package_of
+from lightning_sgd.module_loss import ModuleLoss
 
 __all__ = ["EMAWeights", "ema_decay"]
 
@@ -74,8 +87,28 @@ def ema_decay(
     return d
 
 
-class EMAWeights(WeightAveraging):
+def _overrides_configure_model(module: nn.Module) -> bool:
+    """Does ``module`` override ``configure_model`` (of its own Lightning package's ``LightningModule``)?"""
+    base = getattr(package_of(module).LightningModule, "configure_model", None)
+    own = getattr(type(module), "configure_model", None)
+    return own is not None and base is not None and own is not base
+
+
+def _loaders(iterables: Any) -> list[Any]:
+    """The DataLoaders of ``trainer.val_dataloaders`` (one, a sequence or a mapping), in Lightning's order."""
+    if iterables is None:
+        return []
+    if isinstance(iterables, Mapping):
+        return list(iterables.values())
+    return list(iterables) if isinstance(iterables, (list, tuple)) else [iterables]
+
+
+class EMAWeights(Callback):
     """EMA of the weights with half-life-in-samples decay, decay warmup, delayed start and BN handling.
+
+    Works under ``pytorch_lightning.Trainer`` and ``lightning.Trainer`` (and both LightningCLIs), with any
+    LightningModule; override :meth:`should_update` to choose the update steps, as with Lightning's
+    ``WeightAveraging``.
 
     Args:
         decay: fixed decay per update in (0, 1) (default 0.999 when ``half_life_samples`` is not given).
@@ -125,7 +158,6 @@ class EMAWeights(WeightAveraging):
             raise ValueError(f"EMAWeights: validate must be one of {VALIDATE_MODES}, got {validate!r}.")
         if recalibrate_batches < 1:
             raise ValueError(f"EMAWeights: recalibrate_batches must be >= 1, got {recalibrate_batches}.")
-        super().__init__(device=device, use_buffers=True)
         self.decay = decay
         self.half_life_samples = half_life_samples
         self.warmup, self.warmup_gamma, self.warmup_power = warmup, warmup_gamma, warmup_power
@@ -134,12 +166,16 @@ class EMAWeights(WeightAveraging):
         self.bn_buffers = bn_buffers
         self.recalibrate_batches = recalibrate_batches
         self.validate = validate
+        self.device = torch.device(device) if device is not None else None
         self.last_decay: float | None = None
+        self._average_model: AveragedModel | None = None
+        self._latest_update_step = 0  # global_step of the last update (0: none yet in this fit)
         self._pending_samples = 0.0
         self._raw_state: dict[str, Tensor] | None = None
         self._swapped = False
         self._needs_recalibration = False
         self._pairs: dict[str, list[tuple[Tensor, Tensor]]] | None = None
+        self._loss: ModuleLoss | None = None
 
     # ---------------------------------------------------------------------------------------------- public helpers
     @property
@@ -161,8 +197,9 @@ class EMAWeights(WeightAveraging):
             raise RuntimeError("EMAWeights: no raw weights stored; they are kept when fit ends with EMA weights.")
         pl_module.load_state_dict(self._raw_state)
 
-    @override
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """Update the EMA after optimizer step ``step_idx`` (0-based)? Same signature as Lightning's
+        ``WeightAveraging.should_update``; epochs (``epoch_idx``) never trigger an update here."""
         if step_idx is None:
             return False
         return step_idx >= self.start_step and (step_idx - self.start_step) % self.update_every_n_steps == 0
@@ -170,21 +207,30 @@ class EMAWeights(WeightAveraging):
     # -------------------------------------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":  # per-fit state; a checkpoint restored after setup() brings its own
-            if self.validate == "both":
-                from lightning_sgd.protocols import require_supervised
-
-                require_supervised(pl_module, "EMAWeights(validate='both')")
-            self._latest_update_step, self._pending_samples, self._raw_state = 0, 0.0, None
-            self._pairs, self._swapped, self.last_decay = None, False, None
-        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        # Per-fit state; a checkpoint restored after setup() brings its own.
+        self._latest_update_step, self._pending_samples, self._raw_state = 0, 0.0, None
+        self._pairs, self._swapped, self.last_decay, self._needs_recalibration = None, False, None, False
+        recalibrates = self.bn_buffers == "recalibrate" and any(
+            isinstance(m, _BatchNorm) and m.track_running_stats for m in pl_module.modules())
+        self._loss = None
+        if self.validate == "both" or recalibrates:
+            who = "EMAWeights(validate='both')" if self.validate == "both" else "EMAWeights(bn_buffers='recalibrate')"
+            self._loss = ModuleLoss(pl_module, who)
+            self._loss.check_usable()
+        if _overrides_configure_model(pl_module):  # build the layers before copying them, as WeightAveraging does
+            rank_zero_warn("EMAWeights: the module overrides configure_model; it is called now to build the layers "
+                           "of the EMA copy, which is not sharded, so it may run out of memory.")
+            pl_module.configure_model()
+        self._average_model = AveragedModel(pl_module, device=self.device or pl_module.device, use_buffers=True)
 
     @override
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.half_life_samples is not None:
-            self._pending_samples += num_examples(pl_module, batch, "EMAWeights") * trainer.world_size
+            self._pending_samples += batch_size(batch, "EMAWeights") * trainer.world_size
         if trainer.global_step > self._latest_update_step and self.should_update(step_idx=trainer.global_step - 1):
             decay = ema_decay(self.num_updates, self._pending_samples, decay=self.decay,
                               half_life_samples=self.half_life_samples, warmup=self.warmup,
@@ -192,10 +238,6 @@ class EMAWeights(WeightAveraging):
             self._update(pl_module, decay)
             self._pending_samples = 0.0
             self._latest_update_step = trainer.global_step
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pass  # updates are per optimizer step only
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -229,11 +271,12 @@ class EMAWeights(WeightAveraging):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "pending_samples": self._pending_samples, "last_decay": self.last_decay}
+        return {"latest_update_step": self._latest_update_step, "pending_samples": self._pending_samples,
+                "last_decay": self.last_decay}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+        self._latest_update_step = state_dict["latest_update_step"]
         self._pending_samples = state_dict.get("pending_samples", 0.0)
         self.last_decay = state_dict.get("last_decay")
 
@@ -244,7 +287,12 @@ class EMAWeights(WeightAveraging):
         if self._average_model is None or self.num_updates == 0:
             checkpoint["ema_weights_started"] = False  # the state_dict holds the raw weights, nothing else to store
             return
-        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        # WeightAveraging's layout: the EMA weights as state_dict (what evaluating the checkpoint loads), the
+        # module's own as current_model_state, AveragedModel's other state (n_averaged) as averaging_state.
+        average_state = self._average_model.state_dict()
+        checkpoint["current_model_state"] = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k[len("module."):]: v for k, v in average_state.items() if k.startswith("module.")}
+        checkpoint["averaging_state"] = {k: v for k, v in average_state.items() if not k.startswith("module.")}
         if self._raw_state is not None:  # after fit the module holds the EMA weights: keep the raw ones too
             checkpoint["current_model_state"] = self._raw_state
 
@@ -252,16 +300,26 @@ class EMAWeights(WeightAveraging):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if trainer.state.fn != TrainerFn.FITTING or self._average_model is None:
+        if trainer.state.fn != "fit" or self._average_model is None:
             return  # evaluating a checkpoint: its state_dict (the EMA weights) is what the module should hold
         if checkpoint.get("ema_weights_started") is False:
             return  # the EMA had not started; it will start as a copy at its first update
-        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        if "current_model_state" in checkpoint and "averaging_state" in checkpoint:
+            rank_zero_info("EMAWeights: restoring the EMA weights from the checkpoint's state_dict and the module's "
+                           "own from current_model_state.")
+            average_state = {f"module.{k}": v for k, v in checkpoint["state_dict"].items()}
+            self._average_model.load_state_dict({**average_state, **checkpoint["averaging_state"]})
+            # the module was loaded from state_dict (the EMA weights): reload its own
+            pl_module.load_state_dict(checkpoint["current_model_state"])
+        else:
+            rank_zero_warn("EMAWeights: the checkpoint was not saved with weight averaging; the EMA copy starts from "
+                           "its state_dict, like the module.")
+            self._average_model.module.load_state_dict(deepcopy(checkpoint["state_dict"]), strict=False)
         self._pairs = None
 
     # ---------------------------------------------------------------------------------------------------- internals
     def _active(self, trainer: pl.Trainer) -> bool:
-        return trainer.state.fn == TrainerFn.FITTING and self._average_model is not None and self.num_updates > 0
+        return trainer.state.fn == "fit" and self._average_model is not None and self.num_updates > 0
 
     def _named_pairs(self, pl_module: nn.Module) -> dict[str, list[tuple[Tensor, Tensor]]]:
         """``(ema, model)`` tensor pairs matched by name: float params, float buffers, other buffers."""
@@ -302,8 +360,8 @@ class EMAWeights(WeightAveraging):
         self._needs_recalibration = self.bn_buffers == "recalibrate"
 
     @torch.no_grad()
-    @override
     def _swap_models(self, pl_module: pl.LightningModule) -> None:
+        """Exchange the values of the module's and the EMA copy's parameters and buffers."""
         pairs = self._named_pairs(pl_module)
         for e, m in pairs["params"] + pairs["float_buffers"] + pairs["other_buffers"]:
             tmp = m.clone()
@@ -311,66 +369,74 @@ class EMAWeights(WeightAveraging):
             e.copy_(tmp)
 
     @torch.no_grad()
-    @override
     def _copy_average_to_current(self, pl_module: pl.LightningModule) -> None:
         pairs = self._named_pairs(pl_module)
         for e, m in pairs["params"] + pairs["float_buffers"] + pairs["other_buffers"]:
             m.copy_(e)
 
-    @torch.no_grad()
     def _recalibrate_if_needed(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Recompute the EMA copy's BN running statistics on a few training batches (cumulative average).
 
-        The batches come from a fresh iterator over the train DataLoader (which advances a shuffling sampler's
-        random generator, as any extra pass over the loader would).
+        The forwards are the module's own ``training_step`` (through :class:`ModuleLoss`), run on ``pl_module`` with
+        the EMA weights swapped in rather than on the EMA copy: the user's code then runs on the module the Trainer
+        knows (``self.trainer``, ``self.device``, hooks the strategy installed). ``ModuleLoss.isolated`` mutes its
+        logging, forks the RNG and restores every buffer and mode on exit, which would undo the recalibration; so
+        the new BN statistics are copied out inside the block and written into the EMA copy by name after the
+        weights are swapped back. Every other buffer the step touches stays restored. The batches come from a fresh
+        iterator over the train DataLoader (which advances a shuffling sampler's random generator, as any extra pass
+        over the loader would).
         """
         if not self._needs_recalibration or self._average_model is None:
             return
         self._needs_recalibration = False
-        ema = self._average_model.module
-        bns = [m for m in ema.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        bns = {name: m for name, m in pl_module.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats}
         if not bns:
             return
-        momenta = {bn: bn.momentum for bn in bns}
-        was_training = ema.training
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-        ema.train()
+        assert self._loss is not None, "setup() builds the loss for a model with BatchNorm"
+        momenta = {bn: bn.momentum for bn in bns.values()}
+        self._swap_models(pl_module)  # pl_module now holds the EMA weights and buffers
         try:
-            loader = trainer.train_dataloader
-            device = next(ema.parameters()).device
-            for batch in islice(iter(loader), self.recalibrate_batches):
-                batch = trainer.strategy.batch_to_device(batch, device)
-                inputs = ema.split_batch(batch)[0] if hasattr(ema, "split_batch") else first_tensor(batch)
-                ema(inputs)
+            with self._loss.isolated(), torch.no_grad():
+                pl_module.train()
+                for bn in bns.values():
+                    bn.reset_running_stats()
+                    bn.momentum = None  # cumulative average over the batches, as update_bn does
+                for batch in islice(iter(trainer.train_dataloader), self.recalibrate_batches):
+                    self._loss.loss(trainer.strategy.batch_to_device(batch, pl_module.device))
+                stats = {f"{name}.{key}": buffer.detach().clone()
+                         for name, bn in bns.items() for key, buffer in bn.named_buffers(recurse=False)}
         finally:
             for bn, momentum in momenta.items():
                 bn.momentum = momentum
-            ema.train(was_training)
+            self._swap_models(pl_module)
+        ema_buffers = dict(self._average_model.module.named_buffers())
+        with torch.no_grad():
+            for name, value in stats.items():
+                ema_buffers[name].copy_(value)
 
-    @torch.no_grad()
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Mean loss (and accuracy for class logits) of ``pl_module`` over the validation batches Lightning uses."""
-        from lightning_sgd.protocols import require_supervised
-
-        require_supervised(pl_module, "EMAWeights(validate='both')")
-        loaders = trainer.val_dataloaders
-        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-        limits = trainer.num_val_batches
-        total_loss, correct, count, classified = 0.0, 0.0, 0, True
-        for loader, limit in zip(loaders, limits):
-            for batch in islice(iter(loader), None if math.isinf(limit) else int(limit)):
-                batch = trainer.strategy.batch_to_device(batch)
-                inputs, targets = pl_module.split_batch(batch)
-                outputs = pl_module(inputs)
-                n = int(targets.shape[0])
-                total_loss += float(pl_module.loss(outputs, targets)) * n
-                count += n
-                if outputs.dim() == 2 and not targets.is_floating_point() and targets.dim() == 1:
-                    correct += float((outputs.argmax(1) == targets).sum())
-                else:
-                    classified = False
+        """Mean training loss of ``pl_module`` over the validation batches Lightning uses (each batch's mean loss
+        weighted by its size), in eval mode under ``no_grad``; accuracy too when the protocol gives class logits."""
+        assert self._loss is not None, "setup() builds the loss for validate='both'"
+        total_loss, correct, count, classified = 0.0, 0.0, 0, self._loss.uses_protocol
+        with self._loss.isolated(), torch.no_grad():
+            pl_module.eval()
+            for loader, limit in zip(_loaders(trainer.val_dataloaders), trainer.num_val_batches):
+                for batch in islice(iter(loader), None if math.isinf(limit) else int(limit)):
+                    batch = trainer.strategy.batch_to_device(batch)
+                    n = batch_size(batch, "EMAWeights")
+                    if self._loss.uses_protocol:
+                        outputs, targets = self._loss.outputs(batch)
+                        loss = pl_module.loss(outputs, targets)  # type: ignore[operator]
+                        if (isinstance(outputs, Tensor) and isinstance(targets, Tensor) and outputs.dim() == 2
+                                and targets.dim() == 1 and not targets.is_floating_point()):
+                            correct += float((outputs.argmax(1) == targets).sum())
+                        else:
+                            classified = False
+                    else:
+                        loss = self._loss.loss(batch)
+                    total_loss += float(loss) * n
+                    count += n
         if count == 0:
             return {}
         metrics = {"loss": total_loss / count}
