@@ -1,24 +1,22 @@
 """DeepBootstrap: the real world and its fresh-data twin in one training job (Nakkiran et al., ICLR 2021).
 
 Draws on Nakkiran, Neyshabur & Sedghi, "The Deep Bootstrap Framework: Good Online Learners are Good Offline
-Generalizers" (ICLR 2021; seed 000 of shared/seeds and shared/REFERENCE.md) and preetum/deep-bootstrap-code, where
-the two worlds are two hand-launched runs. Pure helpers (fresh-sample streams, pools, metrics, plot) live in
+Generalizers" (ICLR 2021) and preetum/deep-bootstrap-code, where the two worlds are two hand-launched runs. Pure helpers (fresh-sample streams, pools, metrics, plot) live in
 :mod:`lightning_sgd.bootstrap`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.core.optimizer import _configure_optimizers, _configure_schedulers_automatic_opt
-from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset
@@ -31,7 +29,9 @@ from lightning_sgd.bootstrap import (
     evaluate,
     plot_bootstrap,
 )
-from lightning_sgd.protocols import require_supervised
+from lightning_sgd.batches import batch_size
+from lightning_sgd.compat import PACKAGES, Callback, import_from
+from lightning_sgd.module_loss import ModuleLoss
 from lightning_sgd.schedules import LogSpaced, Schedule, as_schedule
 
 try:  # Lightning >= 2.1 marks hooks with typing_extensions.override; keep working without it
@@ -44,9 +44,10 @@ except ImportError:  # pragma: no cover
 class DeepBootstrap(Callback):
     r"""Train an "ideal world" twin on fresh samples next to the real run and log the bootstrap gap.
 
-    At fit start the LightningModule is cloned (bit-identical initial weights) and the clone gets its own optimizer
-    and LR schedulers from its ``configure_optimizers``. After every optimizer step of the real world, the twin takes
-    one step on the next examples of a fresh-sample stream, with the same batch size (micro-batch for micro-batch
+    Works with any LightningModule with automatic optimization and one optimizer. At fit start the module is
+    cloned (bit-identical initial weights) and the clone gets its own optimizer and LR schedulers from its
+    ``configure_optimizers``. After every optimizer step of the real world, the twin takes one step with its own
+    ``training_step`` (logging muted) on the next examples of a fresh-sample stream, with the same batch size (micro-batch for micro-batch
     under gradient accumulation), the same gradient clipping and a scheduler clock kept in step with the real one,
     so after ``t`` real steps the twin has taken exactly ``t`` steps. On ``schedule`` (log-spaced by default, dense
     early) both worlds are evaluated on the ``split`` set and logged:
@@ -58,8 +59,11 @@ class DeepBootstrap(Callback):
 
     - ``bootstrap/real_{split}_error``, ``bootstrap/ideal_{split}_error``, ``bootstrap/gap`` (real − ideal error), and
       the same for the soft error 1 − p_correct (``..._soft_error``, ``bootstrap/soft_gap``) and the loss
-      (``..._loss``, ``bootstrap/loss_gap``). Error and soft error need ``(B, C)`` logits with integer labels;
-      otherwise only losses are logged and ``bootstrap/gap`` is the loss gap.
+      (``..._loss``, ``bootstrap/loss_gap``). The loss is the module's own training loss (its ``training_step``, in
+      eval mode; :func:`lightning_sgd.bootstrap.evaluate`). Error and soft error need the network's outputs apart
+      from the loss: they are logged when the module implements the optional ``split_batch``/``forward``/``loss``
+      protocol with ``(B, C)`` logits and integer labels; otherwise only losses are logged and ``bootstrap/gap`` is
+      the loss gap.
     - ``bootstrap/real_train_error`` (+ ``_soft_error``, ``_loss``): the real world on (up to
       ``max_train_eval_examples`` of) its own training set.
     - ``bootstrap/online_loss`` (+ ``_error``, ``_soft_error``): progressive validation of the real world, i.e. its
@@ -68,7 +72,7 @@ class DeepBootstrap(Callback):
     - ``bootstrap/ideal_online_loss``: the twin's training loss on its fresh batches (always an online estimate).
     - ``bootstrap/twin_diverged`` = 1 at the step where the twin's loss became non-finite.
 
-    At the end of fit a PNG of the two error curves (and the real train error) is written next to the logs
+    At the end of fit a PNG of the two error curves (loss curves without errors) and the real train error is written next to the logs
     (``deep_bootstrap.png`` in the CSV logger's folder, else ``trainer.log_dir``) and logged to W&B when a W&B
     logger is attached. The measurements are also kept in :attr:`history`.
 
@@ -86,11 +90,12 @@ class DeepBootstrap(Callback):
     **Isolation.** The twin never changes the real world's trajectory: everything the callback runs uses a private
     torch RNG stream (:class:`~lightning_sgd.bootstrap.PrivateRNG`, seeded by ``seed`` and checkpointed), so the
     twin's dropout or the evaluation never consume the global RNG, and the real model is evaluated in eval mode
-    under ``no_grad`` (BatchNorm statistics untouched). A twin that diverges is logged, warned about once and
+    under ``no_grad`` (BatchNorm statistics untouched) with its logging muted, so what the user's ``training_step``
+    logs is unchanged. A twin that diverges is logged, warned about once and
     stopped; the real run goes on. Checkpoints carry the twin, its optimizer and schedulers, its RNG, the stream
     position and the history, so a resumed run continues both worlds.
 
-    Limits: automatic optimization with one optimizer; ``ReduceLROnPlateau`` is refused (it would follow the real
+    Limits: automatic optimization with one optimizer (checked at setup); ``ReduceLROnPlateau`` is refused (it would follow the real
     world's metric); no AMP grad scaler for the twin (bf16 and fp32 are fine). Under DDP each rank's twin reads its
     own slice of the fresh stream and the twin's gradients are averaged across ranks; measurements run on rank 0.
 
@@ -131,6 +136,8 @@ class DeepBootstrap(Callback):
         self.max_eval_examples, self.max_train_eval_examples = max_eval_examples, max_train_eval_examples
         self.history: list[dict[str, float]] = []
         self.twin: pl.LightningModule | None = None
+        self._loss: ModuleLoss | None = None  # the real world's loss
+        self._twin_loss: ModuleLoss | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.schedulers: list[Any] = []
         self.plot_path: str | None = None
@@ -163,7 +170,7 @@ class DeepBootstrap(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        require_supervised(pl_module, "DeepBootstrap")
+        self._loss = ModuleLoss(pl_module, "DeepBootstrap")
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
                 "DeepBootstrap trains the twin like Lightning's automatic optimization; "
@@ -199,24 +206,21 @@ class DeepBootstrap(Callback):
             self._rng = PrivateRNG(self.seed, pl_module.device)
         with self._rng:
             self.twin = copy.deepcopy(pl_module)  # LightningModule drops its trainer reference when copied
-            self.twin._trainer = trainer  # configure_optimizers may read e.g. trainer.estimated_stepping_batches
-            try:
+            self._twin_loss = ModuleLoss(self.twin, "DeepBootstrap")
+            with _attached(self.twin, trainer):  # configure_optimizers may read trainer.estimated_stepping_batches
                 optim_conf = self.twin.configure_optimizers()
-            finally:
-                self.twin._trainer = None
-        optimizers, schedulers, monitor = _configure_optimizers(optim_conf)
+        optimizers, schedulers = _optimizers_and_schedulers(optim_conf)
         if len(optimizers) != 1:
             raise MisconfigurationException(
                 f"DeepBootstrap supports exactly one optimizer; configure_optimizers returned {len(optimizers)}."
             )
-        configs = _configure_schedulers_automatic_opt(schedulers, monitor)
-        if any(config.reduce_on_plateau for config in configs):
+        if any(_reduces_on_plateau(s) for s in schedulers):
             raise MisconfigurationException(
                 "DeepBootstrap cannot clone a ReduceLROnPlateau schedule: the twin would follow the real world's "
                 "metric. Use a fixed schedule (StepLR, CosineAnnealingLR, OneCycleLR, ...)."
             )
         self.optimizer = optimizers[0]
-        self.schedulers = [config.scheduler for config in configs]
+        self.schedulers = [s["scheduler"] if isinstance(s, Mapping) else s for s in schedulers]
         self._last_step = trainer.global_step
         if self._pending is not None:
             self._apply_state(self._pending)
@@ -247,12 +251,13 @@ class DeepBootstrap(Callback):
                              batch_idx: int) -> None:
         if not self._micro_sizes:  # a new real optimizer step begins: remember the schedulers' clocks
             self._sched_clock = [config.scheduler.last_epoch for config in trainer.lr_scheduler_configs]
-        _, targets = pl_module.split_batch(batch)  # type: ignore[operator]
-        self._micro_sizes.append(len(targets))
+        size = batch_size(batch, "DeepBootstrap")
+        self._micro_sizes.append(size)
         if self.online and trainer.current_epoch == 0:
+            assert self._loss is not None
             with self._rng:
-                values = evaluate(pl_module, [batch])
-            _accumulate(self._online, values, len(targets))
+                values = evaluate(self._loss, [batch])
+            _accumulate(self._online, values, size)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -338,6 +343,7 @@ class DeepBootstrap(Callback):
         if self._stopped is not None or self.twin is None or self.optimizer is None:
             return
         twin, world, rank = self.twin, trainer.world_size, trainer.global_rank
+        assert self._twin_loss is not None
         for real_m, twin_m in zip(pl_module.modules(), twin.modules()):  # same train/eval mode, submodule by submodule
             twin_m.training = real_m.training
         self._sync_schedulers(self._sched_clock)  # epoch-interval schedulers stepped between the real steps
@@ -351,11 +357,11 @@ class DeepBootstrap(Callback):
                 return
             position += world * size
             batch = trainer.strategy.batch_to_device(batch)
-            with trainer.precision_plugin.train_step_context():
-                inputs, targets = twin.split_batch(batch)
-                loss = twin.loss(twin(inputs), targets)
+            n = batch_size(batch, "DeepBootstrap")
+            with _attached(twin, trainer), torch.enable_grad(), trainer.precision_plugin.train_step_context():
+                loss = self._twin_loss.loss(batch)
             (loss / trainer.accumulate_grad_batches).backward()
-            total, count = total + loss.detach().float() * len(targets), count + len(targets)
+            total, count = total + loss.detach().float() * n, count + n
         self._fresh_pos = position
         if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             for p in twin.parameters():
@@ -416,14 +422,16 @@ class DeepBootstrap(Callback):
         split = self.split
         to_device = trainer.strategy.batch_to_device
         metrics: dict[str, float] = {}
+        assert self._loss is not None
         with self._rng:
-            real = evaluate(pl_module, self._eval_loader, to_device, self.max_eval_examples)
+            real = evaluate(self._loss, self._eval_loader, to_device, self.max_eval_examples)
             metrics.update({f"bootstrap/real_{split}_{k}": v for k, v in real.items()})
             if self._train_eval is not None:
-                train = evaluate(pl_module, self._train_eval, to_device, self.max_train_eval_examples)
+                train = evaluate(self._loss, self._train_eval, to_device, self.max_train_eval_examples)
                 metrics.update({f"bootstrap/real_train_{k}": v for k, v in train.items()})
-            if self.twin is not None and self._stopped is None:
-                ideal = evaluate(self.twin, self._eval_loader, to_device, self.max_eval_examples)
+            if self.twin is not None and self._twin_loss is not None and self._stopped is None:
+                with _attached(self.twin, trainer):
+                    ideal = evaluate(self._twin_loss, self._eval_loader, to_device, self.max_eval_examples)
                 if not math.isfinite(ideal["loss"]):
                     self._stop_diverged(trainer)
                 else:
@@ -446,7 +454,8 @@ class DeepBootstrap(Callback):
 
     @rank_zero_only
     def _write_plot(self, trainer: pl.Trainer) -> None:
-        folder = next((lg.log_dir for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+        csv_loggers = tuple(import_from(package, "loggers.CSVLogger") for package in PACKAGES)
+        folder = next((lg.log_dir for lg in trainer.loggers if isinstance(lg, csv_loggers)), None)
         folder = folder or trainer.log_dir or trainer.default_root_dir
         try:
             os.makedirs(folder, exist_ok=True)
@@ -459,6 +468,67 @@ class DeepBootstrap(Callback):
             warnings.warn(f"DeepBootstrap could not write its plot ({type(err).__name__}: {err}).", stacklevel=2)
             return
         self.plot_path = path
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _attached(twin: pl.LightningModule, trainer: pl.Trainer) -> Iterator[None]:
+    """Run the twin's own code attached to the trainer (so ``self.trainer``, ``self.global_step`` work in its
+    ``training_step`` and ``configure_optimizers``) with ``self.log``/``self.log_dict`` muted (the twin's metrics
+    must not reach the real run's logs).
+
+    Deliberately not :meth:`ModuleLoss.isolated` for the twin's training: that restores buffers and forks the RNG
+    on exit, but the twin's BatchNorm statistics must advance with its training, and its RNG draws (dropout) must
+    advance its private stream (:class:`~lightning_sgd.bootstrap.PrivateRNG`, entered by the caller).
+    """
+    saved = {name: twin.__dict__[name] for name in ("log", "log_dict") if name in twin.__dict__}
+    twin.log, twin.log_dict = _noop, _noop  # instance attributes shadow the methods
+    twin._trainer = trainer
+    try:
+        yield
+    finally:
+        twin._trainer = None
+        for name in ("log", "log_dict"):
+            if name in saved:
+                setattr(twin, name, saved[name])
+            else:
+                twin.__dict__.pop(name, None)
+
+
+def _is_optimizer(obj: Any) -> bool:
+    return isinstance(obj, torch.optim.Optimizer) or all(hasattr(obj, a) for a in ("param_groups", "step", "zero_grad"))
+
+
+def _optimizers_and_schedulers(conf: Any) -> tuple[list[Any], list[Any]]:
+    """The optimizers and LR schedulers (scheduler objects or Lightning's scheduler config dicts) of a
+    ``configure_optimizers`` return, in Lightning's order, for the forms Lightning accepts: an optimizer, a list of
+    them, ``([optimizers], [schedulers])``, ``{"optimizer": ..., "lr_scheduler": ...}`` or a list of such dicts."""
+    if conf is None:
+        return [], []
+    if _is_optimizer(conf):
+        return [conf], []
+    if isinstance(conf, Mapping):
+        return [conf["optimizer"]], [conf["lr_scheduler"]] if "lr_scheduler" in conf else []
+    if isinstance(conf, (list, tuple)):
+        if len(conf) == 2 and isinstance(conf[0], list) and all(_is_optimizer(o) for o in conf[0]):
+            return list(conf[0]), list(conf[1]) if isinstance(conf[1], list) else [conf[1]]
+        if all(isinstance(c, Mapping) for c in conf):
+            return [c["optimizer"] for c in conf], [c["lr_scheduler"] for c in conf if "lr_scheduler" in c]
+        if all(_is_optimizer(o) for o in conf):
+            return list(conf), []
+    raise MisconfigurationException(
+        f"DeepBootstrap could not read the optimizer from configure_optimizers' {type(conf).__name__}; return an "
+        "optimizer, ([optimizer], [scheduler]) or {'optimizer': ..., 'lr_scheduler': ...}.")
+
+
+def _reduces_on_plateau(scheduler: Any) -> bool:
+    """A ``ReduceLROnPlateau`` (or a scheduler config flagged ``reduce_on_plateau``): it follows a metric."""
+    if isinstance(scheduler, Mapping):
+        return bool(scheduler.get("reduce_on_plateau")) or _reduces_on_plateau(scheduler.get("scheduler"))
+    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
 
 def _accumulate(sums: dict[str, float], values: dict[str, float], n: int) -> None:

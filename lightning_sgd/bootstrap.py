@@ -1,4 +1,4 @@
-"""Pure helpers for the deep bootstrap (Nakkiran, Neyshabur & Sedghi, ICLR 2021; seed 000 of shared/seeds).
+"""Pure helpers for the deep bootstrap (Nakkiran, Neyshabur & Sedghi, ICLR 2021).
 
 The deep bootstrap compares a "real world" model trained for T steps on n samples (many epochs) with an "ideal
 world" twin trained for the same T steps on fresh i.i.d. samples::
@@ -11,8 +11,10 @@ This file holds what :class:`lightning_sgd.callbacks.DeepBootstrap` needs that d
 - :class:`ChunkedStream`, an unlimited deterministic stream generated in fixed-size chunks with per-chunk seeds,
 - :class:`PoolSampler` and :func:`split_pool`, the "large held-out pool" option for any map-style dataset,
 - :class:`PrivateRNG`, which runs code on its own torch RNG stream and leaves the global RNGs untouched,
-- :func:`batch_metrics` / :func:`evaluate`: loss, error and soft error (1 − p_correct) of a supervised module,
-- :func:`plot_bootstrap`: the two test-error curves (and the real world's train error) as a PNG.
+- :func:`batch_metrics` / :func:`evaluate`: the loss of any LightningModule (its own ``training_step``), and the
+  error and soft error (1 − p_correct) of a classifier that implements the optional protocol,
+- :func:`plot_bootstrap`: the two test-error curves (and the real world's train error) as a PNG; the loss curves
+  when no error was measured.
 
 The fresh-sample protocol (what a DataModule adds so the twin can train on fresh data), one of:
 
@@ -42,6 +44,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset, default_collate
+
+from lightning_sgd.batches import batch_size, slice_batch
+from lightning_sgd.module_loss import ModuleLoss
 
 FRESH_BATCH_METHOD = "fresh_batch"
 FRESH_POOL_METHOD = "fresh_pool"
@@ -235,31 +240,40 @@ def batch_metrics(outputs: Tensor, targets: Tensor) -> dict[str, Tensor] | None:
 
 
 def evaluate(
-    module: nn.Module,
+    module: nn.Module | ModuleLoss,
     batches: Iterable[Any],
     to_device: Callable[[Any], Any] = lambda batch: batch,
     max_examples: int | None = None,
 ) -> dict[str, float]:
-    """Mean ``loss`` (and ``error``, ``soft_error`` for classifiers) of a supervised module over ``batches``.
+    """Mean ``loss`` (and ``error``, ``soft_error`` for classifiers) of a module over ``batches``.
 
-    ``module`` implements the :mod:`lightning_sgd.protocols` contract; its ``loss`` is a mean over the batch, so
-    each batch's loss is weighted by its size. Runs in eval mode under ``no_grad`` (see :func:`eval_mode`).
-    ``max_examples`` stops after that many examples (the last batch is cut to fit).
+    The loss of a batch is the module's own training loss (:class:`~lightning_sgd.module_loss.ModuleLoss`: its
+    ``training_step``, or ``loss(forward(inputs), targets)`` when it implements the optional protocol), a mean over
+    the batch, so each batch's loss is weighted by its size. ``error`` and ``soft_error`` need the network's outputs
+    and the targets, so they are computed only through the protocol, and only for ``(B, C)`` logits with integer
+    labels (:func:`batch_metrics`). Runs inside :meth:`ModuleLoss.isolated` (the module's logging muted, its RNG
+    draws and buffers undone) in eval mode under ``no_grad``. ``max_examples`` stops after that many examples (the
+    last batch is cut to fit). Pass a ``ModuleLoss`` to reuse one (and name the caller in its errors).
     """
+    loss_fn = module if isinstance(module, ModuleLoss) else ModuleLoss(module, "evaluate")
+    net = loss_fn.module
     totals: dict[str, float] = {}
     count = 0
-    with eval_mode(module):
+    with loss_fn.isolated(), eval_mode(net):
         for batch in batches:
-            inputs, targets = module.split_batch(to_device(batch))  # type: ignore[operator]
-            if max_examples is not None and count + len(targets) > max_examples:
+            batch = to_device(batch)
+            n = batch_size(batch, loss_fn.who)
+            if max_examples is not None and count + n > max_examples:
                 keep = max_examples - count
                 if keep <= 0:
                     break
-                inputs, targets = inputs[:keep], targets[:keep]
-            outputs = module(inputs)
-            n = len(targets)
-            sums = {"loss": module.loss(outputs, targets).float() * n}  # type: ignore[operator]
-            sums.update(batch_metrics(outputs, targets) or {})
+                batch, n = slice_batch(batch, slice(0, keep), loss_fn.who), keep
+            if loss_fn.uses_protocol:
+                outputs, targets = loss_fn.outputs(batch)
+                sums = {"loss": net.loss(outputs, targets).float() * n}  # type: ignore[operator]
+                sums.update(batch_metrics(outputs, targets) or {})
+            else:
+                sums = {"loss": loss_fn.loss(batch).float() * n}
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
             count += n
@@ -287,11 +301,14 @@ def plot_bootstrap(
     ``runs`` maps a label (e.g. ``"n=1000"``) to the callback's history: dicts with ``step`` and the
     ``bootstrap/...`` metrics. One colour per run; solid = real world, dashed = ideal world, dotted = real train
     error; a dot marks the first measurement where the real train error is at most 1% (as in the paper's figures).
+    When no history holds an error (a module without the protocol, or not a classifier) the losses are drawn instead.
     Uses matplotlib's object API, so it never changes the global backend.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    histories = list(runs.values())
+    metric = "error" if any(f"bootstrap/real_{split}_error" in h for hs in histories for h in hs) else "loss"
     fig = Figure(figsize=(6.4, 4.2), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -300,9 +317,9 @@ def plot_bootstrap(
         colour = colours[i % len(colours)]
         prefix = f"{label}: " if label else ""
         for key, style, name in (
-            (f"bootstrap/real_{split}_error", "-", f"real {split} error"),
-            (f"bootstrap/ideal_{split}_error", "--", f"ideal {split} error"),
-            ("bootstrap/real_train_error", ":", "real train error"),
+            (f"bootstrap/real_{split}_{metric}", "-", f"real {split} {metric}"),
+            (f"bootstrap/ideal_{split}_{metric}", "--", f"ideal {split} {metric}"),
+            (f"bootstrap/real_train_{metric}", ":", f"real train {metric}"),
         ):
             points = [(max(h["step"], 0.5), h[key]) for h in history if key in h]  # step 0 shown at 0.5 (log axis)
             if points:
@@ -311,12 +328,15 @@ def plot_bootstrap(
         fitted = first_fit_step(history)  # the paper's dots: where the real world's train error reaches 1%
         real_key = f"bootstrap/real_{split}_error"
         at = [h for h in history if h["step"] == fitted and real_key in h]
-        if at:
+        if at and metric == "error":
             ax.plot([max(fitted, 0.5)], [at[0][real_key]], "o", color=colour)
     ax.set_xscale("log")
     ax.set_xlabel("optimizer steps (step 0 drawn at 0.5)")
-    ax.set_ylabel("classification error")
-    ax.set_ylim(bottom=0)
+    if metric == "error":
+        ax.set_ylabel("classification error")
+        ax.set_ylim(bottom=0)
+    else:
+        ax.set_ylabel("loss (training_step)")
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title)
     ax.legend(fontsize=7)
