@@ -26,6 +26,10 @@ batch size, accumulation, factor and decision history, so a resumed fit continue
 EMA: :class:`lightning_sgd.plugins.EMAWeights` with ``half_life_samples`` counts the examples of the actual batches,
 so its memory in examples is unchanged by a batch change.
 
+Both callbacks work with any LightningModule (they touch the DataLoader, the optimizers and the schedulers, never
+the module) under ``pytorch_lightning.Trainer`` or ``lightning.Trainer``. :class:`AdaptiveBatchSize` only reads
+``b_simple`` from a noise-scale estimator.
+
 Limits (checked when training starts): one map-style train DataLoader with automatic batching;
 ``limit_train_batches`` must be 1.0; an integer ``val_check_interval`` stays counted in batches; schedulers or
 warmups sized from ``trainer.estimated_stepping_batches`` (OneCycleLR, ``warmup_epochs``) see the steps of the
@@ -40,12 +44,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import BatchSampler, DataLoader
 from typing_extensions import override
 
 from lightning_sgd.batch_size import ResizableBatchSampler, milestone_multiplier, split_global_batch
+from lightning_sgd.compat import Callback
 from lightning_sgd.plugins.lr_warmup_scaling import RULES, LRWarmupScaling, _WarmupScheduler, scale_factor
 
 __all__ = ["AdaptiveBatchSize", "BatchSizeSchedule"]
