@@ -7,11 +7,13 @@ packages' ``Callback`` (the two are plain classes with the same hook names and n
 either Trainer and either LightningCLI, with no different import for the user.
 
 Anything else that differs by package (the strategy, ``WeightAveraging``, logger classes) is looked up through
-:func:`package_of`, which tells which package a Trainer or module comes from.
+:func:`package_of`, which tells which package a Trainer or module comes from. Our strategy names
+(``"ddp_grad_stats"``) are registered in both packages' ``StrategyRegistry`` when this module is imported.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 from typing import Any
@@ -26,7 +28,8 @@ except ImportError:  # pragma: no cover - both are installed by the project's se
     _lpt = None
     _LCallback = None
 
-__all__ = ["Callback", "PACKAGES", "package_of", "is_lightning_module", "is_trainer"]
+__all__ = ["Callback", "PACKAGES", "STRATEGIES", "package_of", "is_lightning_module", "is_trainer",
+           "register_strategies"]
 
 #: The Lightning packages importable here, ``pytorch_lightning`` first.
 PACKAGES: tuple[ModuleType, ...] = (_pl,) if _lpt is None else (_pl, _lpt)
@@ -67,3 +70,34 @@ def import_from(package: ModuleType, path: str) -> Any:
     module_name, _, attr = path.rpartition(".")
     module = importlib.import_module(f"{package.__name__}.{module_name}") if module_name else package
     return getattr(module, attr)
+
+
+#: Strategy names registered in every package's ``StrategyRegistry``: name -> (description, ``module:function``
+#: taking the package's name and the strategy's arguments and returning that package's strategy object).
+STRATEGIES: dict[str, tuple[str, str]] = {
+    "ddp_grad_stats": ("DDP that also records local (per-rank) and global gradient norms (lightning-sgd)",
+                       "lightning_sgd.plugins.grad_stats_ddp:grad_stats_ddp_strategy"),
+}
+
+
+def _build_strategy(target: str, package_name: str, **init_params: Any) -> Any:
+    module_name, function_name = target.split(":")
+    return getattr(importlib.import_module(module_name), function_name)(package_name, **init_params)
+
+
+def register_strategies() -> None:
+    """Register :data:`STRATEGIES` in both packages' ``StrategyRegistry``, so ``Trainer(strategy="ddp_grad_stats")``
+    (and ``trainer.strategy: ddp_grad_stats`` in LightningCLI YAML) works under either package.
+
+    Runs when this module is imported, i.e. as soon as any ``lightning_sgd`` callback or plugin is; the strategy's
+    module itself is imported only when a Trainer asks for the name. Names already registered are left alone.
+    """
+    for package in PACKAGES:
+        registry = import_from(package, "strategies.StrategyRegistry")
+        for name, (description, target) in STRATEGIES.items():
+            if name not in registry:
+                registry.register(name, functools.partial(_build_strategy, target, package.__name__),
+                                  description=description)
+
+
+register_strategies()

@@ -6,6 +6,12 @@
   ``~/.netrc`` entry for api.wandb.ai, or ``WANDB_MODE`` set explicitly), so a run never hangs at a login prompt.
 - If W&B cannot start (no network, bad key, broken install), it warns once and turns into a no-op: the run goes on
   and the other loggers (the CSV logger in every recipe) keep the metrics.
+
+Both Lightning packages: :class:`WandbLogger` is a ``pytorch_lightning`` logger and :class:`LightningWandbLogger` its
+``lightning.pytorch`` twin (``import lightning as L``), the same :class:`NeverFatalWandbMixin` on each package's
+``WandbLogger`` (a logger holds state, so one class cannot subclass both). Either object works as a logger in either
+Trainer (the Trainer does not check a logger's class); LightningCLI does, so a ``lightning.pytorch`` CLI config names
+``lightning_sgd.loggers.LightningWandbLogger``. :func:`wandb_logger_class` picks the class for a package.
 """
 
 from __future__ import annotations
@@ -13,10 +19,12 @@ from __future__ import annotations
 import netrc
 import os
 import warnings
+from types import ModuleType
 from typing import Any
 
+from lightning.pytorch.loggers import WandbLogger as _LWandbLogger
 from pytorch_lightning.loggers import WandbLogger as _PLWandbLogger
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from pytorch_lightning.utilities.rank_zero import rank_zero_only  # one object shared by both packages
 
 
 def wandb_credentials_present() -> bool:
@@ -49,8 +57,8 @@ class _NullExperiment:
         return False
 
 
-class WandbLogger(_PLWandbLogger):
-    """Lightning's ``WandbLogger``, offline by default without credentials, and never fatal.
+class NeverFatalWandbMixin:
+    """A Lightning ``WandbLogger`` (the next base class), offline by default without credentials, and never fatal.
 
     Args:
         offline: ``True``/``False`` force the mode; ``None`` picks offline unless credentials are present or
@@ -120,3 +128,26 @@ class WandbLogger(_PLWandbLogger):
         """The local W&B run folder (``.../wandb/offline-run-...``) of the current or last run, without starting one."""
         files_dir = getattr(self._experiment, "dir", None) if self._experiment is not None else None
         return os.path.dirname(files_dir) if isinstance(files_dir, str) else self.last_run_dir
+
+
+class WandbLogger(NeverFatalWandbMixin, _PLWandbLogger):
+    """``pytorch_lightning``'s ``WandbLogger``, offline by default without credentials, and never fatal (arguments:
+    :class:`NeverFatalWandbMixin`; for ``lightning.pytorch``: :class:`LightningWandbLogger`)."""
+
+
+class LightningWandbLogger(NeverFatalWandbMixin, _LWandbLogger):
+    """:class:`WandbLogger` for ``lightning.pytorch`` (``import lightning as L``): the same logger on that package's
+    ``WandbLogger`` (arguments: :class:`NeverFatalWandbMixin`)."""
+
+
+def wandb_logger_class(package: ModuleType | str) -> type[NeverFatalWandbMixin]:
+    """The W&B logger class for a Lightning package (``pytorch_lightning`` or ``lightning.pytorch``, module or name).
+
+    >>> wandb_logger_class("lightning.pytorch").__name__
+    'LightningWandbLogger'
+    """
+    name = package if isinstance(package, str) else package.__name__
+    classes = {"pytorch_lightning": WandbLogger, "lightning.pytorch": LightningWandbLogger}
+    if name not in classes:
+        raise ValueError(f"wandb_logger_class: unknown Lightning package {name!r}; expected one of {sorted(classes)}.")
+    return classes[name]

@@ -34,10 +34,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
+
+from lightning_sgd.compat import Callback
 
 __all__ = ["GhostBatchNorm", "GhostBatchNormCallback", "convert_to_ghost_batchnorm"]
 

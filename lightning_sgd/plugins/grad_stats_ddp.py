@@ -20,6 +20,14 @@ How, on every backend (gloo/CPU included; Lightning itself registers comm hooks 
   while the callback would read it): a comm hook takes the norm of each bucket before the all-reduce (or the user
   hook) and of its result after it, and divides in place like DDP's default hook.
 
+Both Lightning packages: :class:`GradStatsDDPStrategy` is a ``pytorch_lightning`` strategy and
+:class:`LightningGradStatsDDPStrategy` its ``lightning.pytorch`` twin (``import lightning as L``): one class cannot
+subclass both packages' ``DDPStrategy``, so both are the same :class:`GradStatsDDPMixin` on top of their package's
+``DDPStrategy``. The name ``"ddp_grad_stats"`` is registered in both packages' ``StrategyRegistry`` (as soon as any
+``lightning_sgd`` callback or plugin is imported), so ``Trainer(strategy="ddp_grad_stats")`` and
+``trainer.strategy: ddp_grad_stats`` in LightningCLI YAML work under either package; to pass arguments, construct
+the class of the Trainer's package (:func:`grad_stats_ddp_strategy` picks it from a package).
+
 Each optimizer step it publishes an :class:`lightning_sgd.grad_stats.AllReduceGradStats` as
 ``strategy.latest_grad_stats`` (read by :class:`lightning_sgd.callbacks.GradientNoiseScale`: W small batches of
 ``local_batch_size`` and one big batch of ``global_batch_size``, McCandlish et al. 2018, App. A) and logs
@@ -61,22 +69,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy as _LDDPStrategy
 from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.utilities.data import extract_batch_size
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from lightning_sgd import compat
+from lightning_sgd.batches import batch_size
 from lightning_sgd.grad_stats import AllReduceGradStats
 
-__all__ = ["GradStatsDDPStrategy"]
+__all__ = ["GradStatsDDPMixin", "GradStatsDDPStrategy", "LightningGradStatsDDPStrategy", "grad_stats_ddp_strategy"]
 
 # Hooks whose all-reduced result is the plain average of the local gradients (up to fp16/bf16 rounding).
 _MEAN_PRESERVING_HOOKS = {
@@ -254,7 +265,7 @@ def _grad_stats_hook(recorder, bucket):  # noqa: ANN001, ANN202 - DDP checks rea
     return recorder.wrapped(bucket)
 
 
-class _GradStatsLogger(pl.Callback):
+class _GradStatsLogger(compat.Callback):
     """Logs the strategy's per-step gradient norms through the LightningModule (added by the strategy)."""
 
     def __init__(self, max_logged_ranks: int) -> None:
@@ -273,8 +284,8 @@ class _GradStatsLogger(pl.Callback):
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=stats.local_batch_size)
 
 
-class GradStatsDDPStrategy(DDPStrategy):
-    """Lightning's ``DDPStrategy`` whose all-reduce also measures local (per-rank) and global gradient norms.
+class GradStatsDDPMixin:
+    """The measuring logic of :class:`GradStatsDDPStrategy`, placed before a package's ``DDPStrategy`` in the bases.
 
     Args:
         log_grad_norms: log ``ddp/global_grad_norm``, ``ddp/local_grad_norm_{min,max}`` and
@@ -287,18 +298,14 @@ class GradStatsDDPStrategy(DDPStrategy):
 
     After each synced backward ``latest_grad_stats`` holds an :class:`AllReduceGradStats` (``None`` before the
     first step).
-
-    Example::
-
-        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=GradStatsDDPStrategy())
     """
 
     def __init__(self, *args: Any, log_grad_norms: bool = True, max_logged_ranks: int = 16, every_n_steps: int = 1,
                  **kwargs: Any) -> None:
         if max_logged_ranks < 0:
-            raise ValueError(f"GradStatsDDPStrategy: max_logged_ranks must be >= 0, got {max_logged_ranks}.")
+            raise ValueError(f"{type(self).__name__}: max_logged_ranks must be >= 0, got {max_logged_ranks}.")
         if every_n_steps < 1:
-            raise ValueError(f"GradStatsDDPStrategy: every_n_steps must be >= 1, got {every_n_steps}.")
+            raise ValueError(f"{type(self).__name__}: every_n_steps must be >= 1, got {every_n_steps}.")
         self.every_n_steps = every_n_steps
         super().__init__(*args, **kwargs)
         self.log_grad_norms = log_grad_norms
@@ -371,17 +378,13 @@ class GradStatsDDPStrategy(DDPStrategy):
         return super().training_step(*args, **kwargs)
 
     def _count_examples(self, batch: Any) -> int:
-        module = self.lightning_module
-        split = getattr(module, "split_batch", None)
         try:
-            if callable(split):
-                return len(split(batch)[1])
-            return extract_batch_size(batch)
-        except Exception:  # noqa: BLE001 - any batch type we cannot size
+            return batch_size(batch, type(self).__name__)
+        except TypeError as err:  # a batch with no tensor of examples
             if not self._warned_batch_size:
                 self._warned_batch_size = True
-                rank_zero_warn("GradStatsDDPStrategy: could not infer the batch size of a training batch; "
-                               "local_batch_size of the gradient stats will be 0.")
+                rank_zero_warn(f"{err} The gradient stats' local_batch_size counts 0 for such batches, so "
+                               "GradientNoiseScale(source='ddp') cannot use them.")
             return 0
 
     @override
@@ -421,3 +424,39 @@ class GradStatsDDPStrategy(DDPStrategy):
         self._recorder = None
         super().teardown()
 
+
+class GradStatsDDPStrategy(GradStatsDDPMixin, DDPStrategy):
+    """``pytorch_lightning``'s ``DDPStrategy`` whose all-reduce also measures local (per-rank) and global gradient
+    norms (arguments: :class:`GradStatsDDPMixin`; for ``lightning.pytorch``: :class:`LightningGradStatsDDPStrategy`,
+    or ``strategy="ddp_grad_stats"`` under either package).
+
+    Example::
+
+        trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=GradStatsDDPStrategy(every_n_steps=4))
+    """
+
+
+class LightningGradStatsDDPStrategy(GradStatsDDPMixin, _LDDPStrategy):
+    """:class:`GradStatsDDPStrategy` for ``lightning.pytorch`` (``import lightning as L``): the same strategy on
+    that package's ``DDPStrategy`` (arguments: :class:`GradStatsDDPMixin`).
+
+    Example::
+
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=LightningGradStatsDDPStrategy(every_n_steps=4))
+    """
+
+
+def grad_stats_ddp_strategy(package: ModuleType | str, **kwargs: Any) -> GradStatsDDPMixin:
+    """The gradient-statistics DDP strategy for a Lightning package (``pytorch_lightning`` or ``lightning.pytorch``,
+    the module or its name), built with ``kwargs``: what ``strategy="ddp_grad_stats"`` instantiates.
+
+    >>> import lightning.pytorch
+    >>> type(grad_stats_ddp_strategy(lightning.pytorch)).__name__
+    'LightningGradStatsDDPStrategy'
+    """
+    name = package if isinstance(package, str) else package.__name__
+    classes = {"pytorch_lightning": GradStatsDDPStrategy, "lightning.pytorch": LightningGradStatsDDPStrategy}
+    if name not in classes:
+        raise ValueError(f"grad_stats_ddp_strategy: unknown Lightning package {name!r}; expected one of "
+                         f"{sorted(classes)}.")
+    return classes[name](**kwargs)

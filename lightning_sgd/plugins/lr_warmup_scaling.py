@@ -31,10 +31,11 @@ import math
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
+
+from lightning_sgd.compat import Callback
 
 __all__ = ["LRWarmupScaling", "scale_factor", "warmup_factor"]
 

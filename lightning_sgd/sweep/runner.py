@@ -39,7 +39,8 @@ from optuna.samplers import QMCSampler
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from lightning_sgd.cli import LightningSGDCLI
+from lightning_sgd.cli import LightningSGDCLI, LightningSGDLightningCLI, model_package
+from lightning_sgd.compat import Callback, package_of
 from lightning_sgd.sweep.config import SweepConfig, SweepConfigError
 
 HEARTBEAT_INTERVAL_S = 20  # how often a running trial tells the storage it is alive
@@ -60,7 +61,7 @@ class TrialOutcome:
     gave_up: bool = False  # stopped early by `patience`
 
 
-class TargetStopper(pl.Callback):
+class TargetStopper(Callback):
     """Stop training at the first evaluation whose ``metric`` reaches ``target``, or at a non-finite training loss,
     or (with ``patience``) after that many evaluations in a row without a new best value of ``metric``."""
 
@@ -106,8 +107,9 @@ class TargetStopper(pl.Callback):
             trainer.should_stop = True
 
 
-class _TrialCLI(LightningSGDCLI):
-    """LightningSGDCLI that builds (model, data, trainer) without running, with the sweep's trainer settings."""
+class _TrialCLIMixin:
+    """A ``lightning-sgd`` CLI (the next base class) that builds (model, data, trainer) without running, with the
+    sweep's trainer settings."""
 
     def __init__(self, *args: Any, sweep_trainer_kwargs: dict[str, Any], **kwargs: Any) -> None:
         self._sweep_trainer_kwargs = sweep_trainer_kwargs
@@ -115,6 +117,14 @@ class _TrialCLI(LightningSGDCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         return super().instantiate_trainer(**{**kwargs, **self._sweep_trainer_kwargs})
+
+
+class _TrialCLI(_TrialCLIMixin, LightningSGDCLI):
+    """The trial CLI for ``pytorch_lightning`` recipes."""
+
+
+class _LightningTrialCLI(_TrialCLIMixin, LightningSGDLightningCLI):
+    """The trial CLI for ``lightning.pytorch`` recipes."""
 
 
 def _format_value(value: Any) -> str:
@@ -178,12 +188,15 @@ def build_trial(cfg: SweepConfig, batch_size: int, values: dict[str, float], max
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    cli = _TrialCLI(
-        model_class=pl.LightningModule,
-        datamodule_class=pl.LightningDataModule,
+    args = trial_args(cfg, batch_size, values)
+    package = model_package(args)  # the recipe's Lightning package: pytorch_lightning or lightning.pytorch
+    cli_class = _TrialCLI if package is pl else _LightningTrialCLI
+    cli = cli_class(
+        model_class=package.LightningModule,
+        datamodule_class=package.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=trial_args(cfg, batch_size, values),
+        args=args,
         run=False,
         save_config_callback=None,  # trial configs live in the Optuna storage (user attribute `values`)
         sweep_trainer_kwargs=trainer_kwargs,
@@ -229,8 +242,8 @@ def preflight(cfg: SweepConfig) -> dict[str, Any]:
             raise SweepConfigError(
                 f"sweep.batch_sizes {too_big} are larger than the training set ({train_size} examples)."
             )
-        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
+        trainer = package_of(model).Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
         trainer.validate(model, datamodule=data, verbose=False)
     metrics = sorted(trainer.callback_metrics)
     if cfg.metric not in metrics:
