@@ -1,7 +1,7 @@
-"""The per-example gradient engine shared by GradientNoiseScale and GradientDiversity.
+"""The per-example gradient engine shared by GradientNoiseScale, GradientDiversity and the curvature alignment check.
 
-``per_example_gradient_stats(module, batch)`` runs the module's loss on every example of ``batch`` separately with
-``torch.func.functional_call`` + ``vmap(grad)``, one chunk of examples at a time, and reduces each chunk at once to
+``per_example_gradient_stats(module, batch)`` differentiates the module's training loss on every example of
+``batch`` separately and reduces each chunk of examples at once to
 
 - per-example squared gradient norms |g_i|² (total, and optionally per layer),
 - the running sum of the per-example gradients (returned as the batch-mean gradient ḡ),
@@ -9,15 +9,28 @@
 
 so no more than ``chunk_size`` per-example gradients ever exist at the same time (memory ≈ chunk_size × #params).
 
-The module must implement the :mod:`lightning_sgd.protocols` contract; the loss of a batch of one example is that
-example's loss, so g_i is the gradient of example i's loss and ḡ = mean_i g_i is the gradient of the mean loss.
+The loss is the module's own (:class:`lightning_sgd.module_loss.ModuleLoss`): its ``training_step``, or
+``loss(forward(inputs), targets)`` when it implements the optional ``split_batch``/``forward``/``loss`` protocol. The
+loss of a batch of one example is that example's loss, so g_i is the gradient of example i's loss and
+ḡ = mean_i g_i is the gradient of the batch's (mean) loss. The batch may have any structure
+(:mod:`lightning_sgd.batches`): the tensors that carry the example dimension are split into examples, the others
+(BERT's ``(1, T)`` position ids, strings, numbers) are passed whole to every example.
+
+Two ways to get the g_i, same result:
+
+- ``torch.func``: ``vmap(grad(loss of a one-example batch))`` over the examples of a chunk (the fast path);
+- a loop over the examples, ``torch.autograd.grad`` of each one-example batch's loss, when ``vmap`` cannot run the
+  model (an op or ``autograd.Function`` without a batching rule, ``.item()`` or data-dependent control flow in
+  ``training_step``, some RNN kernels). It warns once per module, saying why, and is used for that module from then
+  on; it is slower (one forward and backward per example) but computes the same statistics.
 
 BatchNorm: per-example gradients of a BatchNorm layer in train mode are ill-defined (an example's loss depends on the
 whole batch through the batch statistics). The engine therefore runs BatchNorm layers in eval mode (running
 statistics) and restores their mode afterwards; a BatchNorm without running statistics
 (``track_running_stats=False``) has no eval mode and raises a ``ValueError``. Dropout keeps its mode and draws
-independent masks per example (``vmap(randomness="different")``). The global RNG state is restored afterwards, so
-measuring never changes the training trajectory.
+independent masks per example. Everything runs inside :meth:`ModuleLoss.isolated`: ``self.log`` is muted, the RNG is
+forked, buffers and modes are restored and ``.grad`` is untouched, so measuring never changes the training
+trajectory or what the module logs.
 
 References: the per-example-gradients recipe of the torch.func documentation; Yin et al. 2018 (gradient diversity);
 McCandlish et al. 2018 (noise scale from per-example norms).
@@ -26,18 +39,25 @@ McCandlish et al. 2018 (noise scale from per-example norms).
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.func import grad, vmap
 
-from lightning_sgd.protocols import require_supervised, slice_examples
+from lightning_sgd.batches import flatten_batch
+from lightning_sgd.module_loss import ModuleLoss
 
 __all__ = ["PerExampleStats", "per_example_gradient_stats", "batchnorm_eval", "trainable_parameters", "layer_of"]
+
+#: Modules whose loss ``vmap`` could not run -> why; they use the per-example loop from then on.
+_NO_VMAP: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+#: Modules the loop fallback has been announced for (once each).
+_WARNED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 @dataclass
@@ -96,21 +116,11 @@ def batchnorm_eval(module: nn.Module) -> Iterator[int]:
             sub.train()
 
 
-def _batch_size(tree: Any) -> int:
-    leaves = [leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, Tensor)]
-    if not leaves:
-        raise TypeError("per_example_gradient_stats: the batch's inputs contain no tensor to split into examples.")
-    n = leaves[0].shape[0]
-    for leaf in leaves:
-        if leaf.shape[0] != n:
-            raise ValueError(f"per_example_gradient_stats: inconsistent batch dimensions {leaf.shape[0]} vs {n}.")
-    return n
-
-
 def per_example_gradient_stats(
     module: nn.Module,
     batch: Any,
     *,
+    loss: ModuleLoss | None = None,
     chunk_size: int | None = 64,
     per_layer: bool = False,
     directions: Tensor | None = None,
@@ -118,8 +128,10 @@ def per_example_gradient_stats(
     """Per-example squared gradient norms, the batch-mean gradient and optional projections, chunk by chunk.
 
     Args:
-        module: implements ``split_batch``/``forward``/``loss`` (:mod:`lightning_sgd.protocols`), loss a mean.
-        batch: a batch as the dataloader yields it; ``module.split_batch(batch)`` gives ``(inputs, targets)``.
+        module: any LightningModule (or ``nn.Module``) with ``training_step`` or the ``split_batch``/``forward``/
+            ``loss`` protocol; its loss must be a mean over the examples of the batch.
+        batch: a batch as the dataloader yields it (tensor, tuple, dict, ``BatchEncoding``, dataclass, nested).
+        loss: the :class:`ModuleLoss` to differentiate (default: ``ModuleLoss(module, "per_example_gradient_stats")``).
         chunk_size: examples whose gradients are materialized at once (``None``: the whole batch). Peak extra
             memory ≈ chunk_size × #trainable parameters × dtype size.
         per_layer: also return squared norms per layer.
@@ -129,16 +141,23 @@ def per_example_gradient_stats(
     Returns:
         :class:`PerExampleStats`.
     """
-    require_supervised(module, "per_example_gradient_stats")
+    return _per_example_stats(module, batch, loss=loss, chunk_size=chunk_size, per_layer=per_layer,
+                              directions=directions, quiet=False)
+
+
+def _per_example_stats(module: nn.Module, batch: Any, *, loss: ModuleLoss | None, chunk_size: int | None,
+                       per_layer: bool, directions: Tensor | None, quiet: bool) -> PerExampleStats:
+    """:func:`per_example_gradient_stats`; ``quiet``: do not announce the loop fallback (a one-off cross-check)."""
+    who = "per_example_gradient_stats"
+    loss = ModuleLoss(module, who) if loss is None else loss
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}.")
-    inputs, targets = module.split_batch(batch)
-    n = _batch_size(inputs)
+    batched, rebuild, n = flatten_batch(batch, who)
     if n < 1:
-        raise ValueError("per_example_gradient_stats: the batch is empty.")
+        raise ValueError(f"{who}: the batch is empty.")
     params = trainable_parameters(module)
     if not params:
-        raise ValueError(f"per_example_gradient_stats: {type(module).__name__} has no trainable parameters.")
+        raise ValueError(f"{who}: {type(module).__name__} has no trainable parameters.")
     names = list(params)
     detached = {name: p.detach() for name, p in params.items()}
     total = sum(p.numel() for p in detached.values())
@@ -151,13 +170,31 @@ def per_example_gradient_stats(
                              dim=1)
     layers = list(dict.fromkeys(layer_of(name) for name in names)) if per_layer else []
 
-    def example_loss(p: dict[str, Tensor], x: Any, y: Any) -> Tensor:
-        x1 = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, x)  # a batch of one example
-        y1 = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, y)
-        out = functional_call(module, p, (x1,))
-        return module.loss(out, y1)
+    def example_loss(p: dict[str, Tensor], *leaves: Tensor) -> Tensor:
+        return loss.functional_loss(p, rebuild([t.unsqueeze(0) for t in leaves]))  # a batch of one example
 
-    per_example_grad = vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="different")
+    vmapped = vmap(grad(example_loss), in_dims=(None, *([0] * len(batched))), randomness="different")
+
+    def looped(start: int, stop: int) -> dict[str, Tensor]:
+        rows = []
+        for i in range(start, stop):
+            one = loss.loss(rebuild([t[i:i + 1] for t in batched]))
+            rows.append(torch.autograd.grad(one, list(params.values()), allow_unused=True))
+        return {name: torch.stack([torch.zeros_like(detached[name]) if row[j] is None else row[j] for row in rows])
+                for j, name in enumerate(names)}
+
+    def chunk_grads(start: int, stop: int) -> dict[str, Tensor]:
+        if module not in _NO_VMAP:
+            try:
+                return vmapped(detached, *(t[start:stop] for t in batched))
+            except Exception as err:  # noqa: BLE001 - any vmap failure; a real error in the loss re-raises below
+                _NO_VMAP[module] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
+        if not quiet and module not in _WARNED:
+            _WARNED.add(module)
+            warnings.warn(f"{who}: torch.func.vmap cannot run {type(module).__name__}'s loss ({_NO_VMAP[module]}); "
+                          "computing the same per-example gradients with a loop over examples instead, which is "
+                          "slower (one forward and backward per example).", stacklevel=4)
+        return looped(start, stop)
 
     device = next(iter(detached.values())).device
     sq_norms = torch.zeros(n, dtype=torch.float64, device=device)
@@ -166,21 +203,12 @@ def per_example_gradient_stats(
                    if directions is not None else None)
     grad_sum = {name: torch.zeros_like(p) for name, p in detached.items()}
     step = n if chunk_size is None else chunk_size
-    devices = [device] if device.type == "cuda" else []
-    with batchnorm_eval(module), torch.random.fork_rng(devices=devices), torch.enable_grad():
+    with loss.isolated(), batchnorm_eval(module):
         for start in range(0, n, step):
             stop = min(n, start + step)
-            grads = per_example_grad(detached, slice_examples(inputs, slice(start, stop)),
-                                     slice_examples(targets, slice(start, stop)))
-            for index, name in enumerate(names):
-                g = grads[name].reshape(stop - start, -1)  # (c, numel); also for 0-dim parameters
-                sq = torch.linalg.vector_norm(g, dim=1).to(torch.float64).square()  # (c,), no (c, numel) temporary
-                sq_norms[start:stop] += sq
-                if per_layer:
-                    layer_sq[layer_of(name)][start:stop] += sq
-                if projections is not None:
-                    projections[start:stop] += (g @ blocks[index].T).to(torch.float64)  # (c, k)
-                grad_sum[name] += grads[name].sum(0)
+            grads = chunk_grads(start, stop)
+            _reduce(grads, names, start, stop, sq_norms, layer_sq if per_layer else None, projections,
+                    blocks if directions is not None else None, grad_sum)
             del grads
     mean_grad = [grad_sum[name] / n for name in names]
     return PerExampleStats(
@@ -190,3 +218,18 @@ def per_example_gradient_stats(
         projections=projections,
         n=n,
     )
+
+
+def _reduce(grads: dict[str, Tensor], names: list[str], start: int, stop: int, sq_norms: Tensor,
+            layer_sq: dict[str, Tensor] | None, projections: Tensor | None, blocks: Any,
+            grad_sum: dict[str, Tensor]) -> None:
+    """Add one chunk's per-example gradients (name -> (c, *shape)) into the running statistics, in place."""
+    for index, name in enumerate(names):
+        g = grads[name].reshape(stop - start, -1)  # (c, numel); also for 0-dim parameters
+        sq = torch.linalg.vector_norm(g, dim=1).to(torch.float64).square()  # (c,), no (c, numel) temporary
+        sq_norms[start:stop] += sq
+        if layer_sq is not None:
+            layer_sq[layer_of(name)][start:stop] += sq
+        if projections is not None:
+            projections[start:stop] += (g @ blocks[index].T).to(torch.float64)  # (c, k)
+        grad_sum[name] += grads[name].sum(0)

@@ -1,4 +1,4 @@
-"""Per-example squared gradient norms read off the ordinary backward pass (no second pass, no ``vmap``).
+"""Per-example squared gradient norms read off the ordinary backward pass (no second pass over the model).
 
 For a layer whose weight gradient is a sum over examples of products of its input and its output gradient, the
 per-example gradient norm follows from those two tensors alone (Goodfellow 2015, "Efficient per-example gradient
@@ -13,13 +13,37 @@ output locations; T = 1 for a plain ``Linear`` on a batch of vectors):
     \\qquad |\\nabla_b \\ell_i|^2 = |\\textstyle\\sum_t D_{i,t}|^2 .
 
 Per layer the cheaper of the two forms is used: materialize the per-example gradient (T·d_in·d_out per example)
-or the two T × T Gram matrices (T²·(d_in + d_out)). Supported layers: ``nn.Linear`` (any leading shape),
-``nn.Conv1d``/``2d``/``3d`` (``groups=1``, zero padding, numeric padding; the input is unfolded into patches),
-``nn.Embedding`` (positions holding the same token share a row; ``padding_idx`` rows get no gradient),
-``nn.LayerNorm`` and ``nn.GroupNorm`` (affine: per-example sums of ``D ⊙ x̂``). Anything else that owns a trainable
-parameter (``nn.MultiheadAttention``, RNNs, a bare ``nn.Parameter``, parametrizations) is *unsupported*:
-:func:`unsupported_layers` names it and the caller falls back to the ``vmap`` engine
-(:mod:`lightning_sgd.per_example`).
+or the two T × T Gram matrices (T²·(d_in + d_out)). Closed forms exist for exactly these types: ``nn.Linear`` (any
+leading shape), ``nn.Conv1d``/``2d``/``3d`` (``groups=1``, zero padding, numeric padding; the input is unfolded into
+patches), ``nn.Embedding`` (positions holding the same token share a row; ``padding_idx`` rows get no gradient),
+``nn.LayerNorm`` and ``nn.GroupNorm`` (affine: per-example sums of ``D ⊙ x̂``).
+
+**Per-module fallback.** Any other module that owns a trainable parameter (GRU/LSTM/RNN, ``MultiheadAttention``,
+grouped or depthwise convolutions, ``padding='same'``/circular convolutions, ``ConvTranspose``, ``InstanceNorm``,
+BatchNorm in eval mode, ``RMSNorm``, a custom module with its own ``nn.Parameter``, a subclass of a supported type)
+keeps its inputs and gets its output gradients (``register_multi_grad_hook`` when it returns several tensors, e.g.
+GRU's ``(output, h_n)``); once they arrive, its per-example gradients are the vector-Jacobian products of
+``functional_call(module, its parameters, one example's inputs)`` with that example's output gradient, for all
+examples at once with ``torch.func.vmap`` (or, where ``vmap`` cannot run the module, one example at a time). Only that
+module is recomputed; its submodules' own parameters are handled at the submodules. ``MultiheadAttention`` is one
+unit covering its ``out_proj`` too (attention calls ``out_proj`` functionally, never as a module). RNNs and
+``MultiheadAttention`` with ``batch_first=False`` carry the batch in dim 1 (RNN hidden states always do). A module
+that draws random numbers in its forward (dropout inside an RNN or attention in train mode) cannot be recomputed
+exactly and is reported as a problem.
+
+**Inputs broadcast over the batch.** :meth:`PerExampleNormHooks.arm` takes the batch size n. A layer called on a
+tensor whose leading dimension is not n (BERT's position ids of shape ``(1, T)``, nanoGPT's ``wpe(arange(T))``) has
+an output shared by all examples: autograd sums the examples' gradients before any hook sees it, so its per-example
+gradients cannot be read there. The step is then reported as a problem (the caller falls back to the ``vmap``
+engine, :mod:`lightning_sgd.per_example`) and nothing is hooked on that layer, so the backward runs as usual.
+Expanding such an output to n copies in the forward would make it exact but changes the shapes the model's code
+sees, so it is not done. Not detectable here: a broadcast tensor whose leading dimension happens to equal n; the
+one-time :func:`validate` on a few examples catches such a model.
+
+**Never in the way of training.** The tensor hooks never change a gradient (``.grad`` is bit-identical to an
+unhooked backward), and an exception inside a hook is recorded as the step's ``problem``, never raised into the
+backward. The recomputation of a fallback module runs its forward again (its forward hooks run again, ours ignore it)
+without touching buffers, ``.grad`` or the RNG.
 
 What the hooks see are the per-example *contributions* to the gradient of the loss that was backpropagated: for a
 mean loss over B examples, scaled by AMP's loss scale S, contribution i is S·∇ℓ_i / B. :meth:`PerExampleNormHooks.
@@ -27,60 +51,119 @@ collect` returns the raw squared norms of the contributions; the caller multipli
 
 What the hooks cannot see, and how it is caught: a parameter also used outside its module's forward (a tied output
 layer ``x @ embed.weight.T``), a module called twice per forward (weight sharing), a loss term outside the layers
-(an L2 penalty in ``training_step``). Calls are counted at every step, :meth:`PerExampleNormHooks.check_bias_sums`
-checks that the per-example bias gradients add up to ``.grad``, and :func:`validate` compares the hooks against the
-``vmap`` engine on a few examples once per run. Not caught: a training loss whose reduction differs from the
-module's ``loss`` (the hooks assume the mean over examples of :mod:`lightning_sgd.protocols`).
+(an L2 penalty in ``training_step``), BatchNorm in train mode (its batch statistics couple the examples). Calls are
+counted at every step, :meth:`PerExampleNormHooks.check_bias_sums` checks that the per-example gradients of biases
+and of fallback modules add up to ``.grad``, and :func:`validate` compares the hooks against the ``vmap`` engine on a
+few examples once per run. :func:`unsupported_layers` names what the hooks refuse up front: a parameter owned by two
+modules (tied weights), ``Embedding(scale_grad_by_freq=True)``, parametrized parameters, BatchNorm without running
+statistics. Not caught: a training loss that is not a mean over examples (callers check it once,
+:meth:`lightning_sgd.module_loss.ModuleLoss.check_mean`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
-from torch.utils._pytree import tree_map
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unflatten
 
-from lightning_sgd.per_example import PerExampleStats, layer_of, per_example_gradient_stats, trainable_parameters
-from lightning_sgd.protocols import num_examples, require_supervised
+from lightning_sgd.batches import batch_size, slice_batch
+from lightning_sgd.module_loss import ModuleLoss
+from lightning_sgd.per_example import PerExampleStats, _per_example_stats, layer_of, trainable_parameters
 
 __all__ = ["PerExampleNormHooks", "unsupported_layers", "validate", "module_eval", "hook_gradient_stats"]
 
-_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
+#: Layer types with a closed form (exact types: a subclass may use its parameters differently).
+_CLOSED_FORMS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
 #: Upper bound on the elements of one materialized per-example-gradient block (float32: 64 MB).
 _MAX_BLOCK = 1 << 24
 
 
-def _layer_problem(module: nn.Module) -> str | None:
-    """Why the hooks cannot handle this module's own trainable parameters, or ``None`` when they can."""
-    own = [name for name, p in module.named_parameters(recurse=False) if p.requires_grad]
-    if not own:
-        return None
-    if type(module) not in _SUPPORTED:  # exact types: subclasses may use their parameters differently
-        return f"{type(module).__name__} (parameters {', '.join(own)}) is not a supported layer type"
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _own_trainable(module: nn.Module) -> dict[str, Tensor]:
+    return {name: p for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+
+def _closed_form_miss(module: nn.Module) -> str | None:
+    """Why no closed form reads this module (it then goes through the per-module fallback), or ``None``."""
+    if type(module) not in _CLOSED_FORMS:
+        return f"{type(module).__name__} has no closed form"
+    if not set(_own_trainable(module)) <= {"weight", "bias"}:  # e.g. weight norm's weight_g / weight_v
+        return "parameters other than weight and bias"
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if module.groups != 1:
-            return f"{type(module).__name__} with groups={module.groups} (only groups=1 is supported)"
+            return f"groups={module.groups}"
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return f"{type(module).__name__} with padding={module.padding!r}, padding_mode={module.padding_mode!r}"
-    if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
-        return "Embedding with scale_grad_by_freq=True (the gradient depends on the whole batch)"
+            return f"padding={module.padding!r}, padding_mode={module.padding_mode!r}"
     return None
 
 
-def unsupported_layers(module: nn.Module) -> list[str]:
-    """``"name: reason"`` for every submodule whose trainable parameters the hooks cannot handle (empty: all can)."""
-    out = []
+@dataclass
+class _Unit:
+    """A module whose per-example norms the hooks compute from its own inputs and output gradients."""
+
+    name: str
+    closed: bool  # a closed form; else the per-module fallback
+    params: dict[str, Tensor]  # name relative to the module (what functional_call takes) -> parameter
+    full: dict[str, str] = field(default_factory=dict)  # relative -> full parameter name (layer_of names the layer)
+
+
+def _inside(name: str, prefix: str) -> bool:
+    return name != prefix and (prefix == "" or name.startswith(prefix + "."))
+
+
+def _units(module: nn.Module) -> dict[nn.Module, _Unit]:
+    """Every module owning trainable parameters -> its unit; a MultiheadAttention covers its submodules."""
+    attention = [name for name, sub in module.named_modules() if isinstance(sub, nn.MultiheadAttention)]
+    units = {}
     for name, sub in module.named_modules():
-        problem = _layer_problem(sub)
-        if problem is not None:
-            out.append(f"{name or '<root>'}: {problem}")
-    return out
+        if any(_inside(name, prefix) for prefix in attention):
+            continue
+        if isinstance(sub, nn.MultiheadAttention):
+            params = {k: p for k, p in sub.named_parameters() if p.requires_grad}
+        else:
+            params = _own_trainable(sub)
+        if params:
+            closed = not isinstance(sub, nn.MultiheadAttention) and _closed_form_miss(sub) is None
+            units[sub] = _Unit(name, closed, params, {k: _join(name, k) for k in params})
+    return units
+
+
+def unsupported_layers(module: nn.Module) -> list[str]:
+    """``"name: reason"`` for every submodule whose trainable parameters the hooks cannot handle, even through the
+    per-module fallback (empty: all can)."""
+    out = {}
+    owners: dict[int, list[str]] = {}
+    for sub, unit in _units(module).items():
+        for p in unit.params.values():
+            owners.setdefault(id(p), []).append(unit.name or "<root>")
+        if isinstance(sub, nn.Embedding) and sub.scale_grad_by_freq:
+            out[unit.name] = "Embedding with scale_grad_by_freq=True (its gradient depends on the whole batch)"
+        if isinstance(sub, torch.nn.utils.parametrize.ParametrizationList):
+            out[unit.name] = "a parametrized parameter (torch.nn.utils.parametrize)"
+    for name, sub in module.named_modules():
+        if isinstance(sub, _BatchNorm) and not sub.track_running_stats:
+            out[name] = ("BatchNorm without running statistics (it normalizes with batch statistics even in eval "
+                         "mode, which couples the examples)")
+    for names in owners.values():
+        if len(names) > 1:
+            for name in names[1:]:
+                out[name if name != "<root>" else ""] = (f"shares a parameter with {names[0]!r} (tied weights: its "
+                                                         "per-example gradient sums two layers' contributions)")
+    return [f"{name or '<root>'}: {reason}" for name, reason in out.items()]
 
 
 def _up(x: Tensor) -> Tensor:
@@ -172,25 +255,180 @@ def _layer_sq_norms(module: nn.Module, x: Tensor, d: Tensor) -> tuple[Tensor, Te
             total += (d * x_hat).reshape(b, channels, -1).sum(2).square().sum(1)
         if bias is not None:
             bias_grad = d.reshape(b, channels, -1).sum(2)
-    else:  # pragma: no cover - guarded by _layer_problem
+    else:  # pragma: no cover - only closed-form units reach here (_closed_form_miss)
         raise TypeError(f"unsupported layer {type(module).__name__}")
     if bias_grad is None:
         return total, None
     return total + bias_grad.square().sum(1), bias_grad.sum(0)
 
 
-class PerExampleNormHooks:
-    """Forward hooks on a model's supported layers that turn its next backward pass into per-example norms.
+class _NotPerExample(Exception):
+    """A layer call whose inputs or outputs do not carry the batch's examples where the hooks expect them."""
 
-    Usage per measured step: :meth:`arm` before the forward, let training run forward and backward, then
-    :meth:`collect` (which also removes the hooks). Between ``arm`` and ``collect`` every forward of a supported
-    layer with gradients enabled saves a reference to its input (autograd keeps it anyway) and registers a tensor
-    hook on its output; the tensor hook computes the layer's per-example squared norms as soon as the output
-    gradient arrives, and drops the input.
+
+def _in_dim(module: nn.Module, arg: str, leaf: Tensor, n: int | None) -> tuple[int | None, bool]:
+    """``(batch dim or None for broadcast, declared)``: declared dims must hold the batch; others are found."""
+    seq = 0 if getattr(module, "batch_first", True) else 1
+    if isinstance(module, nn.RNNBase):
+        if arg == "input":
+            return seq, True
+        if arg == "hx":
+            return 1, True  # (layers × directions, B, H) whatever batch_first says
+    if isinstance(module, nn.MultiheadAttention):
+        if arg in ("query", "key", "value"):
+            return seq, True
+        if arg == "key_padding_mask":
+            return 0, True
+        if arg == "attn_mask" and leaf.dim() == 3:
+            raise _NotPerExample("a 3-d attn_mask (one mask per example and head)")
+    return (0 if leaf.dim() >= 1 and n is not None and leaf.shape[0] == n else None), False
+
+
+def _out_dim(module: nn.Module, path: tuple) -> int:
+    first = getattr(path[0], "idx", None) if path else None
+    if isinstance(module, nn.RNNBase):
+        return (0 if module.batch_first else 1) if first == 0 else 1
+    if isinstance(module, nn.MultiheadAttention):
+        return (0 if module.batch_first else 1) if first == 0 else 0
+    return 0
+
+
+@dataclass
+class _Call:
+    """One captured call of a fallback module: its inputs split into batched and broadcast, its outputs."""
+
+    signature: inspect.Signature
+    spec: Any  # pytree spec of the bound arguments
+    leaves: list[Any]  # the arguments' leaves (tensors detached)
+    batched: list[tuple[int, int]]  # (leaf index, batch dim) of the inputs that carry the examples
+    outputs: list[Tensor]  # the output tensors that need a gradient
+    out_index: list[tuple[int, int]]  # (index among the output's leaves, batch dim) of each of ``outputs``
+    n: int
+    autocast: tuple[str, bool, torch.dtype]
+
+
+def _capture_call(module: nn.Module, args: tuple, kwargs: dict, output: Any, n: int | None) -> _Call:
+    if isinstance(module, nn.RNNBase) and isinstance(args[0] if args else kwargs.get("input"),
+                                                     nn.utils.rnn.PackedSequence):
+        raise _NotPerExample("a PackedSequence input (examples are interleaved)")
+    signature = inspect.signature(module.forward)
+    bound = signature.bind(*args, **kwargs)
+    with_path, spec = tree_flatten_with_path(bound.arguments)
+    dims = []
+    for path, leaf in with_path:
+        dims.append(_in_dim(module, getattr(path[0], "key", ""), leaf, n) if isinstance(leaf, Tensor)
+                    else (None, False))
+    if n is None:  # the first declared batch dim, else the leading dim of the first tensor
+        n = next((leaf.shape[d] for (_, leaf), (d, declared) in zip(with_path, dims) if declared
+                  and leaf.dim() > d), None)
+        n = n if n is not None else next((leaf.shape[0] for _, leaf in with_path if isinstance(leaf, Tensor)
+                                          and leaf.dim() >= 1), None)
+        if n is None:
+            raise _NotPerExample("no input tensor with a batch dimension")
+        dims = [_in_dim(module, getattr(path[0], "key", ""), leaf, n) if isinstance(leaf, Tensor)
+                else (None, False) for path, leaf in with_path]
+    batched = []
+    for i, ((path, leaf), (d, declared)) in enumerate(zip(with_path, dims)):
+        if declared and (leaf.dim() <= d or leaf.shape[d] != n):
+            raise _NotPerExample(f"its argument {getattr(path[0], 'key', '?')!r} of shape {tuple(leaf.shape)} has no "
+                                 f"batch dimension {d} of size {n}")
+        if d is not None:
+            batched.append((i, d))
+    if not batched:
+        raise _NotPerExample(f"no input has a leading dimension of the batch's {n} examples (broadcast over the "
+                             "batch)")
+    out_with_path, _ = tree_flatten_with_path(output)
+    outputs, out_index = [], []
+    for i, (path, leaf) in enumerate(out_with_path):
+        if isinstance(leaf, Tensor) and leaf.requires_grad:
+            d = _out_dim(module, path)
+            if leaf.dim() <= d or leaf.shape[d] != n:
+                raise _NotPerExample(f"an output of shape {tuple(leaf.shape)} has no batch dimension {d} of size {n}")
+            outputs.append(leaf)
+            out_index.append((i, d))
+    device = outputs[0].device.type if outputs else "cpu"
+    autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+    leaves = [leaf.detach() if isinstance(leaf, Tensor) else leaf for _, leaf in with_path]
+    return _Call(signature, spec, leaves, batched, outputs, out_index, n, autocast)
+
+
+def _rng_state(device: torch.device) -> list[Tensor]:
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _fallback_grads(module: nn.Module, unit: _Unit, call: _Call, cotangents: Sequence[Tensor | None],
+                    use_vmap: bool) -> tuple[dict[str, Tensor], bool]:
+    """Per-example contributions to ``unit``'s parameters, name -> (n, *shape), and whether ``vmap`` served.
+
+    Example i's contribution is the vector-Jacobian product of the module's output on example i (a batch of one)
+    with that example's slice of the captured output gradient."""
+    params = {k: p.detach() for k, p in unit.params.items()}
+    buffers = {k: b.detach().clone() for k, b in module.named_buffers()}  # recomputing never moves a buffer
+    cots = [(index, c.detach()) for index, c in zip(call.out_index, cotangents) if c is not None]
+    in_dims = [d for _, d in call.batched]
+    out_dims = [d for (_, d), _ in cots]
+    inputs = [call.leaves[i] for i, _ in call.batched]
+    grads_out = [c for _, c in cots]
+
+    def inner(p: dict[str, Tensor], xs: list[Tensor], cs: list[Tensor]) -> Tensor:
+        """<module(one example), its output gradient>, with the example's batch dim of size 1 in place."""
+        leaves = list(call.leaves)
+        for (i, _), x in zip(call.batched, xs):
+            leaves[i] = x
+        bound = inspect.BoundArguments(call.signature, tree_unflatten(leaves, call.spec))
+        out = tree_flatten(functional_call(module, {**p, **buffers}, tuple(bound.args), dict(bound.kwargs)))[0]
+        total = torch.zeros((), dtype=torch.float64, device=cs[0].device) if cs else torch.zeros(())
+        for ((k, _), _), c in zip(cots, cs):
+            total = total + (out[k] * c.to(out[k].dtype)).sum()
+        return total
+
+    def one(p: dict[str, Tensor], xs: list[Tensor], cs: list[Tensor]) -> Tensor:
+        return inner(p, [x.unsqueeze(d) for x, d in zip(xs, in_dims)], [c.unsqueeze(d) for c, d in zip(cs, out_dims)])
+
+    n = call.n
+    if not cots:
+        return {k: torch.zeros(n, *p.shape, dtype=p.dtype, device=p.device) for k, p in params.items()}, use_vmap
+    chunk = max(1, _MAX_BLOCK // max(1, sum(p.numel() for p in params.values())))
+    parts: dict[str, list[Tensor]] = {k: [] for k in params}
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        xs = [x.narrow(d, start, size) for x, d in zip(inputs, in_dims)]
+        cs = [c.narrow(d, start, size) for c, d in zip(grads_out, out_dims)]
+        got = None
+        if use_vmap:
+            try:
+                got = vmap(grad(one), in_dims=(None, in_dims, out_dims), randomness="error")(params, xs, cs)
+            except Exception:  # noqa: BLE001 - an op without a batching rule (e.g. some RNN kernels): loop instead
+                use_vmap = False
+        if got is None:
+            rows = []
+            for i in range(size):
+                req = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+                with torch.enable_grad():
+                    value = inner(req, [x.narrow(d, i, 1) for x, d in zip(xs, in_dims)],
+                                  [c.narrow(d, i, 1) for c, d in zip(cs, out_dims)])
+                    rows.append(torch.autograd.grad(value, list(req.values()), allow_unused=True))
+            got = {k: torch.stack([torch.zeros_like(p) if row[j] is None else row[j] for row in rows])
+                   for j, (k, p) in enumerate(params.items())}
+        for k in params:
+            parts[k].append(got[k])
+    return {k: torch.cat(v) for k, v in parts.items()}, use_vmap
+
+
+class PerExampleNormHooks:
+    """Forward hooks on a model's layers that turn its next backward pass into per-example norms.
+
+    Usage per measured step: :meth:`arm` (with the batch size) before the forward, let training run forward and
+    backward, then :meth:`collect` (which also removes the hooks). Between ``arm`` and ``collect`` every forward of a
+    layer that owns trainable parameters, with gradients enabled, saves a reference to its inputs (autograd keeps
+    them anyway) and hooks its outputs; the hook computes the layer's per-example squared norms as soon as the output
+    gradient arrives (closed form, or the per-module fallback), and drops the inputs.
 
     Args:
-        module: the model; every submodule that owns trainable parameters must be supported
-            (:func:`unsupported_layers` is empty), else ``ValueError``.
+        module: the model; :func:`unsupported_layers` must be empty, else ``ValueError``.
         layer_names: also keep squared norms per layer (owning module name), as :func:`layer_of` names them.
         capture_if: called at each armed forward of a layer; the forward is ignored when it returns False (e.g.
             GradientNoiseScale captures only forwards inside Lightning's ``training_step``, not the extra passes
@@ -206,48 +444,127 @@ class PerExampleNormHooks:
         self.module = module
         self.layer_names = layer_names
         self.capture_if = capture_if
-        self._layers = {sub: name for name, sub in module.named_modules() if any(
-            p.requires_grad for p in sub.parameters(recurse=False))}
+        self._units = _units(module)
+        self._batchnorms = [sub for sub in module.modules() if isinstance(sub, _BatchNorm)]
+        self._names = {sub: name for name, sub in module.named_modules()}
+        self._params = dict(module.named_parameters())
+        self._no_vmap: set[nn.Module] = set()  # fallback modules vmap cannot run: a loop over examples
         self._handles: list[Any] = []
+        self._recomputing = False
         self._reset()
 
     def _reset(self) -> None:
         self.sq_norms: Tensor | None = None  # (B,) float64 contributions' squared norms, summed over layers
         self.layer_sq_norms: dict[str, Tensor] = {}
-        self.bias_sums: dict[str, Tensor] = {}  # layer -> batch sum of its bias contributions
+        self._grad_sums: dict[str, Tensor] = {}  # parameter name -> batch sum of its per-example contributions
         self.problem: str | None = None  # why this step's norms cannot be trusted
         self._calls: dict[str, int] = {}
         self._pending = 0  # output hooks registered but not yet fired
+        self._n: int | None = None
+        self._rng: dict[nn.Module, list[Tensor]] = {}
 
     @property
     def armed(self) -> bool:
         return bool(self._handles)
 
-    def arm(self) -> None:
-        """Start capturing: the next forward/backward's per-example norms."""
+    def arm(self, n: int | None = None) -> None:
+        """Start capturing the next forward/backward's per-example norms.
+
+        ``n``: the number of examples in the batch that forward processes (without it, the leading dimension of the
+        first captured layer's input). A layer call without that batch dimension is reported, not misread.
+        """
         self.disarm()
         self._reset()
-        for sub in self._layers:
+        self._n = n
+        for sub in dict.fromkeys([*self._units, *self._batchnorms]):
             self._handles.append(sub.register_forward_hook(self._forward_hook, with_kwargs=True))
+            if sub in self._units and not self._units[sub].closed:
+                self._handles.append(sub.register_forward_pre_hook(self._pre_hook))
 
     def disarm(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
+    def _flag(self, problem: str) -> None:
+        if self.problem is None:
+            self.problem = problem
+
+    def _capturing(self) -> bool:
+        return (not self._recomputing and torch.is_grad_enabled()
+                and (self.capture_if is None or bool(self.capture_if())))
+
+    def _pre_hook(self, module: nn.Module, args: tuple) -> None:
+        try:
+            if self._capturing():
+                self._rng[module] = _rng_state(next(iter(self._units[module].params.values())).device)
+        except Exception as err:  # noqa: BLE001 - never raise into the user's forward
+            self._flag(f"layer {self._names.get(module)!r}: {type(err).__name__}: {err}")
+
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
+        name = self._names.get(module, "?")
+        try:
+            if self._capturing():
+                self._capture(module, name, args, kwargs, output)
+        except Exception as err:  # noqa: BLE001 - never raise into the user's forward
+            self._flag(f"layer {name!r}: {type(err).__name__}: {err}")
+
+    def _capture(self, module: nn.Module, name: str, args: tuple, kwargs: dict, output: Any) -> None:
+        rng_before = self._rng.pop(module, None)
+        if isinstance(module, _BatchNorm) and (module.training or not module.track_running_stats):
+            self._flag(f"BatchNorm layer {name!r} normalizes with the batch's statistics (train mode), which couples "
+                       "the examples; per-example gradients are defined with its running statistics (eval mode)")
             return
-        if self.capture_if is not None and not self.capture_if():
+        unit = self._units.get(module)
+        if unit is None or not any(isinstance(t, Tensor) and t.requires_grad for t in tree_flatten(output)[0]):
             return
-        name = self._layers[module]
         self._calls[name] = self._calls.get(name, 0) + 1
         if self._calls[name] > 1:
-            self.problem = f"layer {name!r} was called more than once in one forward (shared weights)"
+            self._flag(f"layer {name!r} was called more than once in one forward (shared weights)")
             return
+        if unit.closed:
+            self._capture_closed(module, unit, args, kwargs, output)
+            return
+        if rng_before is not None and any(not torch.equal(a, b) for a, b in zip(
+                rng_before, _rng_state(next(iter(unit.params.values())).device))):
+            self._flag(f"layer {name!r} ({type(module).__name__}) draws random numbers in its forward (dropout in "
+                       "train mode), so its per-example gradients cannot be recomputed exactly")
+            return
+        try:
+            call = _capture_call(module, args, kwargs, output, self._n)
+        except _NotPerExample as err:
+            self._flag(f"layer {name!r} ({type(module).__name__}): {err}, so its per-example gradients cannot be "
+                       "read from its own call")
+            return
+        self._n = call.n
+        self._pending += 1
+
+        def on_grads(grads: Sequence[Tensor | None]) -> None:
+            self._pending -= 1
+            try:
+                self._fallback(module, unit, call, grads)
+            except Exception as err:  # noqa: BLE001 - never raise into the user's backward
+                self._flag(f"layer {name!r} ({type(module).__name__}): recomputing its per-example gradients "
+                           f"failed ({type(err).__name__}: {err})")
+
+        if len(call.outputs) == 1:
+            call.outputs[0].register_hook(lambda g: on_grads([g]))
+        else:
+            torch.autograd.graph.register_multi_grad_hook(call.outputs, on_grads, mode="all")
+
+    def _capture_closed(self, module: nn.Module, unit: _Unit, args: tuple, kwargs: dict, output: Any) -> None:
         x = args[0] if args else next(iter(kwargs.values()), None)
-        if not isinstance(x, Tensor) or x.dim() < (1 if isinstance(module, nn.Embedding) else 2):
-            self.problem = f"layer {name!r} got an input without a batch dimension"
+        if not isinstance(x, Tensor) or not isinstance(output, Tensor):
+            self._flag(f"layer {unit.name!r} got a non-tensor input or output")
+            return
+        if self._n is None and x.dim() >= 1:
+            self._n = int(x.shape[0])
+        if x.dim() < (1 if isinstance(module, nn.Embedding) else 2) or x.shape[0] != self._n or \
+                output.shape[0] != self._n:
+            self._flag(f"layer {unit.name!r} ({type(module).__name__}) got an input of shape {tuple(x.shape)} whose "
+                       f"leading dimension is not the batch's {self._n} examples: it is broadcast over the batch "
+                       "(e.g. position ids of shape (1, T), or arange(T)), so autograd sums the examples' gradients "
+                       "before the hooks see them")
             return
         # An input modified in place after the layer read it would make x stale here, but autograd refuses to
         # backpropagate through such a graph itself (it saved the same input for the weight gradient).
@@ -256,15 +573,37 @@ class PerExampleNormHooks:
 
         def on_grad(d: Tensor) -> None:
             self._pending -= 1
-            sq, bias_sum = _layer_sq_norms(module, x, d.detach())
-            sq = sq.double()
-            self.sq_norms = sq if self.sq_norms is None else self.sq_norms + sq
-            if self.layer_names:
-                self.layer_sq_norms[name] = sq
-            if bias_sum is not None:
-                self.bias_sums[name] = bias_sum
+            try:
+                sq, bias_sum = _layer_sq_norms(module, x, d.detach())
+                self._add(unit.name, sq)
+                if bias_sum is not None:
+                    self._grad_sums[unit.full["bias"]] = bias_sum
+            except Exception as err:  # noqa: BLE001 - never raise into the user's backward
+                self._flag(f"layer {unit.name!r}: {type(err).__name__}: {err}")
 
         output.register_hook(on_grad)
+
+    def _fallback(self, module: nn.Module, unit: _Unit, call: _Call, grads: Sequence[Tensor | None]) -> None:
+        device, enabled, dtype = call.autocast
+        self._recomputing = True
+        try:
+            with warnings.catch_warnings(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                warnings.simplefilter("ignore")  # e.g. vmap's "no batching rule, slow fallback" notes
+                per_example, used_vmap = _fallback_grads(module, unit, call, grads, module not in self._no_vmap)
+        finally:
+            self._recomputing = False
+        if not used_vmap:
+            self._no_vmap.add(module)
+        for k, g in per_example.items():
+            sq = torch.linalg.vector_norm(_up(g).reshape(call.n, -1), dim=1).square()
+            self._add(layer_of(unit.full[k]), sq)
+            self._grad_sums[unit.full[k]] = g.sum(0)
+
+    def _add(self, layer: str, sq: Tensor) -> None:
+        sq = sq.double()
+        self.sq_norms = sq if self.sq_norms is None else self.sq_norms + sq
+        if self.layer_names:
+            self.layer_sq_norms[layer] = sq + self.layer_sq_norms[layer] if layer in self.layer_sq_norms else sq
 
     def collect(self) -> tuple[Tensor | None, dict[str, Tensor], str | None]:
         """Stop capturing; return (sq_norms (B,), per-layer sq_norms, problem or ``None``)."""
@@ -273,32 +612,33 @@ class PerExampleNormHooks:
         if problem is None and self._pending:
             problem = f"{self._pending} layer output(s) got no gradient in this backward"
         if problem is None and self.sq_norms is None:
-            problem = "no supported layer ran forward and backward while armed"
+            problem = "no layer with trainable parameters ran forward and backward while armed"
         out = (self.sq_norms, dict(self.layer_sq_norms), problem)
         self._reset()
         return out
 
     def check_bias_sums(self, scale: float, rtol: float = 1e-2) -> str | None:
-        """Compare the summed per-example bias contributions of the last :meth:`collect`-ed step with ``.grad``.
+        """Compare the summed per-example contributions of the last :meth:`collect`-ed step with ``.grad``, for every
+        bias of a closed-form layer and every parameter of a fallback module.
 
         A mismatch means ``.grad`` is not the sum of what the hooks saw (the loss is not a plain mean of per-example
         losses, or a parameter is also used outside its layer). Call before :meth:`collect`; ``scale`` is the AMP
         loss scale the hooks' gradients carry (``.grad`` is unscaled).
         """
-        if not self.bias_sums:
+        if not self._grad_sums:
             return None
-        names = list(self.bias_sums)
-        expected = [self.module.get_submodule(name).bias.grad for name in names]
+        names = list(self._grad_sums)
+        expected = [self._params[name].grad for name in names]
         missing = [name for name, g in zip(names, expected) if g is None]
         if missing:
-            return f"bias of layer {missing[0]!r} has no .grad"
+            return f"parameter {missing[0]!r} has no .grad"
         expected = [_up(g.detach()) for g in expected]
-        got = torch._foreach_div([self.bias_sums[name] for name in names], scale)
+        got = torch._foreach_div([_up(self._grad_sums[name]) for name in names], scale)
         diff = torch.stack(torch._foreach_norm(torch._foreach_sub(got, expected)))  # (L,), one kernel per layer
         bad = diff > rtol * torch.stack(torch._foreach_norm(expected)) + 1e-12
         if bool(bad.any()):  # the only host sync of the check
             i = int(bad.nonzero()[0])
-            return (f"the per-example bias gradients of layer {names[i]!r} do not add up to its .grad (difference "
+            return (f"the per-example gradients of {names[i]!r} do not add up to its .grad (difference "
                     f"{float(diff[i]):.4g}, |.grad| {float(expected[i].norm()):.4g})")
         return None
 
@@ -315,35 +655,31 @@ def module_eval(module: nn.Module) -> Iterator[None]:
             sub.training = mode
 
 
-def validate(module: nn.Module, batch: Any, examples: int = 4, rtol: float = 1e-3) -> str | None:
-    """Check the hooks against the ``vmap`` engine on the first ``examples`` examples of ``batch``.
+def validate(module: nn.Module, batch: Any, *, loss: ModuleLoss | None = None, examples: int = 4,
+             rtol: float = 1e-3) -> str | None:
+    """Check the hooks against the per-example engine on the first ``examples`` examples of ``batch``.
 
     Both run with every submodule in eval mode (dropout draws no masks, so the two compute the same gradients) and
     without touching ``.grad``, the RNG or any buffer. Returns ``None`` when every per-example squared norm agrees
     within ``rtol`` of the largest (float32 gradients: ~1e-6 typical; a structural miss such as a tied output layer
-    is off by tens of percent), else a sentence saying what differed. If the vmap engine cannot run the model (an op
-    or ``autograd.Function`` without a vmap rule), warns and returns ``None``.
+    is off by tens of percent), else a sentence saying what differed or what the hooks reported (then use the
+    ``vmap`` engine, :func:`lightning_sgd.per_example.per_example_gradient_stats`, for this model). The reference is
+    exact even where ``vmap`` cannot run the model (it then loops over the examples, silently: only ``examples``).
     """
-    require_supervised(module, "validate")
-    inputs, targets = module.split_batch(batch)
-    k = min(examples, num_examples(module, batch, "validate"))
-
-    def head(tree: Any) -> Any:
-        return tree_map(lambda t: t[:k] if isinstance(t, Tensor) else t, tree)
-
-    sub_batch = _SubBatchModule(module, head(inputs), head(targets))  # the engines take it with batch=None
+    loss = ModuleLoss(module, "validate") if loss is None else loss
+    k = min(examples, batch_size(batch, "validate"))
+    head = slice_batch(batch, slice(0, k), "validate")
     with module_eval(module):
         try:
-            got = hook_gradient_stats(sub_batch, None).sq_norms
-        except ValueError as err:  # what the hooks reported (a layer called twice, an output without gradient)
+            got = hook_gradient_stats(module, head, loss=loss).sq_norms
+        except ValueError as err:  # what the hooks reported (a broadcast input, a layer called twice, ...)
             return str(err)
         try:
-            reference = per_example_gradient_stats(sub_batch, None, chunk_size=None).sq_norms
-        except Exception as err:  # noqa: BLE001 - e.g. an op or autograd.Function without a vmap rule
-            warnings.warn(f"validate: the vmap engine cannot run this model ({type(err).__name__}: {err}), so the "
-                          "layer hooks are used without this cross-check (the per-step checks still apply).",
-                          stacklevel=2)
-            return None
+            reference = _per_example_stats(module, head, loss=loss, chunk_size=None, per_layer=False,
+                                           directions=None, quiet=True).sq_norms
+        except Exception as err:  # noqa: BLE001 - the loss of a one-example batch cannot be computed at all
+            return (f"the per-example losses cannot be computed on batches of one example ({type(err).__name__}: "
+                    f"{err})")
     worst = float((got - reference).abs().max())
     if worst > rtol * float(reference.abs().max()) + 1e-12:
         return (f"per-example squared norms from the layer hooks differ from the vmap engine by up to {worst:.3g} "
@@ -352,47 +688,30 @@ def validate(module: nn.Module, batch: Any, examples: int = 4, rtol: float = 1e-
     return None
 
 
-class _SubBatchModule(nn.Module):
-    """The module seen through a fixed (inputs, targets) pair, so the engine can take ``batch=None``."""
-
-    def __init__(self, module: nn.Module, inputs: Any, targets: Any) -> None:
-        super().__init__()
-        self.inner = module
-        self._data = (inputs, targets)
-
-    def split_batch(self, batch: Any) -> tuple[Any, Any]:
-        return self._data
-
-    def forward(self, inputs: Any) -> Tensor:
-        return self.inner(inputs)
-
-    def loss(self, outputs: Tensor, targets: Any) -> Tensor:
-        return self.inner.loss(outputs, targets)
-
-
-def hook_gradient_stats(module: nn.Module, batch: Any, *, per_layer: bool = False) -> PerExampleStats:
+def hook_gradient_stats(module: nn.Module, batch: Any, *, loss: ModuleLoss | None = None,
+                        per_layer: bool = False) -> PerExampleStats:
     """:func:`lightning_sgd.per_example.per_example_gradient_stats` through the layer hooks: one forward and one
     backward of the whole batch instead of ``vmap`` over examples (no ``directions``).
 
-    The module keeps its mode (dropout draws one mask per example, as in training); the global RNG is restored, so
-    measuring does not change the training trajectory. Raises ``ValueError`` for unsupported layers, BatchNorm in
-    train mode (its batch statistics couple the examples, and its running statistics would move), or anything the
-    hooks report; run :func:`validate` once per model to rule out parameters used outside their layers.
+    The loss is ``loss`` (default ``ModuleLoss(module, "hook_gradient_stats")``: the module's ``training_step`` or
+    its protocol), run inside :meth:`ModuleLoss.isolated`: the module keeps its mode (dropout draws one mask per
+    example, as in training), the RNG, buffers and ``.grad`` are untouched, ``self.log`` is muted. Raises
+    ``ValueError`` for unsupported layers, BatchNorm in train mode (its batch statistics couple the examples, and
+    its running statistics would move), or anything the hooks report (a broadcast input, a layer called twice);
+    run :func:`validate` once per model to rule out parameters used outside their layers.
     """
-    require_supervised(module, "hook_gradient_stats")
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in module.modules()):
+    loss = ModuleLoss(module, "hook_gradient_stats") if loss is None else loss
+    if any(isinstance(m, _BatchNorm) and m.training for m in module.modules()):
         raise ValueError("hook_gradient_stats: BatchNorm in train mode couples the examples of a batch; use the "
                          "vmap engine (lightning_sgd.per_example), which runs BatchNorm on its running statistics.")
-    inputs, targets = module.split_batch(batch)
-    n = num_examples(module, batch, "hook_gradient_stats")
+    n = batch_size(batch, "hook_gradient_stats")
     params = trainable_parameters(module)
     hooks = PerExampleNormHooks(module, layer_names=per_layer)
-    device = next(iter(params.values())).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
-        hooks.arm()
+    with loss.isolated():
+        hooks.arm(n)
         try:
-            loss = module.loss(module(inputs), targets)
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            value = loss.loss(batch)
+            grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
         finally:
             sq, layer_sq, problem = hooks.collect()
     if problem is not None:

@@ -79,7 +79,7 @@ def test_materialized_and_gram_forms_equal_the_explicit_per_example_gradient(t):
         torch.testing.assert_close(_sq_norm_of_products(a, d, form), truth, rtol=1e-12, atol=0)
 
 
-def test_unsupported_layers_are_named_and_refused():
+def test_unsupported_layers_names_only_what_even_the_fallback_cannot_handle():
     class Scale(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -88,17 +88,20 @@ def test_unsupported_layers_are_named_and_refused():
         def forward(self, x):
             return x * self.gain
 
-    model = nn.Sequential(nn.Linear(4, 4), Scale(), nn.Conv1d(4, 4, 3, groups=2), nn.Conv1d(4, 4, 3, padding="same"),
-                          nn.Embedding(5, 4, scale_grad_by_freq=True), nn.MultiheadAttention(4, 2))
+    # Handled (closed form or per-module fallback): a bare parameter, grouped and 'same' convolutions, attention.
+    handled = nn.Sequential(nn.Linear(4, 4), Scale(), nn.Conv1d(4, 4, 3, groups=2), nn.Conv1d(4, 4, 3, padding="same"),
+                            nn.MultiheadAttention(4, 2), nn.GRU(4, 4), nn.BatchNorm1d(4))
+    assert unsupported_layers(handled) == []
+    tied = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False))
+    tied[1].weight = tied[0].weight
+    model = nn.Sequential(nn.Embedding(5, 4, scale_grad_by_freq=True), tied, nn.BatchNorm1d(4, track_running_stats=False))
     problems = unsupported_layers(model)
-    # MultiheadAttention's out_proj is a Linear subclass that attention uses functionally: also refused.
-    assert [p.split(":")[0] for p in problems] == ["1", "2", "3", "4", "5", "5.out_proj"]
-    assert "groups=2" in problems[1] and "same" in problems[2] and "scale_grad_by_freq" in problems[3]
-    assert "MultiheadAttention" in problems[4] and "NonDynamicallyQuantizableLinear" in problems[5]
-    frozen = nn.Sequential(nn.Linear(4, 4), Scale())
-    frozen[1].gain.requires_grad_(False)
+    assert [p.split(":")[0] for p in problems] == ["0", "2", "1.1"]
+    assert "scale_grad_by_freq" in problems[0] and "running statistics" in problems[1] and "tied" in problems[2]
+    frozen = nn.Sequential(nn.Embedding(5, 4, scale_grad_by_freq=True))
+    frozen[0].weight.requires_grad_(False)
     assert unsupported_layers(frozen) == []  # frozen parameters need no per-example gradient
-    with pytest.raises(ValueError, match="MultiheadAttention"):
+    with pytest.raises(ValueError, match="scale_grad_by_freq"):
         PerExampleNormHooks(model)
 
 
@@ -188,9 +191,11 @@ def test_bias_check_catches_a_loss_term_outside_the_layers():
 
 
 def test_engine_hooks_refuses_unsupported_models_before_training():
-    model = ClassificationModule(nn.Sequential(nn.Linear(25, 4), nn.PReLU(), nn.Linear(4, 3)), num_classes=3)
+    net = nn.Sequential(nn.Linear(25, 25), nn.PReLU(), nn.Linear(25, 25), nn.Linear(25, 3))
+    net[2].weight = net[0].weight  # tied: the per-example gradient of the shared weight sums two layers' parts
+    model = ClassificationModule(net, num_classes=3)
     trainer = pl.Trainer(**fast_trainer_kwargs(callbacks=[GradientNoiseScale(source="per_example", engine="hooks")]))
-    with pytest.raises(ValueError, match="PReLU"):
+    with pytest.raises(ValueError, match="tied"):
         trainer.fit(model, datamodule=TinyDataModule())
     with pytest.raises(ValueError, match="engine must be"):
         GradientNoiseScale(engine="fast")
@@ -304,17 +309,174 @@ class _NoVmapNet(nn.Module):
         return self.b(_NoVmapTanh.apply(self.a(x)))
 
 
-def test_a_model_vmap_cannot_run_still_gets_the_hooks_with_a_warning():
-    # The one-time cross-check needs vmap; when vmap cannot run the model the hooks are still right (they only need
-    # a plain backward): a warning, no fallback, and the per-example norms equal brute force (float32: 1e-5).
+def test_a_model_vmap_cannot_run_gets_the_hooks_and_an_exact_cross_check():
+    # The hooks only need a plain backward; the cross-check's reference loops over the examples where vmap cannot
+    # run (quietly: it is 4 examples). Norms equal brute force (float32: 1e-5).
     torch.manual_seed(0)
     module = ClassificationModule(_NoVmapNet(), num_classes=3)
     x, y = torch.randn(8, 25), torch.randint(0, 3, (8,))
-    with pytest.warns(UserWarning, match="vmap engine cannot run this model"):
-        assert validate(module, (x, y)) is None
+    assert validate(module, (x, y)) is None
+    problem = validate(ClassificationModule(nn.Sequential(_NoVmapNet(), nn.Linear(3, 3)), num_classes=3), (x, y))
+    assert problem is None
     hooks = PerExampleNormHooks(module)
-    hooks.arm()
+    hooks.arm(8)
     module.loss(module(x), y).backward()
     sq, _, problem = hooks.collect()
     assert problem is None
     torch.testing.assert_close((sq * 64).float(), _brute_sq_norms(module, x, y), rtol=1e-5, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- per-module fallback
+class _Scale(nn.Module):
+    """A custom module with a bare parameter and a child layer: the gain is its own, the child's weights are not."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, width))
+        self.inner = nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.inner(x) * self.gain
+
+
+class _Odd(nn.Module):
+    """One layer without a closed form (``layer``) between two Linear layers; ``call`` says how to call it and
+    ``dims`` where each input carries the batch. Logits (B, 3)."""
+
+    def __init__(self, layer: nn.Module, call, width: int) -> None:
+        super().__init__()
+        self.layer, self.call = layer, call
+        self.head = nn.LazyLinear(3)
+        self.width = width
+
+    def forward(self, *inputs):
+        return self.head(self.call(self.layer, *inputs).flatten(1))
+
+
+def _rnn_call(batch_first):
+    def call(rnn, x, *state):
+        out, h = rnn(x, *state)
+        out = out if batch_first else out.transpose(0, 1)  # (B, T, dirs·H)
+        h = h if isinstance(h, torch.Tensor) else h[0] + h[1] ** 2  # LSTM: (h_n, c_n)
+        return torch.cat([out.flatten(1), h.transpose(0, 1).flatten(1)], 1)  # both outputs reach the loss
+    return call
+
+
+def _mha_call(batch_first):
+    def call(mha, x, pad):
+        out, weights = mha(x, x, x, key_padding_mask=pad)  # weights (B, L, S) also reach the loss
+        out = out if batch_first else out.transpose(0, 1)
+        return torch.cat([out.flatten(1), weights.flatten(1)], 1)
+    return call
+
+
+def _fallback_cases():
+    """name -> (layer, call, inputs, batch dims of the inputs); B = 5 examples."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    pad = torch.zeros(5, 4, dtype=torch.bool)
+    pad[1, 3:], pad[3, 2:] = True, True
+    return {
+        "gru_seq_first": (nn.GRU(3, 4, num_layers=2, bidirectional=True), _rnn_call(False), (randn(4, 5, 3),), (1,)),
+        "gru_batch_first_h0": (nn.GRU(3, 4, batch_first=True), _rnn_call(True), (randn(5, 4, 3), randn(1, 5, 4)),
+                               (0, 1)),
+        "lstm_h0_c0": (nn.LSTM(3, 4, batch_first=True, num_layers=2), lambda m, x, h, c: _rnn_call(True)(m, x, (h, c)),
+                       (randn(5, 4, 3), randn(2, 5, 4), randn(2, 5, 4)), (0, 1, 1)),
+        "mha_seq_first": (nn.MultiheadAttention(4, 2), _mha_call(False), (randn(4, 5, 4), pad), (1, 0)),
+        "mha_batch_first": (nn.MultiheadAttention(4, 2, batch_first=True, bias=False, add_bias_kv=True),
+                            _mha_call(True), (randn(5, 4, 4), pad), (0, 0)),
+        "depthwise_same_conv": (nn.Conv2d(3, 6, 3, groups=3, padding="same", padding_mode="circular"),
+                                lambda m, x: m(x), (randn(5, 3, 4, 4),), (0,)),
+        "conv_transpose": (nn.ConvTranspose2d(2, 3, 3, stride=2), lambda m, x: m(x), (randn(5, 2, 3, 3),), (0,)),
+        "instance_norm": (nn.InstanceNorm1d(3, affine=True), lambda m, x: torch.tanh(m(x)), (randn(5, 3, 6),), (0,)),
+        "rms_norm": (nn.RMSNorm(6), lambda m, x: torch.tanh(m(x)), (randn(5, 2, 6),), (0,)),
+        "batchnorm_eval": (nn.BatchNorm1d(3).eval(), lambda m, x: torch.tanh(m(x)), (randn(5, 3, 2),), (0,)),
+        "linear_subclass": (nn.modules.linear.NonDynamicallyQuantizableLinear(6, 4), lambda m, x: torch.tanh(m(x)),
+                            (randn(5, 6),), (0,)),
+        "custom_parameter": (_Scale(6), lambda m, x: torch.tanh(m(x)), (randn(5, 2, 6),), (0,)),
+    }
+
+
+def _one_example(inputs, dims, i):
+    return tuple(x.narrow(d, i, 1) for x, d in zip(inputs, dims))
+
+
+@pytest.mark.parametrize("case", list(_fallback_cases()))
+def test_per_module_fallback_equals_brute_force_and_leaves_grad_bit_identical(case):
+    # float64: the fallback's vector-Jacobian products and the brute-force loop round differently (~1e-15), so
+    # 1e-10 relative catches any wrong term (a wrong batch dim, a missing output's gradient) by orders of magnitude.
+    # GRU has no vmap batching rule on CPU: that case also runs the fallback's loop over examples.
+    torch.manual_seed(0)
+    layer, call, inputs, dims = _fallback_cases()[case]
+    model = _Odd(layer, call, 0).double()
+    if case == "batchnorm_eval":
+        layer.running_mean.uniform_(-0.5, 0.5)
+        layer.running_var.uniform_(0.5, 2.0)
+    y = torch.tensor([0, 2, 1, 1, 0])
+    model(*inputs)  # materialize the lazy head
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    truth = torch.stack([sum(g.pow(2).sum() for g in torch.autograd.grad(
+        nn.functional.cross_entropy(model(*_one_example(inputs, dims, i)), y[i:i + 1]), params)) for i in range(5)])
+
+    model.zero_grad()
+    nn.functional.cross_entropy(model(*inputs), y).backward()
+    plain = [p.grad.clone() for p in params]
+
+    model.zero_grad()
+    hooks = PerExampleNormHooks(model, layer_names=True)
+    hooks.arm(5)
+    nn.functional.cross_entropy(model(*inputs), y).backward()
+    assert hooks.check_bias_sums(1.0, rtol=1e-10) is None
+    sq, layers, problem = hooks.collect()
+    assert problem is None
+    torch.testing.assert_close(sq * 25, truth, rtol=1e-10, atol=0)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, plain))  # the hooks never touch a gradient
+    expected_layers = {name.rsplit(".", 1)[0] for name, p in model.named_parameters() if "." in name}
+    assert set(layers) == expected_layers  # MultiheadAttention: "layer" and "layer.out_proj"
+    torch.testing.assert_close(sum(layers.values()), sq, rtol=1e-12, atol=0)
+
+
+def test_fallback_refuses_what_it_cannot_recompute_without_breaking_backward():
+    # Dropout inside a GRU in train mode draws random masks: recomputing cannot reproduce them -> a problem, and the
+    # backward is the plain one.
+    torch.manual_seed(0)
+    model = _Odd(nn.GRU(3, 4, num_layers=2, dropout=0.5, batch_first=True), _rnn_call(True), 0)
+    x = torch.randn(5, 4, 3)
+    model(x)
+    hooks = PerExampleNormHooks(model)
+    hooks.arm(5)
+    model(x).sum().backward()
+    assert "draws random numbers" in hooks.collect()[2]
+    # A PackedSequence interleaves the examples: reported, backward unaffected.
+    rnn = nn.GRU(3, 4)
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(4, 5, 3), [4, 4, 3, 2, 1])
+    hooks = PerExampleNormHooks(rnn)
+    hooks.arm(5)
+    rnn(packed)[1].sum().backward()
+    assert "PackedSequence" in hooks.collect()[2]
+    # A batch-norm layer in train mode couples the examples.
+    bn = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    hooks = PerExampleNormHooks(bn)
+    hooks.arm(5)
+    bn(torch.randn(5, 3)).sum().backward()
+    assert "BatchNorm" in hooks.collect()[2]
+
+
+def test_a_hook_that_fails_records_a_problem_instead_of_raising_into_backward(monkeypatch):
+    import lightning_sgd.per_example_hooks as engine
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(engine, "_layer_sq_norms", broken)
+    monkeypatch.setattr(engine, "_fallback_grads", broken)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.PReLU(), nn.Linear(3, 2))
+    hooks = PerExampleNormHooks(model)
+    hooks.arm(4)
+    model(torch.randn(4, 3)).sum().backward()  # must not raise
+    assert "boom" in hooks.collect()[2]
+    assert all(p.grad is not None for p in model.parameters())
