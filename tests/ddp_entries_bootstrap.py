@@ -22,3 +22,24 @@ def bootstrap_twin(outdir: Path, steps: int = 4, per_rank_batch: int = 8) -> Non
     twin = torch.cat([p.detach().flatten() for p in cb.twin.parameters()])
     dump(outdir, trainer.global_rank, {"twin": twin.tolist(), "fresh_pos": cb._fresh_pos, "steps": cb._twin_steps,
                                        "history": cb.history})
+
+
+def dropin_under_lightning(outdir: Path, steps: int = 4, per_rank_batch: int = 8) -> None:
+    """DeepBootstrap and EMAWeights(validate='both') on the README autoencoder (no protocol) under
+    ``lightning.Trainer`` on 2 ranks; each rank reports its twin, the EMA weights fit leaves and val_ema/loss."""
+    import lightning.pytorch as L
+
+    from lightning_sgd.plugins import EMAWeights
+    from tests.test_plugins_dropin import DATA, make
+
+    L.seed_everything(0)
+    boot, ema = DeepBootstrap(schedule=2, plot=False), EMAWeights(decay=0.5, validate="both")
+    trainer = L.Trainer(**ddp_trainer_kwargs(max_steps=steps, callbacks=[boot, ema], val_check_interval=steps,
+                                             limit_val_batches=1.0))
+    module = make("lightning", "autoencoder")
+    trainer.fit(module, datamodule=DATA["lightning"]("autoencoder", n=64, batch_size=per_rank_batch))
+    twin = torch.cat([p.detach().flatten() for p in boot.twin.parameters()])
+    dump(outdir, trainer.global_rank, {
+        "twin": twin.tolist(), "fresh_pos": boot._fresh_pos, "history": boot.history,
+        "ema_state": {k: v.tolist() for k, v in module.state_dict().items()},
+        "val_ema_loss": float(trainer.callback_metrics["val_ema/loss"]), "num_updates": ema.num_updates})

@@ -347,3 +347,31 @@ def test_adaptive_batch_size_with_gns_on_a_training_step_only_module(package):
     assert controller.history[0]["reason"] == "start" and controller.history[0]["global_batch_size"] == 8
     sizes = [h["global_batch_size"] for h in controller.history]
     assert sizes == sorted(sizes) and max(sizes) <= 64
+
+
+# ------------------------------------------------------------------------------------------------------------- DDP
+@pytest.mark.ddp
+def test_dropin_under_lightning_ddp(tmp_path):
+    """2-process gloo DDP under lightning.Trainer, README autoencoder. DeepBootstrap: the twin's replicas agree and
+    equal one process's twin at the global batch (2 x 8 consecutive fresh examples, gradients averaged = the mean
+    loss of 16; float32 sums in another order, through 4 Adam steps: atol 1e-6). EMAWeights(validate='both'): each
+    rank evaluates its half of the 40 validation examples (20 each) and sync_dist averages the two means, which is
+    the mean of the hand loss of the EMA weights over all 40 (rel 1e-5)."""
+    from tests.ddp import run_ddp
+
+    rank0, rank1 = run_ddp("tests.ddp_entries_bootstrap:dropin_under_lightning", tmp_path, steps=4, per_rank_batch=8)
+    assert rank0["twin"] == rank1["twin"] and rank0["fresh_pos"] == 4 * 16
+    assert [h["step"] for h in rank0["history"]] == [0, 2, 4] and rank1["history"] == []
+    lightning.pytorch.seed_everything(0)
+    cb = DeepBootstrap(schedule=2, plot=False)
+    fit("lightning", make("lightning", "autoencoder"), DATA["lightning"]("autoencoder", n=64, batch_size=16), [cb],
+        max_steps=4)
+    single = torch.cat([p.detach().flatten() for p in cb.twin.parameters()])
+    torch.testing.assert_close(torch.tensor(rank0["twin"]), single, rtol=0, atol=1e-6)
+    assert rank0["num_updates"] == 4 and rank0["ema_state"] == rank1["ema_state"]
+    fresh = make("lightning", "autoencoder", seed=5)
+    fresh.load_state_dict({k: torch.tensor(v) for k, v in rank0["ema_state"].items()})
+    x = DATA["lightning"]("autoencoder").val_data[0]
+    with torch.no_grad():
+        expected = float(_hand_loss("autoencoder", fresh, (x,)))
+    assert rank0["val_ema_loss"] == rank1["val_ema_loss"] == pytest.approx(expected, rel=1e-5)
