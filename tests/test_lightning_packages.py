@@ -122,7 +122,7 @@ def _gradient_diversity() -> tuple[Any, dict[str, Any], Any]:
 def _curvature_spectrum() -> tuple[Any, dict[str, Any], Any]:
     from lightning_sgd.callbacks import CurvatureSpectrum
 
-    callback = CurvatureSpectrum(schedule=1, k=1, lanczos_iterations=4, trace_matvecs=2, probe_batch_size=8)
+    callback = CurvatureSpectrum(schedule=1, k=1, lanczos_iterations=4, trace_matvecs=3, probe_batch_size=8)
     return callback, {}, lambda cb, m, t: len(cb.history) >= 1
 
 
@@ -294,3 +294,19 @@ def test_model_package_reads_the_class_path_from_configs_and_flags(tmp_path: Pat
     assert model_package(["--model=LBoring"]) is lpt  # a short name, resolved among imported subclasses
     assert model_package(["--trainer.max_steps=3"]) is pl  # nothing named: the default package
     assert model_package(["--config", str(tmp_path / "missing.yaml")]) is pl  # LightningCLI reports the error
+
+
+def test_lightning_pytorch_cli_takes_the_strategy_class_with_ddp_arguments(tmp_path: Path) -> None:
+    """The ``lightning.pytorch`` twin by ``class_path``: our arguments and ``DDPStrategy``'s (through ``**kwargs``)
+    both reach it."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_sgd.plugins import LightningGradStatsDDPStrategy
+
+    strategy = {"class_path": "lightning_sgd.plugins.LightningGradStatsDDPStrategy",
+                "init_args": {"every_n_steps": 2, "static_graph": True}}
+    cli = LightningCLI(LBoring, LBoringData, run=False, save_config_callback=None,
+                       args=["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.logger=false",
+                             f"--trainer.strategy={yaml.safe_dump(strategy, default_flow_style=True).strip()}"])
+    assert isinstance(cli.trainer.strategy, LightningGradStatsDDPStrategy)
+    assert cli.trainer.strategy.every_n_steps == 2 and cli.trainer.strategy._ddp_kwargs["static_graph"] is True
