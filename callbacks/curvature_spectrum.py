@@ -1,10 +1,12 @@
 """CurvatureSpectrum: Hessian / GGN / empirical-Fisher eigenvalues, trace and density during training.
 
 A thin Lightning adapter over :mod:`lightning_sgd.curvature` (the maths, on hessian-eigenthings): it draws a fixed
-probe set once, measures on a schedule and at fit end without disturbing training (BN buffers, modes, RNG and
-``.grad`` are restored bit-for-bit), reads the optimizer's current LR and momentum for the sharpness ratio, and
-logs under ``curvature/<operator>/...``. Sources: seed 000 and 003 (stability 2/η), seed 002 (‖H‖_F ≤ O(√B/η)),
-seed 003 App. E.2 (C ≈ H).
+probe set once, measures on a schedule and at fit end without disturbing training (BN buffers, modes, RNG, ``.grad``
+and what the module logs are left as they were), reads the optimizer's current LR and momentum for the sharpness
+ratio, and logs under ``curvature/<operator>/...``. The loss is the module's own ``training_step``
+(:class:`lightning_sgd.module_loss.ModuleLoss`). Background: the edge of stability at ``λ_max = 2/η`` (Cohen et al.
+2021), ``‖H‖_F ≤ O(√B/η)`` at SGD minima (Wu et al. 2018), ``C ≈ H`` in the noisy quadratic model (Zhang et al.
+2019, App. E.2).
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
+from lightning_sgd.compat import PACKAGES, Callback, import_from
 from lightning_sgd.curvature import (
     OPERATORS,
     CheckedOperator,
@@ -38,8 +39,11 @@ from lightning_sgd.curvature import (
     projection_variance,
     sharpness,
 )
-from lightning_sgd.protocols import require_supervised
+from lightning_sgd.module_loss import ModuleLoss, ProtocolRequired
 from lightning_sgd.schedules import Schedule, as_schedule
+
+#: W&B logger classes of both Lightning packages (each Trainer builds its own package's).
+WANDB_LOGGERS: tuple[type, ...] = tuple(import_from(package, "loggers.WandbLogger") for package in PACKAGES)
 
 
 class CurvatureSpectrum(Callback):
@@ -55,10 +59,21 @@ class CurvatureSpectrum(Callback):
     logs the spectrum as a histogram, the SLQ density as a line plot and the alignment pairs as a table and
     scatter plot.
 
+    It works on any LightningModule with automatic optimization: the loss is the module's ``training_step`` (run
+    with ``self.log`` muted, the RNG forked and buffers restored), on batches of any structure, and every
+    operator-vector product runs ``F.scaled_dot_product_attention`` on its math kernel (the fused kernels are not
+    twice differentiable). ``operator="ggn"`` alone needs the module to implement ``split_batch``/``forward``/
+    ``loss``: the GGN ``Jᵀ H_ℓ J`` differentiates the network's outputs and the loss of those outputs separately,
+    which ``training_step`` does not expose; without them :class:`~lightning_sgd.module_loss.ProtocolRequired` is
+    raised at setup, and a loss linear in the outputs (log-probabilities with ``nll_loss``, whose GGN is 0) is
+    refused before the first measurement. ``"empirical_fisher"`` and ``alignment`` use per-example gradients of the
+    loss and check once that it is a mean over examples.
+
     Args:
         schedule: when to measure: every n optimizer steps (int) or a :class:`lightning_sgd.schedules.Schedule`;
             step 0 (before training) is measured when the schedule includes it.
-        operator: ``"hessian"``, ``"ggn"`` (the true Fisher for softmax cross-entropy) or ``"empirical_fisher"``.
+        operator: ``"hessian"``, ``"ggn"`` (the true Fisher for softmax cross-entropy; needs the protocol) or
+            ``"empirical_fisher"``.
         k: number of top eigenvalues.
         lanczos_iterations: Krylov dimension (>= k); ``None``: ``max(2k, k + 20)``.
         trace_matvecs: Hutch++ matvecs for the trace (0: off).
@@ -121,6 +136,7 @@ class CurvatureSpectrum(Callback):
         self._last_step: int | None = None
         self._global_batch_size: int | None = None
         self._warned_adaptive = False
+        self._loss: ModuleLoss | None = None
 
     @property
     @override
@@ -130,7 +146,7 @@ class CurvatureSpectrum(Callback):
     # ------------------------------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        require_supervised(pl_module, "CurvatureSpectrum")
+        self._loss = self._module_loss(pl_module)
         check_k(self.config.k, num_parameters(pl_module))
 
     @override
@@ -191,10 +207,27 @@ class CurvatureSpectrum(Callback):
             batches = [loader.collate_fn([dataset[i] for i in chunk]) for chunk in chunks]
         return [trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(b)) for b in batches]
 
+    def _module_loss(self, pl_module: pl.LightningModule) -> ModuleLoss:
+        """The module's loss as the measurements compute it; refuses, at setup, what cannot work."""
+        ggn = self.operator == "ggn"
+        try:
+            loss = ModuleLoss(pl_module, f"CurvatureSpectrum(operator={self.operator!r})",
+                              use_protocol=True if ggn else None)
+        except ProtocolRequired as err:
+            raise ProtocolRequired(f"{err} Or use operator='hessian' or 'empirical_fisher', which need only "
+                                   "`training_step`.") from None
+        loss.check_usable()
+        return loss
+
     def _validate_operator(self, pl_module: pl.LightningModule) -> None:
-        """One matvec before training: a loss that is not twice differentiable fails here, with a clear error."""
+        """One matvec before training: a loss that is not twice differentiable, linear in the outputs (GGN) or not a
+        mean over examples (per-example quantities) fails here, with a clear error."""
+        if self._loss is None:  # setup() builds it; a direct call may not have run it
+            self._loss = self._module_loss(pl_module)
+        if self.operator == "empirical_fisher" or self.config.alignment:
+            self._loss.check_mean(self.probe[0])
         with preserved_training_state(pl_module, self.mode):
-            op = CheckedOperator(make_operator(pl_module, self.probe, self.operator),
+            op = CheckedOperator(make_operator(pl_module, self.probe, self.operator, loss=self._loss),
                                  fixed_seed=self.seed if self.mode == "train" else None)
             try:
                 op.matvec(torch.zeros(op.size, dtype=op.dtype, device=op.device))
@@ -216,9 +249,9 @@ class CurvatureSpectrum(Callback):
         prefix = f"curvature/{self.operator}"
         try:
             with preserved_training_state(pl_module, self.mode):
-                op = CheckedOperator(make_operator(pl_module, self.probe, self.operator),
+                op = CheckedOperator(make_operator(pl_module, self.probe, self.operator, loss=self._loss),
                                      fixed_seed=self.seed if self.mode == "train" else None)
-                variance_fn = functools.partial(projection_variance, pl_module, self.probe)
+                variance_fn = functools.partial(projection_variance, pl_module, self.probe, loss=self._loss)
                 result = measure(op, self.config, name=self.operator, variance_fn=variance_fn)
         except Exception as err:  # noqa: BLE001 - a measurement must never end the run
             rank_zero_warn(f"CurvatureSpectrum: skipped the measurement at step {step}: {err}")
@@ -282,7 +315,7 @@ class CurvatureSpectrum(Callback):
 
     @rank_zero_only
     def _log_wandb(self, trainer: pl.Trainer, result: CurvatureResult, step: int) -> None:
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WANDB_LOGGERS)]
         if not loggers:
             return
         try:

@@ -1,21 +1,39 @@
 """Curvature of a module's loss over a fixed probe set: operators, top-k eigenvalues, trace, density, alignment.
 
 Pure functions (no Trainer) that :class:`lightning_sgd.callbacks.CurvatureSpectrum` calls; each is usable and
-tested on its own. The linear algebra is hessian-eigenthings' (operators, ``lanczos``, ``hutch_plus_plus``,
-``spectral_density``); this file adapts a :mod:`lightning_sgd.protocols` module to its operators, makes the
-measurement safe mid-training (:func:`preserved_training_state`), puts it on a time budget, and derives the
-large-batch quantities:
+tested on its own. The linear algebra is hessian-eigenthings' (``lanczos``, ``hutch_plus_plus``,
+``spectral_density``); the operators here compute the module's own loss through
+:class:`lightning_sgd.module_loss.ModuleLoss` (its ``training_step``, or the optional ``split_batch``/``forward``/
+``loss`` protocol when the module has it), on batches of any structure. This file also makes the measurement safe
+mid-training (:func:`preserved_training_state`), puts it on a time budget, and derives the large-batch quantities:
 
-- sharpness ``λ_max·η`` against the stability threshold ``2`` (``2(1+β)`` with heavy-ball momentum β,
-  ``(2+2β)/(1+2β)`` with Nesterov) (seed 000, seed 003);
-- ``‖H‖_F·η/√B`` for the linear-stability bound ``‖H‖_F ≤ O(√B/η)`` of SGD minima (Wu et al., seed 002), with
+- sharpness ``λ_max·η`` against the stability threshold ``2`` of gradient descent on a quadratic (``2(1+β)`` with
+  heavy-ball momentum β, ``(2+2β)/(1+2β)`` with Nesterov); full-batch training hovers at it ("edge of stability",
+  Cohen et al. 2021);
+- ``‖H‖_F·η/√B`` for the linear-stability bound ``‖H‖_F ≤ O(√B/η)`` of SGD minima (Wu et al. 2018), with
   ``‖H‖_F² = tr(H²)`` estimated by Hutch++ on the operator ``H²``;
-- the NQM's ``C ≈ H`` check (seed 003, App. E.2): curvature ``vᵀHv`` against the per-example gradient variance
-  ``Var_i(vᵀg_i)`` along the top eigenvectors and as many random directions, summarized by a log-log fit.
+- the noisy quadratic model's ``C ≈ H`` check (Zhang et al. 2019, App. E.2): curvature ``vᵀHv`` against the
+  per-example gradient variance ``Var_i(vᵀg_i)`` along the top eigenvectors and as many random directions,
+  summarized by a log-log fit.
 
-Operators: ``"hessian"`` (HessianOperator, DDPHessianOperator under DDP), ``"ggn"`` (GGNOperator; for softmax
-cross-entropy it equals the true Fisher, which the library has no separate operator for) and
-``"empirical_fisher"`` (EmpiricalFisherOperator, ``(1/N) Σ g_i g_iᵀ`` with the true labels).
+Operators, and what each needs of the module:
+
+- ``"hessian"`` (:class:`LossHessian`): Hessian-vector products of the loss by double backward. Any module whose
+  ``training_step`` returns a twice-differentiable loss.
+- ``"empirical_fisher"`` (:class:`LossEmpiricalFisher`): ``(1/N) Σ g_i g_iᵀ`` with the true labels, from
+  per-example gradients of the loss (``torch.func.vmap`` over batches of one example). Any module whose loss is a
+  mean of per-example losses (checked once by the callback).
+- ``"ggn"`` (:class:`OutputGGN`): ``Jᵀ H_ℓ J``, for softmax cross-entropy the true Fisher. The only one that
+  **needs the protocol**: it differentiates the network's outputs and the loss of those outputs separately, and
+  ``training_step`` returns only their composition. Without the protocol, :func:`make_operator` raises
+  :class:`~lightning_sgd.module_loss.ProtocolRequired`; with a loss linear in the outputs (``forward`` returning
+  log-probabilities and ``loss`` being ``nll_loss``) ``H_ℓ = 0`` and the GGN would be 0, which
+  :func:`check_ggn_loss` refuses.
+
+Every product runs inside ``ModuleLoss.isolated()`` (the module's ``self.log`` muted, buffers, modes and RNG
+restored) and with ``F.scaled_dot_product_attention`` restricted to its math kernel
+(:func:`twice_differentiable_attention`): the fused kernels (flash, memory-efficient, and the CPU flash kernel)
+have a backward that cannot itself be differentiated.
 """
 
 from __future__ import annotations
@@ -31,19 +49,18 @@ import torch
 import torch.distributed as dist
 from hessian_eigenthings import (
     CurvatureOperator,
-    DDPHessianOperator,
-    EmpiricalFisherOperator,
-    GGNOperator,
-    HessianOperator,
     LambdaOperator,
     hutch_plus_plus,
     lanczos,
     spectral_density,
 )
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_sgd.protocols import require_supervised
+from lightning_sgd.batches import flatten_batch
+from lightning_sgd.module_loss import ModuleLoss
+from lightning_sgd.per_example import batchnorm_eval
 
 OperatorName = Literal["hessian", "ggn", "empirical_fisher"]
 OPERATORS: tuple[str, ...] = ("hessian", "ggn", "empirical_fisher")
@@ -61,6 +78,10 @@ class NotTwiceDifferentiableError(CurvatureError):
     """The loss has no usable second derivative (double backward or forward-mode AD failed)."""
 
 
+class LinearLossError(CurvatureError):
+    """The loss is linear in the network's outputs, so the GGN ``Jᵀ H_ℓ J`` is identically 0."""
+
+
 # ------------------------------------------------------------------------------------------------- operators
 def is_distributed() -> bool:
     """True inside an initialized ``torch.distributed`` job with more than one process."""
@@ -71,6 +92,13 @@ def _all_reduce_mean(tensor: Tensor) -> Tensor:
     out = tensor.clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / dist.get_world_size()
+
+
+def twice_differentiable_attention() -> Any:
+    """A context in which ``F.scaled_dot_product_attention`` (and ``nn.MultiheadAttention`` through it) uses its math
+    kernel only: the fused kernels' backward is not differentiable, so double backward and forward-mode AD through
+    them fail ("derivative for ..._flash_attention_..._backward is not implemented")."""
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 class _WrappedOperator(CurvatureOperator):
@@ -94,8 +122,7 @@ class _WrappedOperator(CurvatureOperator):
 class AllReduceMeanOperator(_WrappedOperator):
     """``matvec`` of ``inner`` averaged over the ranks: the operator of the union of every rank's probe batches.
 
-    Used for the GGN and empirical Fisher under DDP (the library only ships a DDP Hessian). Equal per-rank batch
-    counts and sizes make the mean of the rank means the mean over the union.
+    Equal per-rank batch counts and sizes make the mean of the rank means the mean over the union.
     """
 
     def __init__(self, inner: CurvatureOperator) -> None:
@@ -105,29 +132,179 @@ class AllReduceMeanOperator(_WrappedOperator):
         return _all_reduce_mean(self.inner.matvec(v))
 
 
-def _supervised_fns(module: nn.Module) -> tuple[Callable, Callable, Callable, Callable]:
-    """``loss_fn(model, batch)``, ``forward_fn``, ``loss_of_output_fn`` and ``per_sample_loss_fn`` of a module."""
-    sup = require_supervised(module, "CurvatureSpectrum")
+class ModuleOperator(CurvatureOperator):
+    """A curvature operator of ``loss.module``'s mean loss over ``batches``: the mean of per-batch products.
 
-    def loss_fn(model: nn.Module, batch: Any) -> Tensor:
-        inputs, targets = sup.split_batch(batch)
-        return sup.loss(model(inputs), targets)
+    Over the trainable parameters in ``module.parameters()`` order (the flat vector every operator acts on).
+    Each :meth:`matvec` runs inside ``loss.isolated()`` and :func:`twice_differentiable_attention`; subclasses
+    define the product on one batch, :meth:`batch_matvec`.
+    """
 
-    def forward_fn(model: nn.Module, batch: Any) -> Tensor:  # model: the library's functional adapter
-        inputs, _ = sup.split_batch(batch)
-        return model(inputs)
+    def __init__(self, loss: ModuleLoss, batches: Sequence[Any]) -> None:
+        self.loss = loss
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError("the probe set is empty: curvature needs at least one probe batch.")
+        self.params = {name: p for name, p in loss.module.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError(f"{type(loss.module).__name__} has no trainable parameters.")
+        first = next(iter(self.params.values()))
+        self._size = sum(p.numel() for p in self.params.values())
+        self._device, self._dtype = first.device, first.dtype
 
-    def loss_of_output_fn(outputs: Tensor, batch: Any) -> Tensor:
-        _, targets = sup.split_batch(batch)
-        return sup.loss(outputs, targets)
+    @property
+    def size(self) -> int:
+        return self._size
 
-    def per_sample_loss_fn(model: nn.Module, sample: Any) -> Tensor:
-        # vmap strips the batch dimension; a batch of one example has that example's loss (protocol: mean loss)
-        batch = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, sample)
-        inputs, targets = sup.split_batch(batch)
-        return sup.loss(model(inputs), targets)
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
-    return loss_fn, forward_fn, loss_of_output_fn, per_sample_loss_fn
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def split(self, v: Tensor) -> dict[str, Tensor]:
+        """The flat vector ``v`` as one tensor per trainable parameter."""
+        if v.shape != (self._size,):
+            raise ValueError(f"expected a vector of shape ({self._size},), got {tuple(v.shape)}.")
+        chunks = torch.split(v, [p.numel() for p in self.params.values()])
+        return {name: c.view_as(p) for (name, p), c in zip(self.params.items(), chunks)}
+
+    def matvec(self, v: Tensor) -> Tensor:
+        parts = self.split(v)
+        with self.loss.isolated(), twice_differentiable_attention():
+            total = sum(self.batch_matvec(parts, batch) for batch in self.batches)
+        return total / len(self.batches)
+
+    def batch_matvec(self, v: dict[str, Tensor], batch: Any) -> Tensor:
+        """The product with ``v`` (split per parameter) on one batch, flat."""
+        raise NotImplementedError
+
+
+class LossHessian(ModuleOperator):
+    """The Hessian of the module's loss: ``∇(∇L·v)`` by double backward on the parameters."""
+
+    def batch_matvec(self, v: dict[str, Tensor], batch: Any) -> Tensor:
+        params = list(self.params.values())
+        value = self.loss.loss(batch)
+        grads = torch.autograd.grad(value, params, create_graph=True)
+        hvp = torch.autograd.grad(grads, params, grad_outputs=list(v.values()))
+        return torch.cat([h.reshape(-1) for h in hvp])
+
+
+def per_example_gradients(loss: ModuleLoss, params: dict[str, Tensor], batch: Any,
+                          chunk_size: int | None = 64) -> Iterator[Tensor]:
+    """The per-example gradients of the module's loss on ``batch``, as ``(c, P)`` chunks of at most ``chunk_size``
+    examples (flattened in ``params`` order).
+
+    Example ``i``'s gradient is the gradient of the loss of a batch holding example ``i`` alone (for a mean of
+    per-example losses, that example's loss), by ``vmap(grad(loss.functional_loss))`` over the tensors that carry
+    the example dimension (broadcast ones stay whole). Dropout draws independent masks per example; BatchNorm runs
+    on its running statistics (an example's gradient through batch statistics of one example is meaningless).
+    Call inside ``loss.isolated()``.
+    """
+    detached = {name: p.detach() for name, p in params.items()}
+    batched, rebuild, n = flatten_batch(batch, loss.who)
+
+    def example_loss(p: dict[str, Tensor], *examples: Tensor) -> Tensor:
+        return loss.functional_loss(p, rebuild([e.unsqueeze(0) for e in examples]))  # a batch of one
+
+    per_example = vmap(grad(example_loss), in_dims=(None, *[0] * len(batched)), randomness="different")
+    step = n if chunk_size is None else chunk_size
+    with batchnorm_eval(loss.module):
+        for start in range(0, n, step):
+            grads = per_example(detached, *[t[start:start + step] for t in batched])
+            yield torch.cat([grads[name].reshape(grads[name].shape[0], -1) for name in detached], dim=1)
+
+
+class LossEmpiricalFisher(ModuleOperator):
+    """The empirical Fisher ``(1/n) Σ_i g_i g_iᵀ`` per batch, with ``g_i`` the per-example gradients of the loss
+    (:func:`per_example_gradients`); ``Fv = Gᵀ(Gv)/n``, chunk by chunk."""
+
+    def __init__(self, loss: ModuleLoss, batches: Sequence[Any], chunk_size: int | None = 64) -> None:
+        super().__init__(loss, batches)
+        self.chunk_size = chunk_size
+
+    def batch_matvec(self, v: dict[str, Tensor], batch: Any) -> Tensor:
+        flat = torch.cat([t.reshape(-1) for t in v.values()])
+        total, n = torch.zeros_like(flat), 0
+        for g in per_example_gradients(self.loss, self.params, batch, self.chunk_size):  # (c, P)
+            total += g.T @ (g @ flat)
+            n += g.shape[0]
+        return total / n
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+class OutputGGN(ModuleOperator):
+    """The generalized Gauss-Newton ``Jᵀ H_ℓ J`` of the protocol's ``loss(forward(inputs), targets)``.
+
+    ``J`` is the Jacobian of ``forward``'s outputs in the parameters (a JVP, then a VJP), ``H_ℓ`` the Hessian of
+    ``loss`` in the outputs (double backward on the outputs alone). Needs the protocol (``loss.uses_protocol``).
+    Both passes see the same dropout masks, so the operator is one symmetric matrix.
+    """
+
+    def __init__(self, loss: ModuleLoss, batches: Sequence[Any]) -> None:
+        if not loss.uses_protocol:
+            raise loss.protocol_error("needs the network's outputs separately from the loss")
+        super().__init__(loss, batches)
+
+    def batch_matvec(self, v: dict[str, Tensor], batch: Any) -> Tensor:
+        module = self.loss.module
+        inputs, targets = module.split_batch(batch)  # type: ignore[operator]
+        detached = {name: p.detach() for name, p in self.params.items()}
+
+        def outputs_of(p: dict[str, Tensor]) -> Tensor:
+            return functional_call(module, p, (inputs,), strict=False)
+
+        rng = _rng_state(self._device)
+        output, jv = jvp(outputs_of, (detached,), (v,))
+        leaf = output.detach().requires_grad_(True)
+        g = torch.autograd.grad(module.loss(leaf, targets), leaf, create_graph=True)[0]  # type: ignore[operator]
+        h_jv = torch.autograd.grad(g, leaf, grad_outputs=jv, allow_unused=True)[0]
+        if h_jv is None:  # g does not depend on the outputs: H_ℓ = 0 (check_ggn_loss refuses this up front)
+            h_jv = torch.zeros_like(leaf)
+        _set_rng_state(rng, self._device)  # the VJP's forward draws the JVP's dropout masks
+        _, pullback = vjp(outputs_of, detached)
+        gv = pullback(h_jv)[0]
+        return torch.cat([gv[name].reshape(-1) for name in self.params])
+
+
+def check_ggn_loss(loss: ModuleLoss, batch: Any, *, seed: int = 0) -> None:
+    """Raise :class:`LinearLossError` when the protocol's ``loss`` is linear in ``forward``'s outputs on ``batch``.
+
+    The GGN is ``Jᵀ H_ℓ J`` with ``H_ℓ`` the Hessian of the loss in the outputs; when ``forward`` returns
+    log-probabilities and ``loss`` is ``nll_loss`` (or any loss linear in the outputs) ``H_ℓ = 0`` and the GGN is
+    silently 0 while the loss trains fine. Test: the gradient in the outputs is non-zero but ``H_ℓ u`` is exactly
+    zero for a random ``u`` (autograd returns exact zeros for a linear map; any curved loss gives non-zeros).
+    """
+    module = loss.module
+    with loss.isolated(), twice_differentiable_attention(), torch.no_grad():
+        outputs, targets = loss.outputs(batch)
+    if not isinstance(outputs, Tensor):
+        return
+    with loss.isolated():
+        leaf = outputs.detach().requires_grad_(True)
+        g = torch.autograd.grad(module.loss(leaf, targets), leaf, create_graph=True)[0]  # type: ignore[operator]
+        if not bool(torch.isfinite(g).all()) or not bool((g != 0).any()):
+            return  # no gradient to compare with (non-finite weights are reported by the measurement)
+        u = torch.randn(leaf.shape, generator=torch.Generator().manual_seed(seed), dtype=leaf.dtype).to(leaf.device)
+        hu = torch.autograd.grad(g, leaf, grad_outputs=u, allow_unused=True)[0] if g.requires_grad else None
+    if hu is None or not bool((hu != 0).any()):
+        raise LinearLossError(
+            f"{loss.who}: the loss is linear in the network's outputs (its Hessian with respect to what `forward` "
+            "returns is 0, e.g. `forward` returns log-probabilities and `loss` is `nll_loss`), so the GGN Jᵀ H_ℓ J "
+            "is 0. Return logits from `forward` and use `cross_entropy` in `loss` (the same training loss), or "
+            "use operator='hessian'.")
 
 
 def make_operator(
@@ -136,15 +313,21 @@ def make_operator(
     kind: OperatorName = "hessian",
     *,
     distributed: bool | None = None,
+    loss: ModuleLoss | None = None,
 ) -> CurvatureOperator:
     """The curvature operator of ``module``'s mean loss over ``batches`` (averaged per batch, then over ranks).
 
     Args:
-        module: implements :mod:`lightning_sgd.protocols` (``split_batch``, ``forward``, ``loss``).
-        batches: the probe batches, already on the module's device. Equal sizes make the operator that of the
-            union of the examples.
-        kind: ``"hessian"``, ``"ggn"`` or ``"empirical_fisher"``.
+        module: a LightningModule (its ``training_step`` is the loss), or one implementing the protocol.
+        batches: the probe batches, of any structure, already on the module's device. Equal sizes make the
+            operator that of the union of the examples.
+        kind: ``"hessian"``, ``"ggn"`` (needs the protocol; see the module docstring) or ``"empirical_fisher"``.
         distributed: average matvecs over ``torch.distributed`` ranks; ``None`` does so inside a multi-process job.
+        loss: how to compute the loss (``ModuleLoss(module, "CurvatureSpectrum")`` when not given).
+
+    Raises:
+        ProtocolRequired: ``kind="ggn"`` on a module without the protocol.
+        LinearLossError: ``kind="ggn"`` with a loss linear in the outputs (checked on the first batch).
     """
     if kind not in OPERATORS:
         raise ValueError(f"operator must be one of {OPERATORS}, got {kind!r}.")
@@ -152,15 +335,16 @@ def make_operator(
         raise ValueError("the probe set is empty: curvature needs at least one probe batch.")
     if distributed is None:
         distributed = is_distributed()
-    loss_fn, forward_fn, loss_of_output_fn, per_sample_loss_fn = _supervised_fns(module)
-    batches = list(batches)
+    if loss is None:
+        loss = ModuleLoss(module, "CurvatureSpectrum(operator='ggn')" if kind == "ggn" else "CurvatureSpectrum",
+                          use_protocol=True if kind == "ggn" else None)
     if kind == "hessian":
-        cls = DDPHessianOperator if distributed else HessianOperator
-        return cls(module, batches, loss_fn)
-    if kind == "ggn":
-        op: CurvatureOperator = GGNOperator(module, batches, forward_fn, loss_of_output_fn)
+        op: CurvatureOperator = LossHessian(loss, batches)
+    elif kind == "ggn":
+        op = OutputGGN(loss, batches)
+        check_ggn_loss(loss, batches[0])
     else:
-        op = EmpiricalFisherOperator(module, batches, per_sample_loss_fn)
+        op = LossEmpiricalFisher(loss, batches)
     return AllReduceMeanOperator(op) if distributed else op
 
 
@@ -324,7 +508,7 @@ class MeasureConfig:
     density_runs: int = 0  # SLQ runs; 0 off
     density_steps: int = 30  # Lanczos steps per SLQ run
     density_grid_points: int = 200
-    alignment: bool = False  # the C ≈ H check (needs lightning_sgd.per_example)
+    alignment: bool = False  # the C ≈ H check (per-example gradients of the loss)
     time_budget: float | None = None  # seconds per measurement; truncates Lanczos, skips later stages
     seed: int = 0  # Lanczos start vector, Hutch++ probes, SLQ and random directions
 
@@ -405,26 +589,34 @@ def loglog_fit(curvature: Sequence[float], variance: Sequence[float]) -> tuple[f
 
 
 def projection_variance(
-    module: nn.Module, batches: Sequence[Any], directions: Tensor, *, distributed: bool | None = None
+    module: nn.Module,
+    batches: Sequence[Any],
+    directions: Tensor,
+    *,
+    distributed: bool | None = None,
+    loss: ModuleLoss | None = None,
 ) -> tuple[Tensor, int]:
     """``Var_i(vⱼᵀg_i)`` (unbiased) over every probe example (all ranks), for each row ``vⱼ`` of ``directions``.
 
     ``directions`` is ``(d, P)`` over the flattened trainable parameters in ``module.parameters()`` order; the
-    per-example projections come from :func:`lightning_sgd.per_example.per_example_gradient_stats`.
+    per-example gradients ``g_i`` are those of the module's loss (:func:`per_example_gradients`, through ``loss``,
+    by default ``ModuleLoss(module, "CurvatureSpectrum")``).
     """
-    from lightning_sgd.per_example import per_example_gradient_stats
-
     if distributed is None:
         distributed = is_distributed()
+    if loss is None:
+        loss = ModuleLoss(module, "CurvatureSpectrum")
+    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
     s1 = torch.zeros(directions.shape[0], dtype=torch.float64, device=directions.device)
     s2 = torch.zeros_like(s1)
     count = torch.zeros((), dtype=torch.float64, device=directions.device)
-    for batch in batches:
-        stats = per_example_gradient_stats(module, batch, directions=directions)
-        proj = stats.projections.to(torch.float64)  # (n, d)
-        s1 += proj.sum(0)
-        s2 += (proj * proj).sum(0)
-        count += proj.shape[0]
+    with loss.isolated(), twice_differentiable_attention():
+        for batch in batches:
+            for g in per_example_gradients(loss, params, batch):  # (c, P)
+                proj = (g @ directions.to(g.dtype).T).to(torch.float64)  # (c, d)
+                s1 += proj.sum(0)
+                s2 += (proj * proj).sum(0)
+                count += proj.shape[0]
     if distributed:
         packed = torch.cat([s1, s2, count.reshape(1)])
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
@@ -631,5 +823,5 @@ def sharpness(lambda_max: float, state: OptimizerState) -> tuple[float, float]:
 
 
 def frobenius_bound(frobenius: float, lr: float, batch_size: int) -> float:
-    """``‖H‖_F·η/√B``: stays O(1) at minima SGD can stay in (Wu et al., linear stability; seed 002)."""
+    """``‖H‖_F·η/√B``: stays O(1) at minima SGD can stay in (Wu et al. 2018, linear stability of SGD)."""
     return frobenius * lr / math.sqrt(batch_size)
