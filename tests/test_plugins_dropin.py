@@ -27,10 +27,11 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
+from lightning_sgd.batches import batch_size
 from lightning_sgd.bootstrap import ChunkedStream
 from lightning_sgd.callbacks import DeepBootstrap, GradientNoiseScale
 from lightning_sgd.compat import Callback
-from lightning_sgd.plugins import AdaptiveBatchSize, EMAWeights
+from lightning_sgd.plugins import AdaptiveBatchSize, BatchSizeSchedule, EMAWeights
 from tests.helpers import fast_trainer_kwargs
 
 PACKAGES = {"pytorch_lightning": pytorch_lightning, "lightning": lightning.pytorch}
@@ -335,18 +336,47 @@ def test_deep_bootstrap_on_the_readme_autoencoder(package, tmp_path):
     assert cb.plot_path is not None and Path(cb.plot_path).parent == Path(trainer.logger.log_dir)
 
 
-# ----------------------------------------------------------------------------------------------- AdaptiveBatchSize
+# ------------------------------------------------------------------------------------------- batch-size control
+class BatchesSeen(Callback):
+    """The size of every batch the module gets, and the noise scale the controller read after each step."""
+
+    def __init__(self, gns: Any = None) -> None:
+        self.gns, self.sizes, self.b_simple = gns, [], {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.sizes.append(batch_size(batch))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.gns is not None:
+            self.b_simple[trainer.global_step] = self.gns.b_simple
+
+
+def test_batch_size_schedule_resizes_dict_batches(package):
+    """Milestone at step 2 (x2) on the dict-batch module: the module gets batches of 4, 4, then 8."""
+    seen = BatchesSeen()
+    module = make(package, "dict")
+    fit(package, module, DATA[package]("dict", n=64, batch_size=4),
+        [BatchSizeSchedule([2], factors=2, interval="step"), seen], max_steps=5)
+    assert seen.sizes == [4, 4, 8, 8, 8]
+
+
 def test_adaptive_batch_size_with_gns_on_a_training_step_only_module(package):
-    """AdaptiveBatchSize reads B_simple from GradientNoiseScale on the README autoencoder (no protocol): the run
-    goes through, GNS measures, and every decision follows the rule on rank 0's estimate."""
+    """AdaptiveBatchSize reads B_simple from GradientNoiseScale measuring the README autoencoder (no protocol).
+    Ground truth: the controller's rule (hysteresis 0, one device) replayed on the B_simple values GNS held at the
+    decision steps 2, 4, 6 gives the batch sizes the module actually got (a change applies to the next batch)."""
     gns = GradientNoiseScale(schedule=1, source="per_example")
     controller = AdaptiveBatchSize(max_batch_size=64, every_n_steps=2, start_step=2, hysteresis=0.0)
+    seen = BatchesSeen(gns)
     module = make(package, "autoencoder")
-    fit(package, module, DATA[package]("autoencoder", n=256, batch_size=8), [gns, controller], max_steps=6)
-    assert math.isfinite(gns.b_simple)
-    assert controller.history[0]["reason"] == "start" and controller.history[0]["global_batch_size"] == 8
-    sizes = [h["global_batch_size"] for h in controller.history]
-    assert sizes == sorted(sizes) and max(sizes) <= 64
+    fit(package, module, DATA[package]("autoencoder", n=256, batch_size=8), [gns, controller, seen], max_steps=6)
+    expected, current = [], 8
+    for step in range(1, 7):
+        expected.append(current)  # the batch of step `step`
+        b_simple = seen.b_simple[step]
+        if step % 2 == 0 and math.isfinite(b_simple) and math.floor(min(64, b_simple)) > current:
+            current = math.floor(min(64, b_simple))
+    assert seen.sizes == expected and max(expected) > 8, (seen.sizes, seen.b_simple)
+    assert controller.history[0]["reason"] == "start" and controller.history[-1]["global_batch_size"] == current
 
 
 # ------------------------------------------------------------------------------------------------------------- DDP
