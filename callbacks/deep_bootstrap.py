@@ -1,8 +1,8 @@
 """DeepBootstrap: the real world and its fresh-data twin in one training job (Nakkiran et al., ICLR 2021).
 
 Draws on Nakkiran, Neyshabur & Sedghi, "The Deep Bootstrap Framework: Good Online Learners are Good Offline
-Generalizers" (ICLR 2021) and preetum/deep-bootstrap-code, where the two worlds are two hand-launched runs. Pure helpers (fresh-sample streams, pools, metrics, plot) live in
-:mod:`lightning_sgd.bootstrap`.
+Generalizers" (ICLR 2021) and preetum/deep-bootstrap-code, where the two worlds are two hand-launched runs. Pure
+helpers (fresh-sample streams, pools, metrics, plot) live in :mod:`lightning_sgd.bootstrap`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_sgd.batches import batch_size
 from lightning_sgd.bootstrap import (
     FRESH_BATCH_METHOD,
     FRESH_POOL_METHOD,
@@ -29,7 +30,6 @@ from lightning_sgd.bootstrap import (
     evaluate,
     plot_bootstrap,
 )
-from lightning_sgd.batches import batch_size
 from lightning_sgd.compat import PACKAGES, Callback, import_from
 from lightning_sgd.module_loss import ModuleLoss
 from lightning_sgd.schedules import LogSpaced, Schedule, as_schedule
@@ -47,10 +47,10 @@ class DeepBootstrap(Callback):
     Works with any LightningModule with automatic optimization and one optimizer. At fit start the module is
     cloned (bit-identical initial weights) and the clone gets its own optimizer and LR schedulers from its
     ``configure_optimizers``. After every optimizer step of the real world, the twin takes one step with its own
-    ``training_step`` (logging muted) on the next examples of a fresh-sample stream, with the same batch size (micro-batch for micro-batch
-    under gradient accumulation), the same gradient clipping and a scheduler clock kept in step with the real one,
-    so after ``t`` real steps the twin has taken exactly ``t`` steps. On ``schedule`` (log-spaced by default, dense
-    early) both worlds are evaluated on the ``split`` set and logged:
+    ``training_step`` (logging muted) on the next examples of a fresh-sample stream, with the same batch size
+    (micro-batch for micro-batch under gradient accumulation), the same gradient clipping and a scheduler clock kept
+    in step with the real one, so after ``t`` real steps the twin has taken exactly ``t`` steps. On ``schedule``
+    (log-spaced by default, dense early) both worlds are evaluated on the ``split`` set and logged:
 
     .. math:: \text{TestError}(f_t) = \text{TestError}(f^{iid}_t) +
               \underbrace{[\text{TestError}(f_t) - \text{TestError}(f^{iid}_t)]}_{\texttt{bootstrap/gap}}
@@ -72,9 +72,9 @@ class DeepBootstrap(Callback):
     - ``bootstrap/ideal_online_loss``: the twin's training loss on its fresh batches (always an online estimate).
     - ``bootstrap/twin_diverged`` = 1 at the step where the twin's loss became non-finite.
 
-    At the end of fit a PNG of the two error curves (loss curves without errors) and the real train error is written next to the logs
-    (``deep_bootstrap.png`` in the CSV logger's folder, else ``trainer.log_dir``) and logged to W&B when a W&B
-    logger is attached. The measurements are also kept in :attr:`history`.
+    At the end of fit a PNG of the two error curves and the real train error (the losses when no error is measured)
+    is written next to the logs (``deep_bootstrap.png`` in the CSV logger's folder, else ``trainer.log_dir``) and
+    logged to W&B when a W&B logger is attached. The measurements are also kept in :attr:`history`.
 
     **Fresh samples.** The DataModule must implement one of the two methods of the fresh-sample protocol of
     :mod:`lightning_sgd.bootstrap`: ``fresh_batch(start, size)`` (an unlimited stream, e.g.
@@ -91,13 +91,14 @@ class DeepBootstrap(Callback):
     torch RNG stream (:class:`~lightning_sgd.bootstrap.PrivateRNG`, seeded by ``seed`` and checkpointed), so the
     twin's dropout or the evaluation never consume the global RNG, and the real model is evaluated in eval mode
     under ``no_grad`` (BatchNorm statistics untouched) with its logging muted, so what the user's ``training_step``
-    logs is unchanged. A twin that diverges is logged, warned about once and
-    stopped; the real run goes on. Checkpoints carry the twin, its optimizer and schedulers, its RNG, the stream
-    position and the history, so a resumed run continues both worlds.
+    logs is unchanged. A twin that diverges is logged, warned about once and stopped; the real run goes on.
+    Checkpoints carry the twin, its optimizer and schedulers, its RNG, the stream position and the history, so a
+    resumed run continues both worlds.
 
-    Limits: automatic optimization with one optimizer (checked at setup); ``ReduceLROnPlateau`` is refused (it would follow the real
-    world's metric); no AMP grad scaler for the twin (bf16 and fp32 are fine). Under DDP each rank's twin reads its
-    own slice of the fresh stream and the twin's gradients are averaged across ranks; measurements run on rank 0.
+    Limits: automatic optimization with one optimizer (checked at setup); ``ReduceLROnPlateau`` is refused (it would
+    follow the real world's metric); no AMP grad scaler for the twin (bf16 and fp32 are fine). Under DDP each rank's
+    twin reads its own slice of the fresh stream and the twin's gradients are averaged across ranks; measurements
+    run on rank 0.
 
     Args:
         schedule: when to measure (global step ``t`` after ``t`` optimizer steps; step 0 is the common initial
