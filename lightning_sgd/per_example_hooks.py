@@ -137,7 +137,8 @@ def _units(module: nn.Module) -> dict[nn.Module, _Unit]:
         else:
             params = _own_trainable(sub)
         if params:
-            closed = not isinstance(sub, nn.MultiheadAttention) and _closed_form_miss(sub) is None
+            # the root module's layer names are its parameters' own names: only the fallback splits them that way
+            closed = name != "" and not isinstance(sub, nn.MultiheadAttention) and _closed_form_miss(sub) is None
             units[sub] = _Unit(name, closed, params, {k: _join(name, k) for k in params})
     return units
 
