@@ -180,6 +180,9 @@ def _model_class_path(args: Sequence[str]) -> str | None:
                     with open(value) as f:
                         config = yaml.safe_load(f)
                     path = _class_path(config.get("model")) if isinstance(config, dict) else None
+                elif key == "--model" and os.path.isfile(value):  # --model model.yaml
+                    with open(value) as f:
+                        path = _class_path(yaml.safe_load(f))
                 else:
                     path = _class_path(value if key == "--model.class_path" else yaml.safe_load(value))
             except (OSError, yaml.YAMLError):
@@ -203,7 +206,7 @@ def model_package(args: Sequence[str]) -> ModuleType:
     if module_name:
         try:
             cls = getattr(importlib.import_module(module_name), name, None)
-        except ImportError:
+        except Exception:  # noqa: BLE001 - LightningCLI imports it again and reports the error in its own words
             return pl
         return lpt if isinstance(cls, type) and issubclass(cls, lpt.LightningModule) else pl
     # a short name: LightningCLI resolves it among the LightningModule subclasses imported so far

@@ -292,6 +292,9 @@ def test_model_package_reads_the_class_path_from_configs_and_flags(tmp_path: Pat
     assert model_package([f"--config={path}", "--model.class_path=tests.test_lightning_packages.PLBoring"]) is pl
     assert model_package(["--model", "{class_path: tests.test_lightning_packages.LBoring}"]) is lpt
     assert model_package(["--model=LBoring"]) is lpt  # a short name, resolved among imported subclasses
+    model_file = tmp_path / "model.yaml"
+    model_file.write_text(yaml.safe_dump({"class_path": "tests.test_lightning_packages.LBoring"}))
+    assert model_package(["--model", str(model_file)]) is lpt
     assert model_package(["--trainer.max_steps=3"]) is pl  # nothing named: the default package
     assert model_package(["--config", str(tmp_path / "missing.yaml")]) is pl  # LightningCLI reports the error
 
