@@ -94,7 +94,8 @@ def test_unsupported_layers_names_only_what_even_the_fallback_cannot_handle():
     assert unsupported_layers(handled) == []
     tied = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False))
     tied[1].weight = tied[0].weight
-    model = nn.Sequential(nn.Embedding(5, 4, scale_grad_by_freq=True), tied, nn.BatchNorm1d(4, track_running_stats=False))
+    model = nn.Sequential(nn.Embedding(5, 4, scale_grad_by_freq=True), tied,
+                          nn.BatchNorm1d(4, track_running_stats=False))
     problems = unsupported_layers(model)
     assert [p.split(":")[0] for p in problems] == ["0", "2", "1.1"]
     assert "scale_grad_by_freq" in problems[0] and "running statistics" in problems[1] and "tied" in problems[2]
