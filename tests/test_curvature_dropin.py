@@ -390,3 +390,20 @@ def test_wandb_plots_accept_the_wandb_logger_of_either_package():
     from lightning_sgd.callbacks.curvature_spectrum import WANDB_LOGGERS
 
     assert pl.loggers.WandbLogger in WANDB_LOGGERS and L.loggers.WandbLogger in WANDB_LOGGERS
+
+
+class _ItemLoggingModule(PlainModule):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("loss_value", loss.item())  # a Python float: fine for training, impossible under vmap
+        return loss
+
+
+def test_per_example_quantities_on_a_vmap_incompatible_training_step_fail_at_train_start():
+    x, y = classification_data(64, features=5, classes=3)
+    callback = CurvatureSpectrum(operator="empirical_fisher", k=1, trace_matvecs=0)
+    trainer = pl.Trainer(**fast_trainer_kwargs(max_steps=2, callbacks=[callback]))
+    module = _ItemLoggingModule()
+    with pytest.raises(RuntimeError, match=r"per-example gradients of `training_step` by torch.func.vmap.*item"):
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
+    assert trainer.global_step == 0  # refused at train start, before the first optimizer step
