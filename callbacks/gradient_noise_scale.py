@@ -1,8 +1,10 @@
 """GradientNoiseScale: B_simple, B_noise and the critical batch size, measured during training.
 
-McCandlish et al. 2018, "An Empirical Model of Large-Batch Training" (formulas: shared/REFERENCE.md). The maths
-lives in :mod:`lightning_sgd.noise_scale` (pure functions) and :mod:`lightning_sgd.per_example` (the per-example
-engine shared with GradientDiversity); this file only decides where the two batch sizes come from.
+McCandlish et al. 2018, "An Empirical Model of Large-Batch Training". The maths lives in
+:mod:`lightning_sgd.noise_scale` (pure functions) and the per-example engines (:mod:`lightning_sgd.per_example`,
+:mod:`lightning_sgd.per_example_hooks`, shared with GradientDiversity); the module's loss comes from its own
+``training_step`` through :class:`lightning_sgd.module_loss.ModuleLoss`. This file only decides where the two batch
+sizes come from.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_sgd.batches import batch_size, slice_batch
+from lightning_sgd.compat import Callback
+from lightning_sgd.module_loss import ModuleLoss, measuring
 from lightning_sgd.noise_scale import (
     NoiseScaleEMA,
     NoiseScaleSample,
@@ -26,7 +30,6 @@ from lightning_sgd.noise_scale import (
 )
 from lightning_sgd.per_example import batchnorm_eval, layer_of, per_example_gradient_stats, trainable_parameters
 from lightning_sgd.per_example_hooks import PerExampleNormHooks, unsupported_layers, validate
-from lightning_sgd.protocols import num_examples, require_supervised, slice_examples
 from lightning_sgd.schedules import Schedule, as_schedule
 
 __all__ = ["GradientNoiseScale"]
@@ -38,6 +41,7 @@ _ENGINES = ("auto", "hooks", "vmap")
 #: of the run, and the check costs ~0.25 ms per measurement on a 3 ms CPU step).
 _BIAS_CHECK_FIRST, _BIAS_CHECK_EVERY = 5, 25
 _HOOK_SOURCES = ("ddp", "accumulation")
+_WHO = "GradientNoiseScale"
 #: Default schedule when none is given: the hook sources cost almost nothing, the compute sources re-run the batch.
 _DEFAULT_INTERVAL = {"ddp": 1, "accumulation": 1, "per_example": 50, "split": 50}
 
@@ -46,8 +50,8 @@ def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
-def _num_examples(pl_module: Any, batch: Any) -> int:
-    return num_examples(pl_module, batch, "GradientNoiseScale")
+def _num_examples(batch: Any) -> int:
+    return batch_size(batch, _WHO)
 
 
 class GradientNoiseScale(Callback):
@@ -56,8 +60,25 @@ class GradientNoiseScale(Callback):
     Every measurement takes squared norms of gradients of the **same step** (same parameters) at two batch sizes,
     turns them into unbiased samples of |G|² and tr Σ (:mod:`lightning_sgd.noise_scale`), and feeds two separate
     bias-corrected EMAs; B_simple is the ratio of the EMAs. Norms are measured in ``on_before_optimizer_step``, which
-    Lightning 2.x calls after AMP unscaling and before gradient clipping. Steps with non-finite gradients are
-    skipped and counted (``skipped["nonfinite"]``).
+    Lightning 2.x calls after AMP unscaling and before gradient clipping.
+
+    **What the LightningModule needs:** nothing beyond Lightning's own ``training_step`` (returning the loss, or
+    ``{"loss": loss}``) and automatic optimization, with batches of any structure (tensors, tuples, dicts, ...).
+    The loss must be a **mean over the examples** of the batch (the estimators compare gradients of batches of
+    different sizes); the sources that re-run the module's code check this once, at their first measurement, and
+    raise a ``ValueError`` for a sum. Whenever a source needs the loss of a batch or part of it, it calls
+    ``training_step`` through :class:`lightning_sgd.module_loss.ModuleLoss` (logging muted, RNG forked, buffers and
+    modes restored, ``.grad`` untouched), so a measurement never changes the training trajectory or what
+    ``training_step`` logs. A module that also implements ``split_batch``/``forward``/``loss`` is measured through
+    those instead (a shortcut past whatever else its ``training_step`` computes).
+
+    Skips and fallbacks, never a crash mid-run: steps with non-finite gradients are skipped and counted
+    (``skipped["nonfinite"]``), a batch of one example on the per_example/split source (an epoch's last batch
+    without ``drop_last``) in ``skipped["too_few"]``. If the per_example source fails on this model (an op neither
+    engine can run per example, an error in the module's code on a single example), the run warns once and
+    switches to ``"split"``, which needs only forward/backward of slices of the batch; if that fails too it warns
+    and stops measuring for the rest of the run (``skipped["failed"]`` counts the measurements not taken). The same
+    holds for the B_noise estimate on its own.
 
     Sources of the two batch sizes (``source``):
 
@@ -78,7 +99,8 @@ class GradientNoiseScale(Callback):
       (:func:`lightning_sgd.per_example.per_example_gradient_stats`, in chunks of ``chunk_size``), which re-runs
       the batch.
     - ``"split"``: the batch split into ``split_parts`` equal parts (remainder dropped), one extra forward/backward
-      per part. BatchNorm buffers and the RNG are restored afterwards, so training is unaffected.
+      of the module's loss per part. BatchNorm buffers and the RNG are restored afterwards, so training is
+      unaffected.
     - ``"auto"`` (default): ``"ddp"`` with more than one process, else ``"accumulation"`` when accumulating, else
       ``"per_example"``, except for models with BatchNorm, whose per-example gradients in train mode are
       ill-defined: those fall back to ``"split"`` (each part normalized by its own statistics, like ghost batch
@@ -98,7 +120,7 @@ class GradientNoiseScale(Callback):
         engine: how the ``"per_example"`` source gets per-example norms: ``"hooks"`` (layer hooks on the training
             backward; ``ValueError`` at setup if a layer is unsupported), ``"vmap"`` (re-run the batch with
             ``vmap(grad)``), or ``"auto"`` (hooks when every layer with trainable parameters is supported, there is
-            one process, no accumulation and automatic optimization; else vmap). The hook engine checks itself
+            one process and no accumulation; else vmap). The hook engine checks itself
             against vmap on a few examples at its first measurement, checks at every measurement that layers ran
             once, and on the first 5 measurements and every 25th that the per-example bias gradients add up to
             ``.grad``; on any mismatch (tied weights, a parameter used outside its layer, a loss that is not a mean
@@ -109,7 +131,8 @@ class GradientNoiseScale(Callback):
         b_noise_schedule: when to also estimate B_noise = tr(HΣ)/(GᵀHG) with Hessian-vector products; ``None``
             disables it. Uses the current batch: the first half gives ``b_noise_groups`` group gradients, the second
             half the Hessian, so H is independent of the gradients and the two-batch-size estimator stays unbiased.
-            Costs ``b_noise_groups + 1`` HVPs per estimate. BatchNorm runs in eval mode for it.
+            Costs ``b_noise_groups + 1`` HVPs per estimate (``torch.func`` over the module's loss). BatchNorm runs in
+            eval mode for it.
         b_noise_groups: group gradients for the B_noise estimate (>= 2).
 
     Logs (every logger, at the measured step): ``gns/grad_sq_norm`` (|G|²), ``gns/trace_cov`` (tr Σ),
@@ -119,9 +142,13 @@ class GradientNoiseScale(Callback):
     smoothed values are the attributes ``b_simple``, ``grad_sq_norm``, ``trace_cov``, ``b_noise``.
 
     Raises:
-        ValueError: on a source that cannot work for this run (e.g. ``"ddp"`` on one process, ``"accumulation"``
-            without accumulation: B_small == B_big), ``"per_example"`` with BatchNorm, or a batch of 1 example with
-            the per_example/split source.
+        ValueError: at setup, on a source that cannot work for this run (e.g. ``"ddp"`` on one process,
+            ``"accumulation"`` without accumulation: B_small == B_big), ``"per_example"`` with BatchNorm, or manual
+            optimization (``automatic_optimization=False``: the hook sources read gradients as Lightning's automatic
+            optimization accumulates them, and the other sources would re-run a ``training_step`` that steps the
+            optimizers itself; a module with ``split_batch``/``forward``/``loss`` can still use ``"per_example"``
+            or ``"split"``, which ``"auto"`` then picks); at the first measurement, a loss that is not a mean over
+            examples.
     """
 
     def __init__(
@@ -159,11 +186,14 @@ class GradientNoiseScale(Callback):
         self.layer_ema: dict[str, NoiseScaleEMA] = {}
         self.b_noise_ema = NoiseScaleEMA(beta)
         self.measured = 0
-        self.skipped = {"nonfinite": 0, "stale": 0, "too_few": 0}
+        self.skipped = {"nonfinite": 0, "stale": 0, "too_few": 0, "failed": 0}
         self.last_sample: NoiseScaleSample | None = None
         self.last_metrics: dict[str, float] = {}
         # per-run state (setup)
-        self._source: str | None = None
+        self._source: str | None = None  # the source in use (after "auto" and any fallback)
+        self._loss: ModuleLoss | None = None  # the module's loss, for the sources that re-run its code
+        self._off = False  # the measurements failed beyond any fallback: stop measuring for this run
+        self._b_noise_off = False  # the B_noise estimate failed: stop it for this run
         self._schedule: Schedule | None = None
         self._use_record = False
         self._handles: list[Any] = []
@@ -212,12 +242,28 @@ class GradientNoiseScale(Callback):
         """Smoothed B_noise = EMA(tr HΣ) / EMA(GᵀHG); NaN unless ``b_noise_schedule`` is set and has run."""
         return self.b_noise_ema.b_simple
 
+    @property
+    def source_in_use(self) -> str | None:
+        """The source this run measures with: ``source`` after ``"auto"`` and any fallback (``None`` before setup
+        or after the measurements were given up)."""
+        return None if self._off else self._source
+
+    @property
+    def engine_in_use(self) -> str | None:
+        """For the per_example source, ``"hooks"`` or ``"vmap"`` (after any fallback); else ``None``."""
+        if self.source_in_use != "per_example":
+            return None
+        return "hooks" if self._hooks is not None else "vmap"
+
     # ---------------------------------------------------------------------------------------------------- setup
     def _resolve_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
+        manual = not pl_module.automatic_optimization
         source = self.source
         if source == "auto":
-            if world > 1:
+            if manual:  # no gradients accumulated by Lightning to read: a source that computes its own
+                source = "split" if _has_batchnorm(pl_module) else "per_example"
+            elif world > 1:
                 source = "ddp"
             elif accumulate > 1:
                 source = "accumulation"
@@ -229,10 +275,12 @@ class GradientNoiseScale(Callback):
         if source == "accumulation" and accumulate < 2:
             raise ValueError("GradientNoiseScale(source='accumulation') needs Trainer(accumulate_grad_batches >= 2): "
                              "with one micro-batch B_small == B_big. Use source='auto'.")
-        if source in _HOOK_SOURCES and not pl_module.automatic_optimization:
-            raise ValueError(f"GradientNoiseScale(source={source!r}) reads gradients as Lightning's automatic "
-                             "optimization accumulates them; use source='per_example' or 'split' with manual "
-                             "optimization.")
+        if source in _HOOK_SOURCES and manual:
+            raise ValueError(
+                f"GradientNoiseScale(source={source!r}) reads gradients as Lightning's automatic optimization "
+                f"accumulates them, but {type(pl_module).__name__} uses manual optimization "
+                "(automatic_optimization=False); remove the callback, or implement split_batch/forward/loss and use "
+                "source='per_example' or 'split'.")
         if source == "per_example" and _has_batchnorm(pl_module):
             raise ValueError(
                 "GradientNoiseScale(source='per_example'): the model has BatchNorm, whose per-example gradients in "
@@ -240,13 +288,16 @@ class GradientNoiseScale(Callback):
                 "(or 'auto', which picks it), or replace BatchNorm by GroupNorm/LayerNorm."
             )
         if source in ("per_example", "split") or self.b_noise_schedule is not None:
-            require_supervised(pl_module, "GradientNoiseScale")
+            # these re-run the module's code, which must not be a training_step that steps the optimizers itself
+            self._loss_of(pl_module).check_usable()
         return source
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._loss = ModuleLoss(pl_module, _WHO)
+        self._off = self._b_noise_off = False
         self._source = self._resolve_source(trainer, pl_module)
         self._schedule = self.schedule or as_schedule(_DEFAULT_INTERVAL[self._source])
         params = trainable_parameters(pl_module)
@@ -283,9 +334,11 @@ class GradientNoiseScale(Callback):
             reasons.append("manual optimization")
         if not reasons:
             # only the training step's own forward: other callbacks' extra passes (diversity probes, curvature
-            # products) run between arm (on_train_batch_start) and collect, under their own hook names
-            self._hooks = PerExampleNormHooks(pl_module, layer_names=self.per_layer,
-                                              capture_if=lambda: pl_module._current_fx_name == "training_step")
+            # products) run between arm (on_train_batch_start) and collect, under their own hook names or inside a
+            # measurement (ModuleLoss.isolated) that re-runs training_step
+            self._hooks = PerExampleNormHooks(
+                pl_module, layer_names=self.per_layer,
+                capture_if=lambda: pl_module._current_fx_name == "training_step" and not measuring())
         elif self.engine == "hooks":
             raise ValueError("GradientNoiseScale(engine='hooks') cannot read per-example norms from layer hooks "
                              f"here: {'; '.join(reasons)}. Use engine='vmap' (or 'auto', which picks it).")
@@ -331,19 +384,19 @@ class GradientNoiseScale(Callback):
         if step != self._batch_step:  # first micro-batch of this optimizer step
             self._batch_step = step
             self._micro, self._micro_sizes, self._step_examples = [], [], 0
-        n = _num_examples(pl_module, batch)
+        n = _num_examples(batch)
         self._step_examples += n
-        measuring = self._schedule(step)
+        due = self._schedule(step)
         b_noise = self.b_noise_schedule is not None and self.b_noise_schedule(step)
-        if self._source in _HOOK_SOURCES and not self._use_record and measuring:
+        if self._source in _HOOK_SOURCES and not self._use_record and due:
             if self._differencing:
                 self._armed_diff = True
             else:
                 self._acc = ([], [])
             self._micro_sizes.append(n)
-        self._batch = batch if (measuring and self._source in ("per_example", "split")) or b_noise else None
-        if self._hooks is not None and measuring:
-            self._hooks.arm()
+        self._batch = batch if (due and self._source in ("per_example", "split")) or b_noise else None
+        if self._hooks is not None and due and n >= 2:
+            self._hooks.arm(n)  # n: inputs broadcast over the batch (shape[0] != n) are told apart
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -459,18 +512,21 @@ class GradientNoiseScale(Callback):
 
     # ----------------------------------------------------------------------------------------------- measuring
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        if self._off:
+            self.skipped["failed"] += 1
+            return {}
         if self._source in _HOOK_SOURCES:
             samples = self._record_samples(trainer) if self._use_record else self._hook_samples(trainer, pl_module)
-        elif self._source == "per_example":
-            samples = self._per_example_samples(trainer, pl_module)
         else:
-            samples = self._split_samples(pl_module)
+            samples = self._computed_samples(trainer, pl_module)
         if samples is None:
             return {}
         total = samples.pop("")
         if not (math.isfinite(total.grad_sq_norm) and math.isfinite(total.trace_cov)):
             self.skipped["nonfinite"] += 1
             return {"gns/skipped_nonfinite": float(self.skipped["nonfinite"])}
+        if self._source not in _HOOK_SOURCES:  # once per run: these sources' numbers assume a mean loss
+            self._loss_of(pl_module).check_mean(self._batch)
         self.ema.update(total)
         self.last_sample = total
         self.measured += 1
@@ -569,7 +625,12 @@ class GradientNoiseScale(Callback):
         if problem is None and sq is not None and sq.numel() != n:
             problem = f"the hooks saw {sq.numel()} examples, the batch has {n}"
         if problem is None and not self._hooks_validated:
-            problem = validate(pl_module, self._batch)
+            loss = self._loss_of(pl_module)
+            try:
+                with loss.isolated():
+                    problem = validate(pl_module, self._batch, loss=loss)
+            except Exception as err:  # noqa: BLE001 - the cross-check cannot run this model: do not trust the hooks
+                problem = f"the cross-check against vmap failed: {type(err).__name__}: {err}"
             self._hooks_validated = problem is None
         if problem is not None:
             rank_zero_warn(f"GradientNoiseScale: per-example norms from layer hooks cannot be trusted for this model "
@@ -586,94 +647,122 @@ class GradientNoiseScale(Callback):
             out[layer] = per_example_estimate(sq_layer * factor, float(big[1 + i]))
         return out
 
-    def _per_example_samples(self, trainer: pl.Trainer,
-                             pl_module: pl.LightningModule) -> dict[str, NoiseScaleSample] | None:
-        batch = self._batch
-        n = _num_examples(pl_module, batch)
-        if n < 2:
-            raise ValueError("GradientNoiseScale(source='per_example') got a batch of 1 example: the per-example "
-                             "estimator needs B >= 2. Use a larger batch, gradient accumulation or DDP.")
+    def _loss_of(self, pl_module: pl.LightningModule) -> ModuleLoss:
+        if self._loss is None or self._loss.module is not pl_module:
+            self._loss = ModuleLoss(pl_module, _WHO)
+        return self._loss
+
+    def _computed_samples(self, trainer: pl.Trainer,
+                          pl_module: pl.LightningModule) -> dict[str, NoiseScaleSample] | None:
+        """The per_example or split source on this step's batch, with their fallbacks: per_example -> split ->
+        no measurements, each switch for the rest of the run with one warning."""
+        n = _num_examples(self._batch)
+        if n < 2:  # e.g. the last batch of an epoch without drop_last
+            self.skipped["too_few"] += 1
+            return None
+        if self._source == "per_example":
+            try:
+                return self._per_example_samples(trainer, pl_module, n)
+            except Exception as err:  # noqa: BLE001 - any failure of the model's code per example: fall back
+                if self._hooks is not None:
+                    self._hooks.disarm()
+                    self._hooks = None
+                self._source = "split"
+                rank_zero_warn(f"GradientNoiseScale: the per_example source cannot measure this model "
+                               f"({type(err).__name__}: {err}); measuring with source='split' from now on "
+                               f"({self.split_parts} parts of the batch). Pass source='split' to skip this attempt.")
+        try:
+            return self._split_samples(pl_module, n)
+        except Exception as err:  # noqa: BLE001 - never a crash mid-run: stop measuring instead
+            self._off = True
+            self.skipped["failed"] += 1
+            rank_zero_warn(f"GradientNoiseScale: the split source cannot measure this model either "
+                           f"({type(err).__name__}: {err}); no more measurements in this run (counted in "
+                           "skipped['failed']).")
+            return None
+
+    def _per_example_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             n: int) -> dict[str, NoiseScaleSample]:
         if self._hooks is not None and self._hooks.armed:
             samples = self._hook_engine_samples(trainer, pl_module, n)
             if samples is not None:
                 return samples
-        stats = per_example_gradient_stats(pl_module, batch, chunk_size=self.chunk_size, per_layer=self.per_layer)
+        stats = per_example_gradient_stats(pl_module, self._batch, loss=self._loss_of(pl_module),
+                                           chunk_size=self.chunk_size, per_layer=self.per_layer)
         big = self._grad_sq_norms(stats.mean_grad)
         out = {"": per_example_estimate(stats.sq_norms, float(big[0]))}
         for i, layer in enumerate(self._layers if self.per_layer else []):
             out[layer] = per_example_estimate(stats.layer_sq_norms[layer], float(big[1 + i]))
         return out
 
-    def _split_samples(self, pl_module: pl.LightningModule) -> dict[str, NoiseScaleSample] | None:
-        batch = self._batch
-        inputs, targets = pl_module.split_batch(batch)
-        n = _num_examples(pl_module, batch)
+    def _split_samples(self, pl_module: pl.LightningModule, n: int) -> dict[str, NoiseScaleSample]:
+        """``split_parts`` equal parts of the batch (the remainder dropped), one gradient of the module's loss each;
+        buffers, modes, the RNG and what training_step logs are restored by :meth:`ModuleLoss.isolated`."""
+        loss = self._loss_of(pl_module)
         parts = min(self.split_parts, n)
-        if parts < 2:
-            raise ValueError("GradientNoiseScale(source='split') got a batch of 1 example; it needs B >= 2.")
         size = n // parts
-        params = trainable_parameters(pl_module)
-        tensors = list(params.values())
-        buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
+        tensors = self._param_list
         small = []
         mean = [torch.zeros_like(p) for p in tensors]
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad():
-                for k in range(parts):
-                    part = slice(k * size, (k + 1) * size)
-                    x, y = slice_examples(inputs, part), slice_examples(targets, part)
-                    grads = torch.autograd.grad(pl_module.loss(pl_module(x), y), tensors, allow_unused=True)
-                    small.append(self._grad_sq_norms(list(grads)))
-                    for m, g in zip(mean, grads):
-                        if g is not None:
-                            m.add_(g, alpha=1.0 / parts)
-        finally:  # BatchNorm running statistics etc.: the extra forwards must not change the model
-            with torch.no_grad():
-                for name, b in pl_module.named_buffers():
-                    b.copy_(buffers[name])
+        with loss.isolated():
+            for k in range(parts):
+                part = slice_batch(self._batch, slice(k * size, (k + 1) * size), _WHO)
+                grads = torch.autograd.grad(loss.loss(part), tensors, allow_unused=True)
+                small.append(self._grad_sq_norms(list(grads)))
+                for m, g in zip(mean, grads):
+                    if g is not None:
+                        m.add_(g, alpha=1.0 / parts)
         big = self._grad_sq_norms(mean)
         return self._samples(torch.stack(small).mean(0), size, big, parts * size)
 
     def _measure_b_noise(self, pl_module: pl.LightningModule) -> dict[str, float]:
         """B_noise = tr(HΣ)/(GᵀHG): the two-batch-size estimator with the quadratic form of H instead of |·|²."""
-        from torch.func import functional_call, grad, jvp
-
-        inputs, targets = pl_module.split_batch(self._batch)
-        n = _num_examples(pl_module, self._batch)
-        groups = self.b_noise_groups
-        size = (n // 2) // groups
+        if self._b_noise_off:
+            return {}
+        n = _num_examples(self._batch)
+        size = (n // 2) // self.b_noise_groups
         if size < 1:
             self.skipped["too_few"] += 1
             return {}
+        try:
+            sample = self._b_noise_sample(pl_module, n, size)
+        except Exception as err:  # noqa: BLE001 - never a crash mid-run: stop this estimate instead
+            self._b_noise_off = True
+            self.skipped["failed"] += 1
+            rank_zero_warn(f"GradientNoiseScale: the B_noise estimate cannot run on this model "
+                           f"({type(err).__name__}: {err}); it is off for the rest of the run (B_simple goes on).")
+            return {}
+        if not (math.isfinite(sample.grad_sq_norm) and math.isfinite(sample.trace_cov)):
+            self.skipped["nonfinite"] += 1
+            return {}
+        self._loss_of(pl_module).check_mean(self._batch)
+        self.b_noise_ema.update(sample)
+        out = {"gns/b_noise": self.b_noise, "gns/gHg": self.b_noise_ema.grad_sq_norm,
+               "gns/trace_h_cov": self.b_noise_ema.trace_cov}
+        return {k: v for k, v in out.items() if math.isfinite(v)}
+
+    def _b_noise_sample(self, pl_module: pl.LightningModule, n: int, size: int) -> NoiseScaleSample:
+        """One sample of (GᵀHG, tr HΣ): ``b_noise_groups`` group gradients of ``size`` examples from the first half of
+        the batch, Hessian-vector products (``jvp`` of ``grad``) on the second half."""
+        from torch.func import grad, jvp
+
+        loss = self._loss_of(pl_module)
+        groups = self.b_noise_groups
         params = {k: v.detach() for k, v in trainable_parameters(pl_module).items()}
-
-        def loss_fn(p: dict[str, Tensor], x: Any, y: Any) -> Tensor:
-            return pl_module.loss(functional_call(pl_module, p, (x,)), y)
-
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        with batchnorm_eval(pl_module), torch.random.fork_rng(devices=devices), torch.enable_grad():
-            parts = [slice(k * size, (k + 1) * size) for k in range(groups)]
-            group_grads = [grad(loss_fn)(params, slice_examples(inputs, part), slice_examples(targets, part))
-                           for part in parts]
-            half = slice(n // 2, n)  # the Hessian comes from the other half of the batch
-            hx, hy = slice_examples(inputs, half), slice_examples(targets, half)
+        grad_fn = grad(loss.functional_loss)  # (params, batch) -> gradient dict
+        with loss.isolated(), batchnorm_eval(pl_module):
+            group_grads = [grad_fn(params, slice_batch(self._batch, slice(k * size, (k + 1) * size), _WHO))
+                           for k in range(groups)]
+            hessian_batch = slice_batch(self._batch, slice(n // 2, n), _WHO)  # independent of the gradients
 
             def quad(v: dict[str, Tensor]) -> float:
-                hv = jvp(lambda p: grad(loss_fn)(p, hx, hy), (params,), (v,))[1]
+                hv = jvp(lambda p: grad_fn(p, hessian_batch), (params,), (v,))[1]
                 return float(sum((v[k].double() * hv[k].double()).sum() for k in v))
 
             q_small = sum(quad(g) for g in group_grads) / groups
             mean = {k: sum(g[k] for g in group_grads) / groups for k in params}
             q_big = quad(mean)
-        sample = two_batch_estimate(q_small, size, q_big, groups * size)  # (GᵀHG, tr HΣ) in (|G|², trΣ) slots
-        if not (math.isfinite(sample.grad_sq_norm) and math.isfinite(sample.trace_cov)):
-            self.skipped["nonfinite"] += 1
-            return {}
-        self.b_noise_ema.update(sample)
-        out = {"gns/b_noise": self.b_noise, "gns/gHg": self.b_noise_ema.grad_sq_norm,
-               "gns/trace_h_cov": self.b_noise_ema.trace_cov}
-        return {k: v for k, v in out.items() if math.isfinite(v)}
+        return two_batch_estimate(q_small, size, q_big, groups * size)  # (GᵀHG, tr HΣ) in (|G|², trΣ) slots
 
     # --------------------------------------------------------------------------------------------------- state
     @override
