@@ -1,8 +1,9 @@
 """GradientDiversity: Yin et al.'s gradient diversity and the batch-size bound it implies, during training.
 
-Yin et al. 2018, "Gradient Diversity: a Key Ingredient for Scalable Distributed Learning" (seed 004; formulas in
-shared/REFERENCE.md). The maths is in :mod:`lightning_sgd.diversity`; the per-example gradients come from the engine
-shared with GradientNoiseScale (:mod:`lightning_sgd.per_example`).
+Yin et al. 2018, "Gradient Diversity: a Key Ingredient for Scalable Distributed Learning". The maths is in
+:mod:`lightning_sgd.diversity`; the per-example gradients come from the engines shared with GradientNoiseScale
+(:mod:`lightning_sgd.per_example`, :mod:`lightning_sgd.per_example_hooks`), run on the module's own loss through
+:class:`lightning_sgd.module_loss.ModuleLoss`.
 """
 
 from __future__ import annotations
@@ -12,24 +13,29 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 from typing_extensions import override
 
+from lightning_sgd.batches import batch_size, flatten_batch
+from lightning_sgd.compat import Callback
 from lightning_sgd.diversity import batch_size_bound, diversity_from_stats
+from lightning_sgd.module_loss import ModuleLoss
 from lightning_sgd.per_example import per_example_gradient_stats, trainable_parameters
 from lightning_sgd.per_example_hooks import hook_gradient_stats, unsupported_layers, validate
-from lightning_sgd.protocols import first_tensor, require_supervised
 from lightning_sgd.schedules import Schedule, as_schedule
 
 __all__ = ["GradientDiversity"]
 
+_WHO = "GradientDiversity"
 
-def _num_examples(pl_module: Any, batch: Any) -> int:
-    tensor = first_tensor(pl_module.split_batch(batch)[0])
-    return int(tensor.shape[0]) if tensor is not None else 0  # no tensor: n = 0, a counted skip
+
+def _num_examples(batch: Any) -> int:
+    try:
+        return batch_size(batch, _WHO)
+    except TypeError:  # no tensor with a batch dimension: n = 0, a counted skip
+        return 0
 
 
 def _hook_problems(module: nn.Module) -> list[str]:
@@ -48,6 +54,14 @@ class GradientDiversity(Callback):
     step's gradient is taken at, in ``on_train_batch_start``) or a fixed probe set of ``probe_size`` training
     examples drawn once at the start of training (same examples every time, so the curve over training is not
     confounded by batch-to-batch sampling). Drawing the probe set does not change the training data order or RNG.
+
+    **What the LightningModule needs:** nothing beyond Lightning's own ``training_step`` (returning the loss or
+    ``{"loss": loss}``) and automatic optimization, with batches of any structure. The per-example gradients are
+    gradients of ``training_step``'s loss on single examples, run through :class:`lightning_sgd.module_loss.ModuleLoss`
+    (logging muted, RNG forked, buffers and modes restored, ``.grad`` untouched: training is unchanged). The loss
+    must be a mean over the examples (checked once, at the first measurement; ``ValueError`` otherwise). Manual
+    optimization is refused at setup: its ``training_step`` steps the optimizers itself and cannot be re-run. A
+    module that also implements ``split_batch``/``forward``/``loss`` is measured through those instead.
 
     Per-example gradient norms come from one forward and backward of the n examples with layer hooks
     (:func:`lightning_sgd.per_example_hooks.hook_gradient_stats`: Linear, Conv, Embedding, LayerNorm, GroupNorm;
@@ -71,7 +85,8 @@ class GradientDiversity(Callback):
     Logs ``diversity/value`` (Δ), ``diversity/n_delta`` (n·Δ, ≈ 1 + B_simple when Δ ≪ 1),
     ``diversity/batch_bound`` (δ·n·Δ + 1) and ``diversity/skipped``. The last value is the attribute ``diversity``.
     A measurement whose Δ is undefined (n < 2, all-zero gradients, non-finite gradients) is skipped and counted in
-    ``skipped`` (by reason), never logged as a number.
+    ``skipped`` (by reason), never logged as a number. If the hooks fail on this model it warns once and uses
+    ``vmap``; if that fails too it warns once and stops measuring (``skipped["failed"]``), never crashing the run.
     """
 
     def __init__(
@@ -93,7 +108,7 @@ class GradientDiversity(Callback):
         if engine not in ("auto", "hooks", "vmap"):
             raise ValueError(f"GradientDiversity: engine must be 'auto', 'hooks' or 'vmap', got {engine!r}.")
         self.engine = engine
-        self._use_hooks: tuple[int, bool] | None = None  # (id of the module, engine = hooks), decided once per module
+        self._use_hooks: bool | None = None  # engine = hooks? Decided once per module (with its ModuleLoss)
         self.schedule = as_schedule(schedule)
         self.probe_size = probe_size
         self.delta = delta
@@ -102,17 +117,28 @@ class GradientDiversity(Callback):
         self.diversity = math.nan
         self.layer_diversity: dict[str, float] = {}
         self.measured = 0
-        self.skipped = {"too_few": 0, "zero_gradient": 0, "nonfinite": 0}
+        self.skipped = {"too_few": 0, "zero_gradient": 0, "nonfinite": 0, "failed": 0}
         self.last_metrics: dict[str, float] = {}
         self.probe: Any = None
         self._last_step: int | None = None
+        self._loss: ModuleLoss | None = None  # the module's loss, rebuilt for another module
+        self._off = False  # every engine failed on this model: no more measurements in this run
+
+    @property
+    def engine_in_use(self) -> str | None:
+        """``"hooks"`` or ``"vmap"``: the engine of the last measurement (after any fallback); ``None`` before the
+        first one or after every engine failed."""
+        if self._off or self._use_hooks is None:
+            return None
+        return "hooks" if self._use_hooks else "vmap"
 
     # ------------------------------------------------------------------------------------------------- probe set
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            require_supervised(pl_module, "GradientDiversity")
-            self._use_hooks = None
+            self._loss = ModuleLoss(pl_module, _WHO)
+            self._loss.check_usable()  # every measurement re-runs the module's loss
+            self._use_hooks, self._off = None, False
             problems = _hook_problems(pl_module)
             if problems and self.engine == "hooks":
                 raise ValueError(f"GradientDiversity(engine='hooks') cannot use layer hooks for: {'; '.join(problems)}"
@@ -137,15 +163,18 @@ class GradientDiversity(Callback):
         with torch.random.fork_rng(devices=[]):
             for batch in loader:
                 batches.append(batch)
-                count += _num_examples(pl_module, batch)
+                count += _num_examples(batch)
                 if count >= self.probe_size:
                     break
         for g, state in zip(generators, states):
             g.set_state(state)
         if count < 2:
             raise ValueError(f"GradientDiversity: the training loader yields only {count} example(s); Δ needs >= 2.")
-        probe = tree_map(lambda *ts: torch.cat(ts)[: self.probe_size] if isinstance(ts[0], Tensor) else ts[0],
-                         *batches)
+        # the tensors with the example dimension concatenated, everything else (broadcast tensors, strings) as in the
+        # first batch, in the batch's own structure
+        flat = [flatten_batch(b, _WHO) for b in batches]
+        columns = zip(*(tensors for tensors, _, _ in flat))
+        probe = flat[0][1]([torch.cat(column)[: self.probe_size] for column in columns])
         return trainer.strategy.batch_to_device(probe)
 
     # ----------------------------------------------------------------------------------------------- measuring
@@ -164,19 +193,23 @@ class GradientDiversity(Callback):
 
     def measure(self, pl_module: pl.LightningModule, batch: Any) -> dict[str, float]:
         """Compute Δ on ``batch`` now; update ``diversity`` and return the metrics (only ``skipped`` if undefined)."""
-        n = _num_examples(pl_module, batch)
+        if self._off:
+            return self._skip("failed")
+        n = _num_examples(batch)
         if n < 2:
             return self._skip("too_few")
-        if self._use_hooks is None or self._use_hooks[0] != id(pl_module):
-            self._use_hooks = (id(pl_module), self._hooks_apply(pl_module, batch))
-        if self._use_hooks[1]:
-            stats = hook_gradient_stats(pl_module, batch, per_layer=self.per_layer)
-        else:
-            stats = per_example_gradient_stats(pl_module, batch, chunk_size=self.chunk_size,
-                                               per_layer=self.per_layer)
+        if self._loss is None or self._loss.module is not pl_module:
+            self._loss, self._use_hooks = ModuleLoss(pl_module, _WHO), None
+        loss = self._loss
+        if self._use_hooks is None:
+            self._use_hooks = self._hooks_apply(pl_module, batch)
+        stats = self._stats(pl_module, batch)
+        if stats is None:
+            return self._skip("failed")
         if not bool(torch.isfinite(stats.sq_norms).all()) or not all(bool(torch.isfinite(g).all())
                                                                      for g in stats.mean_grad):
             return self._skip("nonfinite")
+        loss.check_mean(batch)  # once: Δ of a loss that is not a mean over examples is not the examples' Δ
         value, layers = diversity_from_stats(stats, list(trainable_parameters(pl_module)))
         if not math.isfinite(value):
             return self._skip("zero_gradient")
@@ -191,12 +224,41 @@ class GradientDiversity(Callback):
         metrics.update({f"diversity/layer/{k}": v for k, v in layers.items() if math.isfinite(v)})
         return metrics
 
+    def _stats(self, pl_module: pl.LightningModule, batch: Any) -> Any:
+        """Per-example statistics of ``batch`` from the engine in use; on a failure, one warning and the next engine
+        (hooks -> vmap -> none for the rest of the run, returning ``None``)."""
+        loss = self._loss
+        assert loss is not None
+        if self._use_hooks:
+            try:
+                with loss.isolated():
+                    return hook_gradient_stats(pl_module, batch, loss=loss, per_layer=self.per_layer)
+            except Exception as err:  # noqa: BLE001 - fall back to vmap
+                self._use_hooks = False
+                rank_zero_warn(f"GradientDiversity: layer hooks failed on this model ({type(err).__name__}: {err}); "
+                               "measuring through vmap from now on. Pass engine='vmap' to skip the hooks.")
+        try:
+            return per_example_gradient_stats(pl_module, batch, loss=loss, chunk_size=self.chunk_size,
+                                              per_layer=self.per_layer)
+        except Exception as err:  # noqa: BLE001 - never a crash mid-run: stop measuring instead
+            self._off = True
+            rank_zero_warn(f"GradientDiversity: per-example gradients cannot be computed for this model "
+                           f"({type(err).__name__}: {err}); no more measurements in this run (counted in "
+                           "skipped['failed']).")
+            return None
+
     def _hooks_apply(self, pl_module: pl.LightningModule, batch: Any) -> bool:
         """Whether the layer-hook engine serves this module: supported layers, no BatchNorm, and per-example norms
         equal to vmap's on a few examples of ``batch`` (a one-time check)."""
         if self.engine == "vmap" or _hook_problems(pl_module):
             return False
-        problem = validate(pl_module, batch)
+        loss = self._loss
+        assert loss is not None
+        try:
+            with loss.isolated():
+                problem = validate(pl_module, batch, loss=loss)
+        except Exception as err:  # noqa: BLE001 - the cross-check cannot run this model: do not trust the hooks
+            problem = f"the cross-check against vmap failed: {type(err).__name__}: {err}"
         if problem is not None:
             rank_zero_warn(f"GradientDiversity: layer hooks cannot be trusted for this model ({problem}); "
                            "measuring through vmap. Pass engine='vmap' to skip the check.")
