@@ -1,5 +1,5 @@
-"""Gradient diversity (Yin et al. 2018, "Gradient Diversity: a Key Ingredient for Scalable Distributed Learning";
-seed 004): pure functions over per-example gradient statistics (no Trainer).
+"""Gradient diversity (Yin et al. 2018, "Gradient Diversity: a Key Ingredient for Scalable Distributed Learning"):
+pure functions over per-example gradient statistics (no Trainer).
 
 .. math::
 
@@ -8,7 +8,8 @@ seed 004): pure functions over per-example gradient statistics (no Trainer).
 
 All n gradients identical gives 1/n; mutually orthogonal gives 1. Mini-batch SGD with batch size
 B ≤ δ·n·Δ + 1 makes about B times the progress of one serial step (Yin et al., Theorem 3). On the same n examples
-the per-example noise-scale estimator satisfies 1 + B̂_simple = (n − 1)Δ/(1 − Δ) exactly (shared/REFERENCE.md).
+the per-example noise-scale estimator satisfies 1 + B̂_simple = (n − 1)Δ/(1 − Δ) exactly: with m₂ and |ḡ|² as above,
+B̂_simple = n(m₂ − |ḡ|²)/(n|ḡ|² − m₂) and Δ = m₂/(n|ḡ|²).
 """
 
 from __future__ import annotations

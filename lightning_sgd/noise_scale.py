@@ -1,6 +1,6 @@
 """Gradient noise scale: pure torch estimators, the EMA smoother and the steps-vs-batch-size fit (no Trainer).
 
-McCandlish et al. 2018, "An Empirical Model of Large-Batch Training" (formulas in shared/REFERENCE.md):
+McCandlish et al. 2018, "An Empirical Model of Large-Batch Training" (Appendix A):
 
 .. math::
 
