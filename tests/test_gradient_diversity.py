@@ -135,7 +135,8 @@ def test_engine_diversity_on_recipe_networks(kind):
     cb = GradientDiversity(schedule=1, per_layer=True)
     metrics = cb.measure(module, (x, y))
     assert all(m.training for m in module.modules())  # BatchNorm's train mode restored after the measurement
-    assert cb._use_hooks[1] == (kind in ("mlp", "cnn"))  # layer hooks; attention, tied weights, BN: vmap
+    # layer hooks (attention through the hooks' per-module fallback); tied weights and BatchNorm: vmap
+    assert cb.engine_in_use == ("hooks" if kind in ("mlp", "cnn", "transformer") else "vmap")
     module.eval()  # brute force in eval mode = what the engine does for BatchNorm (no-op for the others)
     truth = brute_force_diversity(module, x, y)
     assert metrics["diversity/value"] == pytest.approx(truth, rel=1e-4)
@@ -172,4 +173,4 @@ def test_callback_logs_on_schedule_with_a_fixed_probe_set_and_skips_zero_gradien
     assert out == {"diversity/skipped": 1.0} and cb.skipped["zero_gradient"] == 1
     assert cb.measure(zero, (torch.ones(1, 4), torch.zeros(1))) == {"diversity/skipped": 2.0}
     assert cb.measure(zero, (torch.full((3, 4), float("nan")), torch.zeros(3)))["diversity/skipped"] == 3.0
-    assert cb.skipped == {"too_few": 1, "zero_gradient": 1, "nonfinite": 1}
+    assert cb.skipped == {"too_few": 1, "zero_gradient": 1, "nonfinite": 1, "failed": 0}
