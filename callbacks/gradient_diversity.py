@@ -230,9 +230,8 @@ class GradientDiversity(Callback):
         loss = self._loss
         assert loss is not None
         if self._use_hooks:
-            try:
-                with loss.isolated():
-                    return hook_gradient_stats(pl_module, batch, loss=loss, per_layer=self.per_layer)
+            try:  # the engines run the module's code isolated (ModuleLoss.isolated)
+                return hook_gradient_stats(pl_module, batch, loss=loss, per_layer=self.per_layer)
             except Exception as err:  # noqa: BLE001 - fall back to vmap
                 self._use_hooks = False
                 rank_zero_warn(f"GradientDiversity: layer hooks failed on this model ({type(err).__name__}: {err}); "
@@ -255,8 +254,7 @@ class GradientDiversity(Callback):
         loss = self._loss
         assert loss is not None
         try:
-            with loss.isolated():
-                problem = validate(pl_module, batch, loss=loss)
+            problem = validate(pl_module, batch, loss=loss)
         except Exception as err:  # noqa: BLE001 - the cross-check cannot run this model: do not trust the hooks
             problem = f"the cross-check against vmap failed: {type(err).__name__}: {err}"
         if problem is not None:

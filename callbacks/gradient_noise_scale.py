@@ -625,10 +625,8 @@ class GradientNoiseScale(Callback):
         if problem is None and sq is not None and sq.numel() != n:
             problem = f"the hooks saw {sq.numel()} examples, the batch has {n}"
         if problem is None and not self._hooks_validated:
-            loss = self._loss_of(pl_module)
-            try:
-                with loss.isolated():
-                    problem = validate(pl_module, self._batch, loss=loss)
+            try:  # runs the module's code isolated (ModuleLoss.isolated), in eval mode
+                problem = validate(pl_module, self._batch, loss=self._loss_of(pl_module))
             except Exception as err:  # noqa: BLE001 - the cross-check cannot run this model: do not trust the hooks
                 problem = f"the cross-check against vmap failed: {type(err).__name__}: {err}"
             self._hooks_validated = problem is None
