@@ -231,14 +231,13 @@ class CurvatureSpectrum(Callback):
             params = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
             with preserved_training_state(pl_module, self.mode), self._loss.isolated(), \
                     twice_differentiable_attention():
-                try:  # per-example gradients: training_step under torch.func.vmap, on a few probe examples
+                try:  # per-example gradients of training_step (vmap, else a loop), on a few probe examples
                     next(per_example_gradients(self._loss, params, self.probe[0], chunk_size=2))
                 except RuntimeError as err:
                     raise RuntimeError(
                         f"CurvatureSpectrum(operator={self.operator!r}, alignment={self.config.alignment}) needs "
-                        f"per-example gradients of `training_step` by torch.func.vmap, which failed: {err}. Make "
-                        "the loss vmap-compatible (no .item() or data-dependent Python control flow on tensors), or "
-                        "use operator='hessian' with alignment=False.") from err
+                        f"per-example gradients of the loss, which failed on a probe batch of one example: {err}. "
+                        "Use operator='hessian' with alignment=False.") from err
         with preserved_training_state(pl_module, self.mode):
             op = CheckedOperator(make_operator(pl_module, self.probe, self.operator, loss=self._loss),
                                  fixed_seed=self.seed if self.mode == "train" else None)

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -193,6 +195,10 @@ class LossHessian(ModuleOperator):
         return torch.cat([h.reshape(-1) for h in hvp])
 
 
+#: Losses whose ``training_step`` ``torch.func.vmap`` cannot run: their per-example gradients use the loop.
+_LOOPED: weakref.WeakSet[ModuleLoss] = weakref.WeakSet()
+
+
 def per_example_gradients(loss: ModuleLoss, params: dict[str, Tensor], batch: Any,
                           chunk_size: int | None = 64) -> Iterator[Tensor]:
     """The per-example gradients of the module's loss on ``batch``, as ``(c, P)`` chunks of at most ``chunk_size``
@@ -200,9 +206,11 @@ def per_example_gradients(loss: ModuleLoss, params: dict[str, Tensor], batch: An
 
     Example ``i``'s gradient is the gradient of the loss of a batch holding example ``i`` alone (for a mean of
     per-example losses, that example's loss), by ``vmap(grad(loss.functional_loss))`` over the tensors that carry
-    the example dimension (broadcast ones stay whole). Dropout draws independent masks per example; BatchNorm runs
-    on its running statistics (an example's gradient through batch statistics of one example is meaningless).
-    Call inside ``loss.isolated()``.
+    the example dimension (broadcast ones stay whole). When ``vmap`` cannot run the loss (``.item()`` in
+    ``training_step``, ``nn.GRU``'s internal state, an op without a batching rule) it falls back, with one warning,
+    to one backward per example: the same gradients, slower. Dropout draws independent masks per example;
+    BatchNorm runs on its running statistics (an example's gradient through batch statistics of one example is
+    meaningless). Call inside ``loss.isolated()``.
     """
     detached = {name: p.detach() for name, p in params.items()}
     batched, rebuild, n = flatten_batch(batch, loss.who)
@@ -210,12 +218,31 @@ def per_example_gradients(loss: ModuleLoss, params: dict[str, Tensor], batch: An
     def example_loss(p: dict[str, Tensor], *examples: Tensor) -> Tensor:
         return loss.functional_loss(p, rebuild([e.unsqueeze(0) for e in examples]))  # a batch of one
 
+    def looped(start: int, stop: int) -> Tensor:  # one backward per example
+        rows = []
+        for i in range(start, stop):
+            value = loss.loss(rebuild([t[i:i + 1] for t in batched]))
+            grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                   for p, g in zip(params.values(), grads)]))
+        return torch.stack(rows)
+
     per_example = vmap(grad(example_loss), in_dims=(None, *[0] * len(batched)), randomness="different")
     step = n if chunk_size is None else chunk_size
     with batchnorm_eval(loss.module):
         for start in range(0, n, step):
-            grads = per_example(detached, *[t[start:start + step] for t in batched])
-            yield torch.cat([grads[name].reshape(grads[name].shape[0], -1) for name in detached], dim=1)
+            stop = min(n, start + step)
+            chunk = None
+            if loss not in _LOOPED:
+                try:
+                    grads = per_example(detached, *[t[start:stop] for t in batched])
+                    chunk = torch.cat([grads[name].reshape(stop - start, -1) for name in detached], dim=1)
+                except RuntimeError as err:
+                    _LOOPED.add(loss)
+                    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+                    warnings.warn(f"{loss.who}: torch.func.vmap cannot run the loss ({text}); per-example gradients "
+                                  "fall back to one backward per example (the same values, slower).", stacklevel=2)
+            yield looped(start, stop) if chunk is None else chunk
 
 
 class LossEmpiricalFisher(ModuleOperator):

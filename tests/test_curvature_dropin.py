@@ -399,11 +399,28 @@ class _ItemLoggingModule(PlainModule):
         return loss
 
 
-def test_per_example_quantities_on_a_vmap_incompatible_training_step_fail_at_train_start():
-    x, y = classification_data(64, features=5, classes=3)
-    callback = CurvatureSpectrum(operator="empirical_fisher", k=1, trace_matvecs=0)
+def test_per_example_quantities_of_a_training_step_vmap_cannot_run_fall_back_to_a_loop():
+    """``.item()`` in training_step: vmap refuses it, so per-example gradients take one backward per example, with a
+    warning; the empirical Fisher and the alignment variance still match the brute-force definition."""
+    module = _ItemLoggingModule().double()
+    x, y = classification_data(16, features=5, classes=3)
+    batches = [(x[:8].double(), y[:8]), (x[8:].double(), y[8:])]
+    flat, unflatten = _unflatten(module)
+    grads = torch.stack([torch.func.grad(lambda v, i=i: plain_reference(unflatten(v), (x[i:i + 1].double(),
+                                                                                         y[i:i + 1])))(flat)
+                         for i in range(16)])  # (16, P)
+    v = torch.randn(len(flat), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="vmap cannot run the loss.*one backward per example"):
+        op = C.make_operator(module, batches, "empirical_fisher")
+        fv = op.matvec(v)
+    torch.testing.assert_close(fv, grads.T @ (grads @ v) / 16, rtol=1e-10, atol=1e-12)  # float64 rounding
+    var, n = C.projection_variance(module, batches, v[None], loss=op.loss)
+    torch.testing.assert_close(var, (grads @ v).var()[None], rtol=1e-10, atol=1e-14)
+
+    # through the callback: measured at every step
+    callback = CurvatureSpectrum(schedule=1, operator="empirical_fisher", k=1, lanczos_iterations=3,
+                                 trace_matvecs=0, alignment=True, at_fit_end=False)
     trainer = pl.Trainer(**fast_trainer_kwargs(max_steps=2, callbacks=[callback]))
-    module = _ItemLoggingModule()
-    with pytest.raises(RuntimeError, match=r"per-example gradients of `training_step` by torch.func.vmap.*item"):
-        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
-    assert trainer.global_step == 0  # refused at train start, before the first optimizer step
+    with pytest.warns(UserWarning, match="one backward per example"):
+        trainer.fit(_ItemLoggingModule(), DataLoader(TensorDataset(x.float(), y), batch_size=8))
+    assert [h["step"] for h in callback.history] == [0, 1, 2] and callback.history[-1]["eig_0"] > 0
