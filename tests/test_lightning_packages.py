@@ -239,17 +239,18 @@ _CALLBACKS_YAML = [
 ]
 
 
-def test_lightning_pytorch_cli_accepts_our_callbacks_logger_and_strategy_in_yaml(tmp_path: Path) -> None:
+def test_lightning_pytorch_cli_accepts_our_callbacks_and_logger_in_yaml(tmp_path: Path) -> None:
     """A user's own ``lightning.pytorch.cli.LightningCLI`` with a YAML naming our callbacks and logger by
-    ``class_path`` and ``trainer.strategy: ddp_grad_stats`` (one CPU process) parses, builds them and fits."""
+    ``class_path`` parses, builds them and fits."""
     from lightning.pytorch.cli import LightningCLI
 
-    from lightning_sgd.plugins import GhostBatchNorm, LightningGradStatsDDPStrategy
+    from lightning_sgd.loggers import LightningWandbLogger
+    from lightning_sgd.plugins import GhostBatchNorm
 
     config = {
         "model": {"batchnorm": True},
         "trainer": {
-            "max_steps": 3, "accelerator": "cpu", "devices": 1, "strategy": "ddp_grad_stats",
+            "max_steps": 3, "accelerator": "cpu", "devices": 1,
             "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False,
             "logger": {"class_path": "lightning_sgd.loggers.LightningWandbLogger",
                        "init_args": {"save_dir": str(tmp_path)}},
@@ -262,8 +263,8 @@ def test_lightning_pytorch_cli_accepts_our_callbacks_logger_and_strategy_in_yaml
     assert cli.trainer.global_step == 3
     names = [type(c).__name__ for c in cli.trainer.callbacks]
     assert {"GradientNoiseScale", "EMAWeights", "LRWarmupScaling", "GhostBatchNormCallback"} <= set(names)
-    assert isinstance(cli.trainer.strategy, LightningGradStatsDDPStrategy)
     assert isinstance(cli.model.layer[1], GhostBatchNorm)
+    assert isinstance(cli.trainer.logger, LightningWandbLogger)
     cli.trainer.logger.finish()
 
 
@@ -299,17 +300,22 @@ def test_model_package_reads_the_class_path_from_configs_and_flags(tmp_path: Pat
     assert model_package(["--config", str(tmp_path / "missing.yaml")]) is pl  # LightningCLI reports the error
 
 
-def test_lightning_pytorch_cli_takes_the_strategy_class_with_ddp_arguments(tmp_path: Path) -> None:
-    """The ``lightning.pytorch`` twin by ``class_path``: our arguments and ``DDPStrategy``'s (through ``**kwargs``)
-    both reach it."""
+@pytest.mark.parametrize("form", ["name", "class_path"])
+def test_lightning_pytorch_cli_builds_the_strategy_from_yaml(form: str) -> None:
+    """``trainer.strategy: ddp_grad_stats``, or the ``lightning.pytorch`` twin by ``class_path`` with our arguments
+    and ``DDPStrategy``'s (through ``**kwargs``). Built only (``run=False``): a DDP fit in the test process would
+    leave its process group and ``MASTER_PORT`` behind for the DDP jobs of later tests."""
     from lightning.pytorch.cli import LightningCLI
 
     from lightning_sgd.plugins import LightningGradStatsDDPStrategy
 
-    strategy = {"class_path": "lightning_sgd.plugins.LightningGradStatsDDPStrategy",
-                "init_args": {"every_n_steps": 2, "static_graph": True}}
+    strategy = "ddp_grad_stats"
+    if form == "class_path":
+        strategy = yaml.safe_dump({"class_path": "lightning_sgd.plugins.LightningGradStatsDDPStrategy",
+                                   "init_args": {"every_n_steps": 2, "static_graph": True}}, default_flow_style=True)
     cli = LightningCLI(LBoring, LBoringData, run=False, save_config_callback=None,
                        args=["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.logger=false",
-                             f"--trainer.strategy={yaml.safe_dump(strategy, default_flow_style=True).strip()}"])
+                             f"--trainer.strategy={strategy.strip()}"])
     assert isinstance(cli.trainer.strategy, LightningGradStatsDDPStrategy)
-    assert cli.trainer.strategy.every_n_steps == 2 and cli.trainer.strategy._ddp_kwargs["static_graph"] is True
+    if form == "class_path":
+        assert cli.trainer.strategy.every_n_steps == 2 and cli.trainer.strategy._ddp_kwargs["static_graph"] is True
