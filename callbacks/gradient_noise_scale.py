@@ -131,8 +131,8 @@ class GradientNoiseScale(Callback):
         b_noise_schedule: when to also estimate B_noise = tr(HΣ)/(GᵀHG) with Hessian-vector products; ``None``
             disables it. Uses the current batch: the first half gives ``b_noise_groups`` group gradients, the second
             half the Hessian, so H is independent of the gradients and the two-batch-size estimator stays unbiased.
-            Costs ``b_noise_groups + 1`` HVPs per estimate (``torch.func`` over the module's loss). BatchNorm runs in
-            eval mode for it.
+            Costs ``b_noise_groups`` gradients and ``b_noise_groups + 1`` Hessian-vector products (double backward
+            through the module's loss) per estimate. BatchNorm runs in eval mode for it.
         b_noise_groups: group gradients for the B_noise estimate (>= 2).
 
     Logs (every logger, at the measured step): ``gns/grad_sq_norm`` (|G|²), ``gns/trace_cov`` (tr Σ),
@@ -741,25 +741,34 @@ class GradientNoiseScale(Callback):
 
     def _b_noise_sample(self, pl_module: pl.LightningModule, n: int, size: int) -> NoiseScaleSample:
         """One sample of (GᵀHG, tr HΣ): ``b_noise_groups`` group gradients of ``size`` examples from the first half of
-        the batch, Hessian-vector products (``jvp`` of ``grad``) on the second half."""
-        from torch.func import grad, jvp
+        the batch; Hessian-vector products on the second half by double backward (one forward and backward that
+        keeps its graph, then one backward per product, so all products see the same dropout masks).
 
+        Double backward rather than ``torch.func.jvp`` of ``grad``: forward-mode AD fails on ordinary losses (e.g.
+        ``mse_loss(pred, torch.ones_like(pred))`` in Lightning's BoringModel) and on many custom kernels."""
         loss = self._loss_of(pl_module)
         groups = self.b_noise_groups
-        params = {k: v.detach() for k, v in trainable_parameters(pl_module).items()}
-        grad_fn = grad(loss.functional_loss)  # (params, batch) -> gradient dict
+        params = list(trainable_parameters(pl_module).values())
         with loss.isolated(), batchnorm_eval(pl_module):
-            group_grads = [grad_fn(params, slice_batch(self._batch, slice(k * size, (k + 1) * size), _WHO))
-                           for k in range(groups)]
+            group_grads = []
+            for k in range(groups):
+                part = slice_batch(self._batch, slice(k * size, (k + 1) * size), _WHO)
+                grads = torch.autograd.grad(loss.loss(part), params, allow_unused=True)
+                group_grads.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
             hessian_batch = slice_batch(self._batch, slice(n // 2, n), _WHO)  # independent of the gradients
+            first = torch.autograd.grad(loss.loss(hessian_batch), params, create_graph=True, allow_unused=True)
+            # a gradient that does not depend on the parameters (None, or constant) is a zero row of H
+            rows = [i for i, g in enumerate(first) if g is not None and g.requires_grad]
 
-            def quad(v: dict[str, Tensor]) -> float:
-                hv = jvp(lambda p: grad_fn(p, hessian_batch), (params,), (v,))[1]
-                return float(sum((v[k].double() * hv[k].double()).sum() for k in v))
+            def quad(v: list[Tensor]) -> float:
+                if not rows:
+                    return 0.0
+                hv = torch.autograd.grad([first[i] for i in rows], params, grad_outputs=[v[i] for i in rows],
+                                         retain_graph=True, allow_unused=True)
+                return float(sum((x.double() * h.double()).sum() for x, h in zip(v, hv) if h is not None))
 
             q_small = sum(quad(g) for g in group_grads) / groups
-            mean = {k: sum(g[k] for g in group_grads) / groups for k in params}
-            q_big = quad(mean)
+            q_big = quad([sum(g[i] for g in group_grads) / groups for i in range(len(params))])
         return two_batch_estimate(q_small, size, q_big, groups * size)  # (GᵀHG, tr HΣ) in (|G|², trΣ) slots
 
     # --------------------------------------------------------------------------------------------------- state
