@@ -60,16 +60,17 @@ class GradientDiversity(Callback):
     gradients of ``training_step``'s loss on single examples, run through :class:`lightning_sgd.module_loss.ModuleLoss`
     (logging muted, RNG forked, buffers and modes restored, ``.grad`` untouched: training is unchanged). The loss
     must be a mean over the examples (checked once, at the first measurement; ``ValueError`` otherwise). Manual
-    optimization is refused at setup: its ``training_step`` steps the optimizers itself and cannot be re-run. A
-    module that also implements ``split_batch``/``forward``/``loss`` is measured through those instead.
+    optimization is refused at setup (``ValueError``): its ``training_step`` steps the optimizers itself and cannot
+    be re-run. A module that also implements ``split_batch``/``forward``/``loss`` is measured through those instead
+    (and may then use manual optimization).
 
     Per-example gradient norms come from one forward and backward of the n examples with layer hooks
     (:func:`lightning_sgd.per_example_hooks.hook_gradient_stats`: Linear, Conv, Embedding, LayerNorm, GroupNorm;
     checked once against vmap on a few examples) or, for other layers, BatchNorm, or ``engine="vmap"``, from
     :func:`lightning_sgd.per_example.per_example_gradient_stats` (``vmap(grad)``, ``chunk_size`` examples at a
-    time). **BatchNorm** layers run in eval mode (running statistics) for the measurement, because per-example
-    gradients in train mode are ill-defined; their mode is restored afterwards. Dropout stays active with
-    independent masks per example.
+    time, or one example at a time where ``vmap`` cannot run the model). **BatchNorm** layers run in eval mode
+    (running statistics) for the measurement, because per-example gradients in train mode are ill-defined; their
+    mode is restored afterwards. Dropout stays active with independent masks per example.
 
     Under DDP each rank measures its own examples; rank 0 logs its value.
 
