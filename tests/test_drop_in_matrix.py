@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from lightning_sgd.callbacks import CurvatureSpectrum, DeepBootstrap, GradientDiversity, GradientNoiseScale
-from lightning_sgd.module_loss import ProtocolRequired
+from lightning_sgd.compat import package_of
+from lightning_sgd.module_loss import ProtocolRequired, has_protocol
 from lightning_sgd.plugins import (
     AdaptiveBatchSize,
     BatchSizeSchedule,
@@ -233,6 +234,18 @@ def test_table_covers_every_kind_and_feature():
             assert (EXPECTED[kind, "ema_both"] == "-") == (kind not in HAS_VALIDATION_STEP), kind
 
 
+@pytest.mark.parametrize("package", PACKAGES)
+def test_zoo_is_what_users_write(package: str) -> None:
+    """The premise of the matrix: each zoo module is a LightningModule of the package under test, and only the two
+    ``protocol_*`` kinds implement split_batch/forward/loss (BoringModel has ``forward`` and ``loss`` but no
+    ``split_batch``; the README autoencoder's ``forward`` returns the embedding)."""
+    for kind in KINDS:
+        module, loader = make(kind, package)
+        assert package_of(module).__name__ == package, kind
+        assert has_protocol(module) == kind.startswith("protocol_"), kind
+        assert next(iter(loader)) is not None
+
+
 CELLS = [pytest.param(kind, feature, id=f"{kind}-{feature}")
          for (kind, feature), outcome in EXPECTED.items() if outcome != "-"]
 
@@ -287,6 +300,7 @@ def _fit_kwargs(feature: Feature, kind: str, package: str, loader: Any) -> dict[
 def test_cell(kind: str, feature_name: str, package: str) -> None:
     expected = EXPECTED[kind, feature_name]
     feature = FEATURES[feature_name]
+    torch.manual_seed(0)  # dropout masks and the GAN's noise: the same in every run, whatever ran before
     module, loader = make(kind, package)
     callbacks = feature.callbacks()
     logger = _recording_logger(package) if feature.recording_logger else False
@@ -307,31 +321,50 @@ def test_cell(kind: str, feature_name: str, package: str) -> None:
 _OURS = ("gns/", "diversity/", "curvature/")
 
 
+def _train(kind: str, package: str, callbacks: list[Any]) -> tuple[dict[str, torch.Tensor], list[Any]]:
+    """Final ``state_dict`` and the user's own logged metrics ``[(step, {key: value})]`` of a 4-step seeded fit."""
+    importlib.import_module(package).seed_everything(0, verbose=False)
+    module, loader = make(kind, package)
+    logger = _recording_logger(package)
+    _trainer(package, callbacks, logger=logger, max_steps=4).fit(module, train_dataloaders=loader)
+    user = [(step, {k: v for k, v in m.items() if not k.startswith(_OURS)}) for step, m in logger.metrics]
+    return module.state_dict(), [(step, m) for step, m in user if m]
+
+
+def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    assert a.keys() == b.keys()
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("package", PACKAGES)
 @pytest.mark.parametrize("kind", ["autoencoder", "hf_dict", "bert"])
 def test_measurements_leave_training_bit_identical(kind: str, package: str) -> None:
     """GNS (per-example and B_noise) + diversity + Hessian curvature on every step: the final weights are
     bit-identical to a run without them, and the user's own ``self.log`` values are unchanged step for step."""
-    lightning = importlib.import_module(package)
-
-    def run(callbacks: list[Any]) -> tuple[dict[str, torch.Tensor], list[tuple[int | None, dict[str, float]]]]:
-        lightning.seed_everything(0, verbose=False)
-        module, loader = make(kind, package)
-        logger = _recording_logger(package)
-        _trainer(package, callbacks, logger=logger, max_steps=4).fit(module, train_dataloaders=loader)
-        user = [(step, {k: v for k, v in m.items() if not k.startswith(_OURS)}) for step, m in logger.metrics]
-        return module.state_dict(), [(step, m) for step, m in user if m]
-
-    plain_state, plain_logs = run([])
+    plain_state, plain_logs = _train(kind, package, [])
     gns = GradientNoiseScale(schedule=1, b_noise_schedule=1)
     diversity = GradientDiversity(schedule=1)
     curvature = _curvature()
-    measured_state, measured_logs = run([gns, diversity, curvature])
+    measured_state, measured_logs = _train(kind, package, [gns, diversity, curvature])
 
     assert gns.measured == 4 and diversity.measured == 4 and len(curvature.history) >= 4  # they did measure
-    assert plain_state.keys() == measured_state.keys()
-    changed = [k for k in plain_state if not torch.equal(plain_state[k], measured_state[k])]
+    changed = _changed(plain_state, measured_state)
     assert not changed, f"measuring changed the trained weights: {changed}"
     assert any("train_loss" in m for _, m in plain_logs), plain_logs
     assert measured_logs == plain_logs
+
+
+def test_bit_identity_catches_a_callback_that_draws_random_numbers() -> None:
+    """Control for the test above: one ``torch.rand`` per step outside a forked RNG changes the dropout masks of
+    the HF-style module, so its trained weights and logged loss differ."""
+    package = "lightning.pytorch"
+    callback_base = importlib.import_module(f"{package}.callbacks").Callback
+
+    class DrawsRandomNumbers(callback_base):  # type: ignore[misc,valid-type]
+        def on_train_batch_start(self, *args: Any) -> None:
+            torch.rand(1)
+
+    plain_state, plain_logs = _train("hf_dict", package, [])
+    leaky_state, leaky_logs = _train("hf_dict", package, [DrawsRandomNumbers()])
+    assert _changed(plain_state, leaky_state) and leaky_logs != plain_logs
