@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import random
 import threading
 from collections.abc import Iterator, Mapping
@@ -44,7 +45,7 @@ from torch.func import functional_call
 
 from lightning_sgd.batches import batch_size, slice_batch
 
-__all__ = ["ModuleLoss", "ProtocolRequired", "measuring", "has_protocol", "PROTOCOL_HELP"]
+__all__ = ["ModuleLoss", "ProtocolRequired", "LossNotMeanError", "measuring", "has_protocol", "PROTOCOL_HELP"]
 
 _STATE = threading.local()
 
@@ -59,6 +60,10 @@ PROTOCOL_HELP = (
 
 class ProtocolRequired(TypeError):
     """A feature needs ``split_batch``/``forward``/``loss`` and the module does not implement them."""
+
+
+class LossNotMeanError(ValueError):
+    """The training loss is not a mean over the examples of the batch (:meth:`ModuleLoss.check_mean`)."""
 
 
 def measuring() -> bool:
@@ -170,7 +175,8 @@ class ModuleLoss:
     def check_mean(self, batch: Any, rtol: float = 1e-3) -> None:
         """Raise ``ValueError`` unless the loss of ``batch`` is the mean of the losses of its two halves, weighted by
         their sizes (what "a mean over examples" means; checked once, in eval mode so dropout and BatchNorm's batch
-        statistics do not couple the halves). A sum over examples is named as such."""
+        statistics do not couple the halves). A sum over examples is named as such. A non-finite loss leaves the check
+        for a later batch. Raises :class:`LossNotMeanError` (a ``ValueError``)."""
         if self._mean_checked:
             return
         n = batch_size(batch, self.who)
@@ -181,6 +187,8 @@ class ModuleLoss:
             full = float(self.loss(batch))
             first = float(self.loss(slice_batch(batch, slice(0, half), self.who)))
             second = float(self.loss(slice_batch(batch, slice(half, n), self.who)))
+        if not all(math.isfinite(v) for v in (full, first, second)):
+            return  # nothing to judge on this batch (a NaN/inf loss); checked again on the next one
         mean = (half * first + (n - half) * second) / n
         scale = max(abs(full), abs(mean), 1e-12)
         if abs(full - mean) <= rtol * scale:
@@ -190,7 +198,7 @@ class ModuleLoss:
             kind = "a sum over examples"
         else:
             kind = "neither a mean nor a sum over examples"
-        raise ValueError(
+        raise LossNotMeanError(
             f"{self.who}: the training loss is {kind} (loss of {n} examples {full:.6g}, size-weighted mean of its two "
             f"halves {mean:.6g}); batch-size estimators need the mean over examples. Use reduction='mean' (and, for "
             "token losses, the same number of tokens per example), or divide the loss by the batch size.")
