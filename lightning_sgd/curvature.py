@@ -291,7 +291,7 @@ class OutputGGN(ModuleOperator):
         detached = {name: p.detach() for name, p in self.params.items()}
 
         def outputs_of(p: dict[str, Tensor]) -> Tensor:
-            return functional_call(module, p, (inputs,), strict=False)
+            return self.loss.functional_outputs(p, inputs)
 
         rng = _rng_state(self._device)
         output, jv = jvp(outputs_of, (detached,), (v,))

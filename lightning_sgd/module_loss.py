@@ -6,8 +6,10 @@ bootstrap twin) goes through :class:`ModuleLoss`. It computes the loss one of tw
 
 - **the module's own** ``training_step`` (default): called with the batch (and ``batch_idx=0`` when its signature
   takes one); it may return a Tensor or a mapping with a ``"loss"`` entry, as Lightning allows;
-- **the protocol**, when the module implements all three of ``split_batch(batch) -> (inputs, targets)``,
-  ``forward(inputs) -> outputs`` and ``loss(outputs, targets) -> scalar``: then ``loss(forward(inputs), targets)``.
+- **the protocol**, when the module implements ``split_batch(batch) -> (inputs, targets)``,
+  ``loss(outputs, targets) -> scalar`` and the outputs: ``outputs(inputs)`` when it defines that method (for a
+  module whose ``forward`` returns something else, such as an autoencoder's embedding), else ``forward(inputs)``:
+  then ``loss(outputs(inputs), targets)``.
   Only the generalized Gauss-Newton needs it (the GGN needs the outputs separately from the loss); elsewhere it is a
   shortcut that skips whatever else ``training_step`` computes.
 
@@ -51,10 +53,11 @@ _STATE = threading.local()
 
 #: How to add the three-method protocol, quoted by every error that needs it.
 PROTOCOL_HELP = (
-    "add three methods to the LightningModule: `split_batch(batch) -> (inputs, targets)`, "
-    "`forward(inputs) -> outputs` (the network's outputs, e.g. logits; a module whose `forward` returns something "
-    "else, such as an autoencoder's embedding, can keep it and name the outputs in a helper instead) and "
-    "`loss(outputs, targets) -> scalar mean loss`; see README section 'Use it with your own LightningModule'"
+    "add two methods to the LightningModule: `split_batch(batch) -> (inputs, targets)` and "
+    "`loss(outputs, targets) -> scalar mean loss`, where the outputs are what `forward(inputs)` returns (e.g. "
+    "logits); if your `forward` returns something else (an autoencoder's embedding), also add "
+    "`outputs(inputs) -> outputs` (e.g. the reconstruction) and keep `forward` as it is; see README section "
+    "'Use it with your own LightningModule'"
 )
 
 
@@ -72,9 +75,16 @@ def measuring() -> bool:
 
 
 def has_protocol(module: nn.Module) -> bool:
-    """Does ``module`` implement ``split_batch``, ``forward`` and ``loss``?"""
-    forward_overridden = type(module).forward is not nn.Module.forward
-    return forward_overridden and all(callable(getattr(module, name, None)) for name in ("split_batch", "loss"))
+    """Does ``module`` implement ``split_batch``, ``loss`` and its outputs (``outputs`` or an own ``forward``)?"""
+    has_outputs = callable(getattr(module, "outputs", None)) or type(module).forward is not nn.Module.forward
+    return has_outputs and all(callable(getattr(module, name, None)) for name in ("split_batch", "loss"))
+
+
+def _network_outputs(module: nn.Module, inputs: Any) -> Any:
+    """The outputs the protocol's ``loss`` compares with the targets: ``module.outputs(inputs)`` if defined, else
+    ``module(inputs)``."""
+    method = getattr(module, "outputs", None)
+    return method(inputs) if callable(method) else module(inputs)
 
 
 def _noop(*args: Any, **kwargs: Any) -> None:
@@ -90,7 +100,18 @@ class _LossAsForward(nn.Module):
         self._owner = [owner]  # a list: not registered as a submodule
 
     def forward(self, batch: Any) -> Tensor:
-        return self._owner[0].loss(batch)
+        return self._owner[0].loss(batch, _functional=True)
+
+
+class _OutputsAsForward(nn.Module):
+    """``forward(inputs)`` = the protocol's network outputs, so ``functional_call`` can substitute parameters."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, inputs: Any) -> Any:
+        return _network_outputs(self.module, inputs)
 
 
 class ModuleLoss:
@@ -140,12 +161,12 @@ class ModuleLoss:
                 "for the network and loss to be measured.")
 
     # ------------------------------------------------------------------------------------------------- losses
-    def loss(self, batch: Any) -> Tensor:
+    def loss(self, batch: Any, _functional: bool = False) -> Tensor:
         """The scalar loss on ``batch`` (call inside :meth:`isolated`)."""
         module = self.module
         if self.uses_protocol:
             inputs, targets = module.split_batch(batch)  # type: ignore[operator]
-            return module.loss(module(inputs), targets)  # type: ignore[operator]
+            return module.loss(_network_outputs(module, inputs), targets)  # type: ignore[operator]
         out = module.training_step(batch, 0) if self._step_takes_index else module.training_step(batch)
         if isinstance(out, Mapping):
             out = out.get("loss")
@@ -154,7 +175,7 @@ class ModuleLoss:
                 f"{self.who}: `training_step` returned {type(out).__name__ if out is not None else 'None'} for a "
                 "measurement batch; it must return the loss as a scalar Tensor or as {'loss': tensor}, as Lightning "
                 "requires for automatic optimization.")
-        if not out.requires_grad and torch.is_grad_enabled():
+        if not _functional and not out.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{self.who}: the loss `training_step` returned does not depend on the parameters "
                              "(detached, or computed under torch.no_grad()).")
         return out.reshape(())
@@ -170,7 +191,15 @@ class ModuleLoss:
         if not self.uses_protocol:
             raise self.protocol_error("needs the network's outputs separately from the loss")
         inputs, targets = self.module.split_batch(batch)  # type: ignore[operator]
-        return self.module(inputs), targets
+        return _network_outputs(self.module, inputs), targets
+
+    def functional_outputs(self, params: Mapping[str, Tensor], inputs: Any) -> Any:
+        """The protocol's network outputs on ``inputs`` with the parameters replaced by ``params`` (GGN's Jacobian
+        products); :class:`ProtocolRequired` without the protocol."""
+        if not self.uses_protocol:
+            raise self.protocol_error("needs the network's outputs separately from the loss")
+        wrapper = _OutputsAsForward(self.module)
+        return functional_call(wrapper, {f"module.{k}": v for k, v in params.items()}, (inputs,), strict=False)
 
     def check_mean(self, batch: Any, rtol: float = 1e-3) -> None:
         """Raise ``ValueError`` unless the loss of ``batch`` is the mean of the losses of its two halves, weighted by
