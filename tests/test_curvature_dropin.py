@@ -209,7 +209,7 @@ def test_ggn_on_a_training_step_only_module_is_refused_at_setup():
         trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
     message = str(info.value)
     assert "CurvatureSpectrum(operator='ggn') needs the network's outputs separately from the loss" in message
-    for fix in ("split_batch(batch) -> (inputs, targets)", "forward(inputs) -> outputs", "loss(outputs, targets)",
+    for fix in ("split_batch(batch) -> (inputs, targets)", "outputs(inputs) -> outputs", "loss(outputs, targets)",
                 "operator='hessian'"):
         assert fix in message, fix
     assert module.steps == 0  # refused before any training step
