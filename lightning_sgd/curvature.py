@@ -57,7 +57,7 @@ from hessian_eigenthings import (
     spectral_density,
 )
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_sgd.batches import flatten_batch

@@ -47,7 +47,8 @@ from torch.func import functional_call
 
 from lightning_sgd.batches import batch_size, slice_batch
 
-__all__ = ["ModuleLoss", "ProtocolRequired", "LossNotMeanError", "measuring", "has_protocol", "PROTOCOL_HELP"]
+__all__ = ["ModuleLoss", "ProtocolRequired", "LossNotMeanError", "measuring", "has_protocol", "module_eval",
+           "PROTOCOL_HELP"]
 
 _STATE = threading.local()
 
@@ -212,7 +213,7 @@ class ModuleLoss:
         if n < 2:
             return
         half = n // 2
-        with self.isolated(), _all_eval(self.module), torch.no_grad():
+        with self.isolated(), module_eval(self.module), torch.no_grad():
             full = float(self.loss(batch))
             first = float(self.loss(slice_batch(batch, slice(0, half), self.who)))
             second = float(self.loss(slice_batch(batch, slice(half, n), self.who)))
@@ -270,7 +271,9 @@ class ModuleLoss:
 
 
 @contextlib.contextmanager
-def _all_eval(module: nn.Module) -> Iterator[None]:
+def module_eval(module: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode inside the block (dropout off, BatchNorm on running statistics); each one's mode
+    restored after."""
     modes = [(sub, sub.training) for sub in module.modules()]
     module.eval()
     try:

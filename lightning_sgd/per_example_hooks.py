@@ -62,11 +62,10 @@ statistics. Not caught: a training loss that is not a mean over examples (caller
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,7 +77,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unflatten
 
 from lightning_sgd.batches import batch_size, slice_batch
-from lightning_sgd.module_loss import ModuleLoss
+from lightning_sgd.module_loss import ModuleLoss, module_eval
 from lightning_sgd.per_example import PerExampleStats, _per_example_stats, layer_of, trainable_parameters
 
 __all__ = ["PerExampleNormHooks", "unsupported_layers", "validate", "module_eval", "hook_gradient_stats"]
@@ -642,18 +641,6 @@ class PerExampleNormHooks:
             return (f"the per-example gradients of {names[i]!r} do not add up to its .grad (difference "
                     f"{float(diff[i]):.4g}, |.grad| {float(expected[i].norm()):.4g})")
         return None
-
-
-@contextlib.contextmanager
-def module_eval(module: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode inside the block (dropout off, deterministic); each one's mode restored after."""
-    modes = [(sub, sub.training) for sub in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for sub, mode in modes:
-            sub.training = mode
 
 
 def validate(module: nn.Module, batch: Any, *, loss: ModuleLoss | None = None, examples: int = 4,
