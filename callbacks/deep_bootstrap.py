@@ -173,10 +173,10 @@ class DeepBootstrap(Callback):
             return
         self._loss = ModuleLoss(pl_module, "DeepBootstrap")
         if not pl_module.automatic_optimization:
-            raise MisconfigurationException(
-                "DeepBootstrap trains the twin like Lightning's automatic optimization; "
-                f"{type(pl_module).__name__} uses manual optimization, which it cannot mirror."
-            )
+            raise ValueError(  # a ValueError, as every other callback's refusal of manual optimization
+                "DeepBootstrap trains the twin like Lightning's automatic optimization (one optimizer stepped on "
+                f"training_step's loss); {type(pl_module).__name__} uses manual optimization (its training_step steps "
+                "the optimizers itself), which the twin cannot mirror. Remove DeepBootstrap from this Trainer.")
         pending = self._pending
         self._reset_run_state()
         self._pending = pending
