@@ -20,7 +20,7 @@ from typing_extensions import override
 
 from lightning_sgd.batches import batch_size, slice_batch
 from lightning_sgd.compat import Callback
-from lightning_sgd.module_loss import ModuleLoss, measuring
+from lightning_sgd.module_loss import ModuleLoss, measuring, twice_differentiable_attention
 from lightning_sgd.noise_scale import (
     NoiseScaleEMA,
     NoiseScaleSample,
@@ -749,7 +749,7 @@ class GradientNoiseScale(Callback):
         loss = self._loss_of(pl_module)
         groups = self.b_noise_groups
         params = list(trainable_parameters(pl_module).values())
-        with loss.isolated(), batchnorm_eval(pl_module):
+        with loss.isolated(), batchnorm_eval(pl_module), twice_differentiable_attention():
             group_grads = []
             for k in range(groups):
                 part = slice_batch(self._batch, slice(k * size, (k + 1) * size), _WHO)

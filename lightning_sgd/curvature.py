@@ -58,10 +58,9 @@ from hessian_eigenthings import (
 )
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_sgd.batches import flatten_batch
-from lightning_sgd.module_loss import ModuleLoss
+from lightning_sgd.module_loss import ModuleLoss, twice_differentiable_attention
 from lightning_sgd.per_example import batchnorm_eval
 
 OperatorName = Literal["hessian", "ggn", "empirical_fisher"]
@@ -94,13 +93,6 @@ def _all_reduce_mean(tensor: Tensor) -> Tensor:
     out = tensor.clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / dist.get_world_size()
-
-
-def twice_differentiable_attention() -> Any:
-    """A context in which ``F.scaled_dot_product_attention`` (and ``nn.MultiheadAttention`` through it) uses its math
-    kernel only: the fused kernels' backward is not differentiable, so double backward and forward-mode AD through
-    them fail ("derivative for ..._flash_attention_..._backward is not implemented")."""
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 class _WrappedOperator(CurvatureOperator):

@@ -48,7 +48,7 @@ from torch.func import functional_call
 from lightning_sgd.batches import batch_size, slice_batch
 
 __all__ = ["ModuleLoss", "ProtocolRequired", "LossNotMeanError", "measuring", "has_protocol", "module_eval",
-           "PROTOCOL_HELP"]
+           "twice_differentiable_attention", "PROTOCOL_HELP"]
 
 _STATE = threading.local()
 
@@ -281,6 +281,15 @@ def module_eval(module: nn.Module) -> Iterator[None]:
     finally:
         for sub, mode in modes:
             sub.training = mode
+
+
+def twice_differentiable_attention() -> Any:
+    """A context in which ``F.scaled_dot_product_attention`` (and ``nn.MultiheadAttention`` through it) uses its math
+    kernel only: the fused kernels' backward is not differentiable, so double backward (Hessian-vector products)
+    and forward-mode AD through them fail ("derivative for ..._flash_attention_..._backward is not implemented")."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def _numpy_state() -> Any:

@@ -516,3 +516,50 @@ def test_both_lightning_packages():
     trainer.fit(LitMLP(), train_dataloaders=mlp_loader(n=32))
     assert gns.measured == 2 and diversity.measured == 2
     assert math.isfinite(gns.b_simple) and math.isfinite(diversity.diversity)
+
+
+class SDPAClassifier(pl.LightningModule):
+    """Attention through ``F.scaled_dot_product_attention``: on CPU it may pick a flash kernel whose backward is not
+    differentiable, so B_noise's Hessian-vector products must run it on the math kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = nn.Linear(4, 12)
+        self.head = nn.Linear(4, 3)
+
+    def training_step(self, batch, batch_idx):
+        return sdpa_loss(self, batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def sdpa_loss(module: nn.Module, batch) -> Tensor:
+    x, y = batch  # (B, T, 4), (B,)
+    b, t, d = x.shape
+    q, k, v = module.qkv(x).view(b, t, 3, 2, d // 2).permute(2, 0, 3, 1, 4)  # each (B, nh=2, T, hs=2)
+    h = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # 4-D inputs: the CPU flash kernel
+    return F.cross_entropy(module.head(h.transpose(1, 2).reshape(b, t, d).mean(1)), y)
+
+
+def test_b_noise_through_fused_attention_runs_on_the_math_kernel_and_matches_a_dense_hessian():
+    from lightning_sgd.module_loss import twice_differentiable_attention
+
+    g = torch.Generator().manual_seed(3)
+    loader = DataLoader(TensorDataset(torch.randn(32, 5, 4, generator=g), torch.randint(0, 3, (32,), generator=g)),
+                        batch_size=32)
+    gns = GradientNoiseScale(source="split", schedule=1, b_noise_schedule=1, b_noise_groups=4, beta=0.0)
+    recorder = Recorder(gns)
+    module = SDPAClassifier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a disabled B_noise warns: fail on it
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|GPU available|LeafSpec).*")
+        fit(module, loader, [gns, recorder], max_steps=2)
+    assert gns.b_noise_ema.count == 2
+    for entry in recorder.steps:
+        with twice_differentiable_attention():
+            truth = brute_b_noise(Float64(module, entry["params"], sdpa_loss), entry["batch"])
+        ghg, trace_h = entry["b_noise"]
+        assert ghg == pytest.approx(truth.grad_sq_norm, rel=1e-4, abs=1e-8)
+        assert trace_h == pytest.approx(truth.trace_cov, rel=1e-4, abs=1e-8)
