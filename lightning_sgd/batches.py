@@ -6,9 +6,13 @@ callbacks need three things of it:
 
 - **how many examples** it holds: ``dim 0`` of its first tensor with at least one dimension
   (:func:`batch_size`);
-- **which leaves carry that example dimension**: tensors whose ``shape[0]`` equals the batch size. Other tensors
-  (BERT's position ids of shape ``(1, T)``, a scalar temperature, a shared mask of shape ``(T, T)``) are
-  *broadcast* over the batch and stay whole when the batch is sliced (:func:`batched_mask`);
+- **which leaves carry that example dimension**: tensors whose ``shape[0]`` equals the batch size, and lists or
+  tuples of ``n`` plain values (strings, numbers, ``None``: what the default ``collate_fn`` makes of per-example
+  strings, e.g. raw texts or label names). Other tensors (BERT's position ids of shape ``(1, T)``, a scalar
+  temperature, a shared mask of shape ``(T, T)``) are *broadcast* over the batch and stay whole when the batch is
+  sliced, and so do other values (:func:`batched_mask`). A tuple of plain values that happens to have ``n`` items
+  but is not per-example data (an image size of 3 in a batch of 3) would be sliced too: keep such metadata out of
+  the batch or in a tensor;
 - **a slice of the examples** in the same structure and type (:func:`slice_batch`), and a flat list of the batched
   tensors with a function that rebuilds the batch from it (:func:`flatten_batch`), which is what ``vmap`` needs
   for containers torch's pytree does not know (``BatchEncoding``, dataclasses).
@@ -29,9 +33,18 @@ from torch import Tensor
 __all__ = ["batch_size", "batched_mask", "flatten_batch", "slice_batch", "tensor_leaves"]
 
 
+_PLAIN = (str, bytes, int, float, complex, bool, type(None))
+
+
+def _plain_sequence(node: Any) -> bool:
+    """A list or tuple (not a namedtuple) of plain values: a leaf that may hold one value per example."""
+    return (isinstance(node, (list, tuple)) and not hasattr(node, "_fields") and len(node) > 0
+            and all(isinstance(item, _PLAIN) for item in node))
+
+
 def _children(node: Any) -> tuple[list[Any], Callable[[list[Any]], Any]] | None:
     """``(children, rebuild)`` for a container node, ``None`` for a leaf."""
-    if isinstance(node, Tensor):
+    if isinstance(node, Tensor) or _plain_sequence(node):
         return None
     if isinstance(node, Mapping):
         keys = list(node.keys())
@@ -97,15 +110,20 @@ def batch_size(batch: Any, who: str = "lightning_sgd") -> int:
 
 
 def batched_mask(leaves: list[Any], n: int) -> list[bool]:
-    """For each leaf: does it carry the example dimension (a tensor with ``shape[0] == n``)?"""
-    return [isinstance(leaf, Tensor) and leaf.dim() >= 1 and leaf.shape[0] == n for leaf in leaves]
+    """For each leaf: does it carry the example dimension (a tensor with ``shape[0] == n``, or a list/tuple of ``n``
+    plain values)?"""
+    return [(isinstance(leaf, Tensor) and leaf.dim() >= 1 and leaf.shape[0] == n)
+            or (_plain_sequence(leaf) and len(leaf) == n) for leaf in leaves]
 
 
-def flatten_batch(batch: Any, who: str = "lightning_sgd") -> tuple[list[Tensor], Callable[[list[Tensor]], Any], int]:
-    """``(batched, rebuild, n)``: the tensors that carry the example dimension, a function that puts (sliced or
-    ``vmap``-ed) replacements of them back into the batch's structure, and the number of examples ``n``.
+def flatten_batch(batch: Any, who: str = "lightning_sgd") -> tuple[list[Any], Callable[[list[Any]], Any], int]:
+    """``(batched, rebuild, n)``: the leaves that carry the example dimension (tensors, and lists/tuples of ``n``
+    plain values; each supports ``leaf[part]``), a function that puts (sliced or ``vmap``-ed) replacements of them
+    back into the batch's structure, and the number of examples ``n``.
 
-    Leaves that are not batched (broadcast tensors, strings, numbers) are kept as they are by ``rebuild``.
+    Leaves that are not batched (broadcast tensors, single strings, numbers) are kept as they are by ``rebuild``.
+    ``vmap`` cannot map over a list of strings: engines that ``vmap`` over ``batched`` fall back to a loop over
+    examples for such batches.
     """
     n = batch_size(batch, who)
     leaves, unflatten = _flatten(batch)
@@ -125,10 +143,11 @@ def slice_batch(batch: Any, part: slice, who: str = "lightning_sgd") -> Any:
     """The examples ``part`` of ``batch``, in the same structure; broadcast tensors and other leaves kept whole.
 
     >>> import torch
-    >>> b = {"x": torch.arange(6).reshape(3, 2), "pos": torch.arange(2)[None], "name": "digits"}
+    >>> b = {"x": torch.arange(6).reshape(3, 2), "pos": torch.arange(2)[None], "name": "digits",
+    ...      "text": ["a", "b", "c"]}
     >>> s = slice_batch(b, slice(1, 3))
-    >>> s["x"].tolist(), s["pos"].tolist(), s["name"]
-    ([[2, 3], [4, 5]], [[0, 1]], 'digits')
+    >>> s["x"].tolist(), s["pos"].tolist(), s["name"], s["text"]
+    ([[2, 3], [4, 5]], [[0, 1]], 'digits', ['b', 'c'])
     """
     batched, rebuild, _ = flatten_batch(batch, who)
     return rebuild([t[part] for t in batched])

@@ -229,7 +229,7 @@ def per_example_gradients(loss: ModuleLoss, params: dict[str, Tensor], batch: An
                 try:
                     grads = per_example(detached, *[t[start:stop] for t in batched])
                     chunk = torch.cat([grads[name].reshape(stop - start, -1) for name in detached], dim=1)
-                except RuntimeError as err:
+                except Exception as err:  # noqa: BLE001 - any vmap failure (a real error in the loss re-raises in the loop)
                     _LOOPED.add(loss)
                     text = str(err).splitlines()[0] if str(err) else type(err).__name__
                     warnings.warn(f"{loss.who}: torch.func.vmap cannot run the loss ({text}); per-example gradients "

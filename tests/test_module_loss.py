@@ -260,3 +260,70 @@ def test_protocol_outputs_method_for_a_forward_that_returns_an_embedding():
     operator = make_operator(module, [(x, None)], "ggn")
     probe = torch.randn(flat.numel(), dtype=torch.float64)
     assert torch.allclose(operator.matvec(probe), dense @ probe, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------- targets that are not tensors
+CLASSES = ["cat", "dog", "emu"]
+
+
+class NamedLabels(pl.LightningModule):
+    """Targets as label names: the default collate_fn makes a list of strings of them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Linear(4, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, names = batch
+        y = torch.tensor([CLASSES.index(name) for name in names])
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class NamedDataset(torch.utils.data.Dataset):
+    def __init__(self, n=24):
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = torch.randint(0, 3, (n,), generator=g).tolist()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], CLASSES[self.y[i]]
+
+
+def test_per_example_strings_are_sliced_with_their_examples_and_measured_exactly():
+    from lightning_sgd.per_example import per_example_gradient_stats
+
+    batch = next(iter(torch.utils.data.DataLoader(NamedDataset(), batch_size=6)))
+    assert isinstance(batch[1], (list, tuple)) and len(batch[1]) == 6  # default_collate: a sequence of strings
+    part = slice_batch(batch, slice(2, 4))
+    assert part[1] == batch[1][2:4] and torch.equal(part[0], batch[0][2:4])
+    module = NamedLabels().double()
+    batch = (batch[0].double(), batch[1])
+    with pytest.warns(UserWarning, match="loop over examples"):  # vmap cannot map over strings
+        stats = per_example_gradient_stats(module, batch)
+    brute = []
+    for i in range(6):
+        y = torch.tensor([CLASSES.index(batch[1][i])])
+        grads = torch.autograd.grad(F.cross_entropy(module.net(batch[0][i:i + 1]), y), list(module.parameters()))
+        brute.append(sum(float(g.square().sum()) for g in grads))
+    assert torch.allclose(stats.sq_norms, torch.tensor(brute, dtype=torch.float64), rtol=1e-10)
+
+
+@pytest.mark.parametrize("source", ["per_example", "split"])
+def test_gns_runs_on_string_targets(source):
+    from lightning_sgd.callbacks import GradientNoiseScale
+
+    gns = GradientNoiseScale(source=source, schedule=1, engine="vmap" if source == "per_example" else "auto")
+    trainer = pl.Trainer(max_steps=3, callbacks=[gns], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(NamedLabels(), torch.utils.data.DataLoader(NamedDataset(), batch_size=8))
+    assert gns.measured == 3 and gns.source_in_use == source
+    assert all(np.isfinite(gns.last_metrics[k]) for k in ("gns/grad_sq_norm", "gns/trace_cov"))
