@@ -53,10 +53,20 @@ def test_ghost_equals_batch_is_exactly_batchnorm():
         assert torch.equal(getattr(bn, name), getattr(ghost, name)), name
 
 
+def _ghost_chunks(x, g):
+    """The ghost batches by definition: chunks of ``g``, then the remainder; a remainder of ONE example joins the
+    last full chunk (``g + 1`` examples)."""
+    sizes = [g] * (x.shape[0] // g) + ([x.shape[0] % g] if x.shape[0] % g else [])
+    if len(sizes) > 1 and sizes[-1] == 1:
+        sizes = sizes[:-2] + [g + 1]
+    return torch.split(x, sizes)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("bn_cls,shape", [(nn.BatchNorm1d, (7,)), (nn.BatchNorm1d, (7, 9)),
                                           (nn.BatchNorm2d, (7, 4, 3)), (nn.BatchNorm3d, (7, 2, 3, 2))])
-@pytest.mark.parametrize("batch", [128, 137])  # 4 chunks of 32; 4 chunks + a remainder of 9
+# 4 chunks of 32; 4 chunks + a remainder of 9; 3 chunks + one of 33 (remainder 1); one chunk of 33 (N = G + 1)
+@pytest.mark.parametrize("batch", [128, 137, 129, 33])
 def test_ghost_equals_bn_on_each_chunk(bn_cls, shape, momentum, batch):
     bn, ghost = _pair(bn_cls, shape[0], ghost=32, momentum=momentum)
     with torch.no_grad():
@@ -67,7 +77,8 @@ def test_ghost_equals_bn_on_each_chunk(bn_cls, shape, momentum, batch):
     upstream = torch.randn(batch, *shape, dtype=torch.float64)
     # Ground truth: one nn.BatchNorm call per chunk, in order.
     xs = x.clone().requires_grad_(True)
-    outs = [bn(chunk) for chunk in torch.split(xs, 32)]
+    chunks = _ghost_chunks(xs, 32)
+    outs = [bn(chunk) for chunk in chunks]
     (torch.cat(outs) * upstream).sum().backward()
     out, grad_x, grad_params = _run(ghost, x, upstream)
     torch.testing.assert_close(out, torch.cat(outs).detach(), rtol=1e-12, atol=1e-12)
@@ -76,7 +87,8 @@ def test_ghost_equals_bn_on_each_chunk(bn_cls, shape, momentum, batch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ghost.running_mean, bn.running_mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ghost.running_var, bn.running_var, rtol=1e-12, atol=1e-12)
-    assert int(ghost.num_batches_tracked) == int(bn.num_batches_tracked) == 3 + -(-batch // 32)
+    assert int(ghost.num_batches_tracked) == int(bn.num_batches_tracked) == 3 + len(chunks)
+    assert len(chunks) == {128: 4, 137: 5, 129: 4, 33: 1}[batch] and chunks[-1].shape[0] in (32, 9, 33)
     # Eval mode is plain batch norm with the running statistics (equal to a few ulps, like the buffers).
     ghost.eval(), bn.eval()
     torch.testing.assert_close(ghost(x), bn(x), rtol=1e-12, atol=1e-12)
@@ -114,6 +126,14 @@ def test_bad_ghost_sizes():
     layer = GhostBatchNorm(4, ghost_batch_size=8)
     layer(torch.randn(16, 4))
     layer(torch.randn(5, 4))  # after the first batch, a short last batch is plain BN
+    layer(torch.randn(17, 4))  # a remainder of one example joins the last ghost batch (torch would refuse it alone)
+    with pytest.raises(ValueError, match=r"GhostBatchNorm: a training batch of 1 example of shape \(1, 4\)"):
+        layer(torch.randn(1, 4))  # nothing to fold into: refused by name, as nn.BatchNorm refuses it
+    spatial = GhostBatchNorm(4, ghost_batch_size=8)
+    spatial(torch.randn(8, 4, 3))
+    assert spatial(torch.randn(1, 4, 3)).shape == (1, 4, 3)  # one example with 3 values per channel: plain BN
+    with pytest.raises(ValueError, match="ghost_batch_size=1"):
+        GhostBatchNorm(4, ghost_batch_size=1)(torch.randn(6, 4))
 
 
 def _net():

@@ -14,11 +14,13 @@ statistics exactly like plain batch norm. Large-batch training keeps the small-b
   lightning_sgd.plugins.GhostBatchNormCallback, init_args: {ghost_batch_size: 32}}]``.
 
 Vectorized: the ``K = N // G`` full chunks are reshaped into the channel axis, ``(N, C, *S) -> (G, K*C, *S)``, and
-normalized by ONE native ``F.batch_norm`` call (no Python loop over chunks). A remainder of ``N % G`` examples is
-normalized with its OWN statistics (one more call, like the last chunk of ``torch.split``), never merged into a
-full chunk. The running statistics receive exactly the updates that ``K (+1)`` sequential ``nn.BatchNorm`` calls
-on the chunks would make (with ``momentum=None`` the cumulative average counts each chunk as one batch);
-``num_batches_tracked`` grows by the number of chunks.
+normalized by ONE native ``F.batch_norm`` call (no Python loop over chunks). A remainder of ``N % G >= 2`` examples
+is normalized with its OWN statistics (one more call, like the last chunk of ``torch.split``). A remainder of exactly
+one example has no batch statistics of its own (one value per channel for ``(N, C)`` inputs, where torch refuses
+it; a single example's instance statistics otherwise), so it joins the last full chunk, which then holds ``G + 1``
+examples: the chunks are ``[G] * (K - 1) + [G + 1]``. The running statistics receive exactly the updates that
+sequential ``nn.BatchNorm`` calls on these chunks would make (with ``momentum=None`` the cumulative average counts
+each chunk as one batch); ``num_batches_tracked`` grows by the number of chunks.
 
 Under DDP each process normalizes its own per-device batch, so the ghost size stays a fixed number of examples as
 devices are added (the global batch holds ``world_size * N / G`` ghost batches). ``SyncBatchNorm`` layers are left
@@ -28,6 +30,7 @@ devices is the opposite of what ghost BN wants).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -70,10 +73,16 @@ class GhostBatchNorm(_BatchNorm):
     Same arguments, parameters and buffers as :class:`torch.nn.BatchNorm2d` (and 1d/3d: any input ``(N, C, *)``)
     plus ``ghost_batch_size``. Training mode: the batch is split into ``N // G`` ghost batches of ``G`` examples
     (vectorized) and a remainder of ``N % G`` examples with its own statistics; a batch of at most ``G`` examples
-    is plain batch norm. Eval mode: plain batch norm with the running statistics.
+    is plain batch norm. A remainder of exactly ONE example is not normalized on its own (a single example has no
+    batch statistics): it joins the last ghost batch, which then holds ``G + 1`` examples (``N = 65, G = 32``:
+    chunks of 32 and 33; ``N = G + 1``: plain batch norm over all of it). Eval mode: plain batch norm with the
+    running statistics.
 
     The first training batch must hold at least ``ghost_batch_size`` examples (a ``ValueError`` otherwise: the
-    ghost size is probably mistyped); later smaller batches (the last batch of an epoch) are allowed.
+    ghost size is probably mistyped); later smaller batches (the last batch of an epoch) are allowed. A training
+    batch that leaves one value per channel to normalize (a batch of one example of shape ``(1, C)``, or
+    ``ghost_batch_size=1`` on ``(N, C)`` inputs) is refused with a ``ValueError`` naming the batch, as
+    ``nn.BatchNorm`` refuses it (use ``drop_last=True`` on the DataLoader to drop a last batch of one example).
 
     Example:
         >>> bn = GhostBatchNorm(8, ghost_batch_size=32)
@@ -125,6 +134,16 @@ class GhostBatchNorm(_BatchNorm):
             return super().forward(input)  # running statistics (or batch statistics if not tracked): plain BN
         self._check_input_dim(input)
         n, g = input.shape[0], self.ghost_batch_size
+        values = math.prod(input.shape[2:])  # values per channel and example: prod(S)
+        if n * values == 1:
+            raise ValueError(
+                f"GhostBatchNorm: a training batch of 1 example of shape {tuple(input.shape)} leaves one value per "
+                f"channel; batch statistics need at least 2 (nn.BatchNorm refuses it too). Drop a last batch of one "
+                f"example (DataLoader(..., drop_last=True)) or use a batch of at least 2 examples.")
+        if g * values == 1 and n > 1:
+            raise ValueError(
+                f"GhostBatchNorm: ghost_batch_size=1 on inputs of shape (N, C) = {tuple(input.shape)} leaves one "
+                f"value per channel in each ghost batch, which has no batch statistics; choose ghost_batch_size >= 2.")
         if not self._seen_training_batch:
             if n < g:
                 raise ValueError(
@@ -139,34 +158,40 @@ class GhostBatchNorm(_BatchNorm):
     def _ghost_forward(self, input: Tensor) -> Tensor:
         n, c, g = input.shape[0], input.shape[1], self.ghost_batch_size
         k, r = divmod(n, g)  # k full ghost batches, a remainder of r examples
+        if r == 1:  # one example has no batch statistics: it joins the last full chunk (G + 1 examples)
+            k, r = k - 1, g + 1
         spatial = input.shape[2:]
         track = self.track_running_stats and self.running_mean is not None and self.running_var is not None
         stats_dtype = self.running_mean.dtype if track else input.dtype
+        outs: list[Tensor] = []
+        chunk_means: list[Tensor] = []
+        chunk_vars: list[Tensor] = []
 
-        # Full chunks into the channel axis: (k*g, C, *S) -> (k, g, C, *S) -> (g, k, C, *S) -> (g, k*C, *S).
-        head = input[: k * g].reshape(k, g, c, *spatial).transpose(0, 1).reshape(g, k * c, *spatial)
-        weight = self.weight.repeat(k) if self.weight is not None else None
-        bias = self.bias.repeat(k) if self.bias is not None else None
-        # momentum 1 on zero buffers: the kernel writes each chunk's mean and UNBIASED variance into them.
-        means = torch.zeros(k * c, device=input.device, dtype=stats_dtype) if track else None
-        variances = torch.zeros(k * c, device=input.device, dtype=stats_dtype) if track else None
-        out = F.batch_norm(head, means, variances, weight, bias, True, 1.0, self.eps)  # (g, k*C, *S)
-        out = out.reshape(g, k, c, *spatial).transpose(0, 1).reshape(k * g, c, *spatial)
-        chunk_means = [means.view(k, c)] if track else []
-        chunk_vars = [variances.view(k, c)] if track else []
+        if k:  # full chunks into the channel axis: (k*g, C, *S) -> (k, g, C, *S) -> (g, k, C, *S) -> (g, k*C, *S)
+            head = input[: k * g].reshape(k, g, c, *spatial).transpose(0, 1).reshape(g, k * c, *spatial)
+            weight = self.weight.repeat(k) if self.weight is not None else None
+            bias = self.bias.repeat(k) if self.bias is not None else None
+            # momentum 1 on zero buffers: the kernel writes each chunk's mean and UNBIASED variance into them.
+            means = torch.zeros(k * c, device=input.device, dtype=stats_dtype) if track else None
+            variances = torch.zeros(k * c, device=input.device, dtype=stats_dtype) if track else None
+            out = F.batch_norm(head, means, variances, weight, bias, True, 1.0, self.eps)  # (g, k*C, *S)
+            outs.append(out.reshape(g, k, c, *spatial).transpose(0, 1).reshape(k * g, c, *spatial))
+            if track:
+                chunk_means.append(means.view(k, c))
+                chunk_vars.append(variances.view(k, c))
 
-        if r:  # the remainder: its own statistics (like the last chunk of torch.split(input, g))
+        if r:  # the last chunk: a remainder of >= 2 examples, or the last full chunk plus a remainder of one
             rest_mean = torch.zeros(c, device=input.device, dtype=stats_dtype) if track else None
             rest_var = torch.zeros(c, device=input.device, dtype=stats_dtype) if track else None
-            rest = F.batch_norm(input[k * g:], rest_mean, rest_var, self.weight, self.bias, True, 1.0, self.eps)
-            out = torch.cat([out, rest])
+            outs.append(F.batch_norm(input[k * g:], rest_mean, rest_var, self.weight, self.bias, True, 1.0,
+                                     self.eps))  # (r, C, *S)
             if track:
                 chunk_means.append(rest_mean.view(1, c))
                 chunk_vars.append(rest_var.view(1, c))
 
         if track:
             self._update_running_stats(torch.cat(chunk_means), torch.cat(chunk_vars))
-        return out
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     @torch.no_grad()
     def _update_running_stats(self, means: Tensor, variances: Tensor) -> None:
