@@ -22,7 +22,9 @@ class _Sizes(pl.Callback):
 
 
 class _RankGNS(pl.Callback):
-    """B_simple 40 on rank 0, 1000 on rank 1: only rank 0's value may decide."""
+    """B_simple 40 on rank 0, 1000 on rank 1: only rank 0's value may decide (a settled estimate on both)."""
+
+    grad_sq_norm, measured = 1.0, 100
 
     def __init__(self) -> None:
         self.rank = 0
@@ -42,7 +44,7 @@ def schedule_and_adaptive(outdir) -> None:
         BatchSizeSchedule([2], factors=2, interval="step", lr_rule="linear"), sizes]))
     trainer.fit(tiny_module(), datamodule=TinyDataModule(n=64, batch_size=4, shuffle=True))
     adaptive_sizes = _Sizes()
-    controller = AdaptiveBatchSize(max_batch_size=256, every_n_steps=2, start_step=2)
+    controller = AdaptiveBatchSize(max_batch_size=256, every_n_steps=2, start_step=2, max_growth=8.0)
     trainer2 = pl.Trainer(**ddp_trainer_kwargs(max_steps=4, callbacks=[_RankGNS(), controller, adaptive_sizes]))
     trainer2.fit(tiny_module(), datamodule=TinyDataModule(n=64, batch_size=4, shuffle=True))
     dump(outdir, trainer.global_rank, {"schedule_sizes": sizes.sizes, "epoch0_rows": sizes.epoch0_rows,

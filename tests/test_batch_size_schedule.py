@@ -9,6 +9,7 @@ The LR is compared with rel 1e-12 because both sides do the same few float64 mul
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -108,8 +109,17 @@ def test_bad_input():
                    {"max_batch_size": 64, "lr_rule": "cubic"}):
         with pytest.raises(ValueError):
             AdaptiveBatchSize(**kwargs)
+    for kwargs in ({"min_measurements": 0}, {"min_measurements": 2.5}, {"min_measurements": None}):
+        with pytest.raises(ValueError, match="min_measurements"):
+            AdaptiveBatchSize(max_batch_size=64, **kwargs)
+    for bad in (1.0, 0.5, -2.0, math.nan, True, "2"):
+        with pytest.raises(ValueError, match=r"max_growth .* must be a number > 1"):
+            AdaptiveBatchSize(max_batch_size=64, max_growth=bad)
+    AdaptiveBatchSize(max_batch_size=64, max_growth=math.inf)  # no cap
     with pytest.raises(TypeError):
         AdaptiveBatchSize(max_batch_size=64, noise_scale=object())
+    with pytest.raises(TypeError, match="lacks grad_sq_norm, measured"):  # B_simple alone cannot be trusted
+        AdaptiveBatchSize(max_batch_size=64, noise_scale=type("OnlyBSimple", (), {"b_simple": 10.0})())
     with pytest.raises(ValueError, match="GradientNoiseScale"):  # nothing to read B_simple from
         _fit([AdaptiveBatchSize(max_batch_size=64)], max_epochs=1)
     with pytest.raises(ValueError, match="limit_train_batches"):
@@ -212,10 +222,12 @@ def test_ema_half_life_in_samples_follows_the_batch():
 
 # ------------------------------------------------------------------------------------------ adaptive controller
 class _FakeGNS(pl.Callback):
-    """Scripted B_simple: ``script`` maps the first step it holds from to the value."""
+    """Scripted B_simple: ``script`` maps the first step it holds from to the value; one measurement per step and a
+    positive |G|², like a GradientNoiseScale measuring every step."""
 
     def __init__(self, script: dict[int, float]) -> None:
         self.script, self.step = script, 0
+        self.grad_sq_norm = 1.0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.step = trainer.global_step
@@ -223,6 +235,10 @@ class _FakeGNS(pl.Callback):
     @property
     def b_simple(self) -> float:
         return self.script[max(k for k in self.script if k <= self.step)]
+
+    @property
+    def measured(self) -> int:
+        return self.step
 
 
 class _ListLogger(Logger):
@@ -240,28 +256,78 @@ class _ListLogger(Logger):
 
 
 def test_adaptive_follows_scripted_b_simple():
-    # Decisions at steps 2, 4, 6, ...; B_simple: nan (no estimate), 9 (< 1.25 x 8: keep), 20 -> 20,
-    # 23 (< 1.25 x 20: hysteresis keeps 20), 1000 -> capped at max 48.
+    # Decisions at steps 2, 4, 6, ...; max_growth 2 per decision. B_simple: nan (no estimate), 9 (< 1.25 x 8: keep),
+    # 20 -> min(20, 2 x 8) = 16, 23 (>= 1.25 x 16) -> 23, 1000 -> min(60, 2 x 23) = 46, then 60 (max_batch_size,
+    # >= 1.25 x 46), then nothing (60 < 1.25 x 60).
     gns = _FakeGNS({0: math.nan, 3: 9.0, 5: 20.0, 7: 23.0, 9: 1000.0})
-    controller = AdaptiveBatchSize(max_batch_size=48, every_n_steps=2, start_step=2, hysteresis=0.25, lr_rule="linear")
+    controller = AdaptiveBatchSize(max_batch_size=60, every_n_steps=2, start_step=2, hysteresis=0.25, lr_rule="linear",
+                                   min_measurements=2, max_growth=2.0)
     logger = _ListLogger()
     recorder, trainer, _ = _fit([gns, controller], max_epochs=1, n=400, logger=logger, shuffle=False)
     sizes = {step: size for _, step, size, _ in recorder.rows}
     lrs = {step: lr for _, step, _, lr in recorder.rows}
-    expected = {**{s: 8 for s in range(0, 6)}, **{s: 20 for s in range(6, 10)}, **{s: 48 for s in range(10, 14)}}
+    expected = {**{s: 8 for s in range(0, 6)}, 6: 16, 7: 16, 8: 23, 9: 23, 10: 46, 11: 46, 12: 60, 13: 60, 14: 60}
     assert {s: sizes[s] for s in expected} == expected
     for step, size in expected.items():  # linear rule and StepLR(5, 0.5) on top
         assert lrs[step] == pytest.approx(0.05 * size / 8 * 0.5 ** (step // 5), rel=1e-12)
     decisions = [(step, m) for step, m in logger.metrics if "batch_size/target" in m]
     assert [step for step, _ in decisions] == list(range(2, trainer.global_step + 1, 2))
-    assert [m["batch_size/grew"] for _, m in decisions][:5] == [0.0, 0.0, 1.0, 0.0, 1.0]
-    assert [h["global_batch_size"] for h in controller.history] == [8, 20, 48]
-    assert "B_simple" in controller.history[1]["reason"] and "max_batch_size" in controller.history[2]["reason"]
+    assert [m["batch_size/grew"] for _, m in decisions] == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    assert [m["batch_size/gns_measurements"] for _, m in decisions][:3] == [2.0, 4.0, 6.0]
+    assert [h["global_batch_size"] for h in controller.history] == [8, 16, 23, 46, 60]
+    reasons = [h["reason"] for h in controller.history]
+    assert "max_growth=2 x 8" in reasons[1] and "B_simple 23" in reasons[2] and "max_growth=2 x 23" in reasons[3]
+    assert "max_batch_size" in reasons[4]
+
+
+class _Estimate:
+    """A fixed noise-scale estimate (what AdaptiveBatchSize reads from a GradientNoiseScale)."""
+
+    def __init__(self, b_simple: float, grad_sq_norm: float, measured: int) -> None:
+        self.b_simple, self.grad_sq_norm, self.measured = b_simple, grad_sq_norm, measured
+
+
+@pytest.mark.parametrize("b_simple, grad_sq_norm, measured, why", [
+    (math.inf, -0.5, 50, "not finite and positive"),  # the EMA's |G|^2 <= 0: B_simple is inf (pure noise)
+    (math.inf, 0.0, 50, "not finite and positive"),
+    (1000.0, math.nan, 50, "not finite and positive"),
+    (math.inf, 1.0, 50, "no usable B_simple"),
+    (1000.0, 1.0, 9, "9 GNS measurement(s), fewer than min_measurements=10"),  # a settled-looking value too early
+])
+def test_adaptive_takes_no_decision_on_an_untrustworthy_estimate(b_simple, grad_sq_norm, measured, why, caplog):
+    caplog.set_level(logging.INFO)
+    controller = AdaptiveBatchSize(max_batch_size=1024, every_n_steps=1, start_step=1,
+                                   noise_scale=_Estimate(b_simple, grad_sq_norm, measured))
+    logger = _ListLogger()
+    recorder, trainer, _ = _fit([controller], max_epochs=1, n=64, logger=logger, shuffle=False)
+    assert [r[2] for r in recorder.rows] == [8] * 8  # never resized
+    assert [h["reason"] for h in controller.history] == ["start"] and trainer.accumulate_grad_batches == 1
+    decisions = [m for _, m in logger.metrics if "batch_size/target" in m]
+    assert len(decisions) == 8 and all(m["batch_size/grew"] == 0.0 for m in decisions)
+    assert all(math.isnan(m["batch_size/target"]) for m in decisions)
+    assert caplog.text.count("keep global batch 8; reason: ") == 8 and why in caplog.text  # the log says why
+
+
+def test_adaptive_growth_per_decision_is_capped():
+    # B_simple 1e6 (a trusted estimate): every decision at most doubles the global batch, 8 -> 16 -> 32 -> 64 -> 128.
+    controller = AdaptiveBatchSize(max_batch_size=4096, every_n_steps=1, start_step=1, hysteresis=0.0,
+                                   noise_scale=_Estimate(1e6, 1.0, 100))
+    recorder, _, _ = _fit([controller], max_epochs=1, n=256, shuffle=False)
+    assert [r[2] for r in recorder.rows] == [8, 16, 32, 64, 128, 8]  # the pass ends with the 8 examples left
+    grown = [h["global_batch_size"] for h in controller.history]
+    assert grown == [8, 16, 32, 64, 128, 256, 512]  # one decision after each of the 6 steps
+    assert all(b <= 2 * a for a, b in zip(grown, grown[1:]))
+    assert all("max_growth=2" in h["reason"] for h in controller.history[1:])
+    three = AdaptiveBatchSize(max_batch_size=50, every_n_steps=1, start_step=1, hysteresis=0.0, max_growth=3.0,
+                              noise_scale=_Estimate(1e6, 1.0, 100))
+    recorder, _, _ = _fit([three], max_epochs=1, n=64, shuffle=False)
+    assert [h["global_batch_size"] for h in three.history] == [8, 24, 50]  # x3, then max_batch_size
 
 
 def test_adaptive_resume_continues_at_the_grown_batch(tmp_path):
     make = lambda: [_FakeGNS({0: 20.0, 10: 60.0}),  # noqa: E731
-                    AdaptiveBatchSize(max_batch_size=64, every_n_steps=2, start_step=2, lr_rule="sqrt")]
+                    AdaptiveBatchSize(max_batch_size=64, every_n_steps=2, start_step=2, lr_rule="sqrt",
+                                      min_measurements=2, max_growth=2.0)]
     straight, _, module_a = _fit(make(), max_epochs=3, n=128, shuffle=False)
     ckpt = str(tmp_path / "epoch1.ckpt")
     first, _, _ = _fit(make(), max_epochs=1, n=128, shuffle=False, ckpt_out=ckpt)
@@ -269,7 +335,8 @@ def test_adaptive_resume_continues_at_the_grown_batch(tmp_path):
     both = first.rows + resumed.rows
     assert [r[:3] for r in both] == [r[:3] for r in straight.rows]
     assert [r[3] for r in both] == pytest.approx([r[3] for r in straight.rows], rel=1e-12)
-    assert {r[2] for r in straight.rows} >= {8, 20, 60}  # it grew twice, once in each fit of the resumed pair
+    assert {r[2] for r in straight.rows} >= {8, 16, 20, 40, 60}  # 8 -> 16 -> 20 (epoch 0), 40 -> 60 (x2 at most)
+    assert [h["global_batch_size"] for h in trainer.callbacks[1].history] == [8, 16, 20, 40, 60]
     for a, b in zip(module_a.parameters(), module_b.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -277,7 +344,7 @@ def test_adaptive_resume_continues_at_the_grown_batch(tmp_path):
 def test_adaptive_accumulates_beyond_the_memory_limit_from_the_next_epoch():
     gns = _FakeGNS({0: 64.0})
     controller = AdaptiveBatchSize(max_batch_size=64, every_n_steps=2, start_step=2, max_per_device_batch_size=16,
-                                   accumulate=True, lr_rule="none")
+                                   accumulate=True, lr_rule="none", min_measurements=2, max_growth=8.0)
     recorder, trainer, _ = _fit([gns, controller], max_epochs=2, n=128, shuffle=False)
     # Epoch 0: batch 8 for steps 0, 1; then 16 per device at once (accumulation pending) for the other 96 examples
     # (7 steps); epoch 1: 16 x 4 accumulated = global 64: 128 / 64 = 2 steps.

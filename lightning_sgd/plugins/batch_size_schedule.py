@@ -28,7 +28,7 @@ so its memory in examples is unchanged by a batch change.
 
 Both callbacks work with any LightningModule (they touch the DataLoader, the optimizers and the schedulers, never
 the module) under ``pytorch_lightning.Trainer`` or ``lightning.Trainer``. :class:`AdaptiveBatchSize` only reads
-``b_simple`` from a noise-scale estimator.
+``b_simple``, ``grad_sq_norm`` and ``measured`` from a noise-scale estimator.
 
 Limits (checked when training starts): one map-style train DataLoader with automatic batching;
 ``limit_train_batches`` must be 1.0; an integer ``val_check_interval`` stays counted in batches; schedulers or
@@ -370,13 +370,20 @@ class AdaptiveBatchSize(_BatchSizeController):
 
     Every ``every_n_steps`` optimizer steps (from ``start_step``) rank 0 reads the GNS callback's smoothed
     ``b_simple`` and sets the target global batch ``T = min(max_batch_size, target_ratio * B_simple)``. The batch
-    grows to ``T`` only if ``T >= (1 + hysteresis) * B`` (B the current global batch): noise in the estimate does not
-    make it jitter, and it never shrinks (growth replaces LR decay; a shrinking batch would undo it). The new
+    grows only if ``T >= (1 + hysteresis) * B`` (B the current global batch): noise in the estimate does not make it
+    jitter, and it never shrinks (growth replaces LR decay; a shrinking batch would undo it). One decision grows it
+    to ``min(T, max_growth * B)``, so a wild estimate moves it by at most ``max_growth`` per decision. The new
     per-device batch is ``ceil(T / world)`` rounded down to a multiple of ``multiple_of``; above
     ``max_per_device_batch_size`` it is capped there, or, with ``accumulate=True``, split into
     ``k = ceil(T / (world * max_per_device))`` accumulated micro-batches (the accumulation change applies at the
     next epoch start). Every decision, changed or not, is logged (``batch_size/b_simple``, ``batch_size/target``,
-    ``batch_size/grew`` and the sizes) with a log line giving its reason; changes are kept in :attr:`history`.
+    ``batch_size/grew``, ``batch_size/gns_measurements`` and the sizes) with a log line giving its reason; changes
+    are kept in :attr:`history`.
+
+    No decision is taken on an estimate that cannot be trusted yet (the batch is kept and the reason logged): fewer
+    than ``min_measurements`` GNS measurements, a smoothed |G|² (``grad_sq_norm``) that is not finite and positive
+    (B_simple is then ``inf``: noise drowns the gradient, which says nothing about a useful batch size), or a
+    B_simple that is not finite and positive.
 
     Args:
         max_batch_size: largest global batch (all devices and micro-batches).
@@ -388,13 +395,17 @@ class AdaptiveBatchSize(_BatchSizeController):
         accumulate: exceed the per-device limit by gradient accumulation.
         multiple_of: per-device batch granularity (e.g. 8 for tensor cores).
         lr_rule: ``"linear"`` (default), ``"sqrt"`` or ``"none"``.
-        noise_scale: an object with a ``b_simple`` attribute; ``None`` finds the callback in ``trainer.callbacks``.
+        noise_scale: the estimator to read: an object with ``b_simple``, ``grad_sq_norm`` (the smoothed |G|²) and
+            ``measured`` (how many measurements the estimate holds), like :class:`GradientNoiseScale`; ``None``
+            finds the GradientNoiseScale callback in ``trainer.callbacks``.
+        min_measurements: GNS measurements the estimate must hold before any decision (>= 1).
+        max_growth: largest factor by which one decision may grow the global batch (> 1; ``math.inf``: no cap).
     """
 
     def __init__(self, max_batch_size: int, every_n_steps: int = 50, start_step: int | None = None,
                  target_ratio: float = 1.0, hysteresis: float = 0.25, max_per_device_batch_size: int | None = None,
-                 accumulate: bool = False, multiple_of: int = 1, lr_rule: str = "linear", noise_scale: Any = None
-                 ) -> None:
+                 accumulate: bool = False, multiple_of: int = 1, lr_rule: str = "linear", noise_scale: Any = None,
+                 min_measurements: int = 10, max_growth: float = 2.0) -> None:
         super().__init__(lr_rule)
         _positive_int("AdaptiveBatchSize: max_batch_size", max_batch_size)
         _positive_int("AdaptiveBatchSize: every_n_steps", every_n_steps)
@@ -403,20 +414,26 @@ class AdaptiveBatchSize(_BatchSizeController):
         if max_per_device_batch_size is not None:
             _positive_int("AdaptiveBatchSize: max_per_device_batch_size", max_per_device_batch_size)
         _positive_int("AdaptiveBatchSize: multiple_of", multiple_of)
+        _positive_int("AdaptiveBatchSize: min_measurements (GNS measurements before the first decision)",
+                      min_measurements)
         if not (target_ratio > 0 and math.isfinite(target_ratio)):
             raise ValueError(f"AdaptiveBatchSize: target_ratio must be finite and > 0, got {target_ratio}.")
         if not (hysteresis >= 0 and math.isfinite(hysteresis)):
             raise ValueError(f"AdaptiveBatchSize: hysteresis must be finite and >= 0, got {hysteresis}.")
+        if isinstance(max_growth, bool) or not isinstance(max_growth, (int, float)) or not max_growth > 1:
+            raise ValueError(f"AdaptiveBatchSize: max_growth (largest growth factor of the global batch per decision) "
+                             f"must be a number > 1, e.g. 2.0 (math.inf: no cap), got {max_growth!r}.")
         if accumulate and max_per_device_batch_size is None:
             raise ValueError("AdaptiveBatchSize: accumulate=True needs max_per_device_batch_size (the memory limit "
                              "beyond which micro-batches are accumulated).")
-        if noise_scale is not None and not hasattr(noise_scale, "b_simple"):
-            raise TypeError("AdaptiveBatchSize: noise_scale must have a b_simple attribute (a GradientNoiseScale).")
+        if noise_scale is not None:
+            _check_noise_scale(noise_scale, "noise_scale", TypeError)
         self.max_batch_size, self.every_n_steps = max_batch_size, every_n_steps
         self.start_step = every_n_steps if start_step is None else start_step
         self.target_ratio, self.hysteresis = target_ratio, hysteresis
         self.max_per_device_batch_size, self.allow_accumulation = max_per_device_batch_size, accumulate
         self.multiple_of = multiple_of
+        self.min_measurements, self.max_growth = min_measurements, float(max_growth)
         self.noise_scale = noise_scale
         self._source: Any = None
 
@@ -431,14 +448,31 @@ class AdaptiveBatchSize(_BatchSizeController):
             if not candidates:
                 raise ValueError("AdaptiveBatchSize: no GradientNoiseScale in trainer.callbacks; add one (e.g. "
                                  "lightning_sgd.callbacks.GradientNoiseScale()) or pass noise_scale=...")
-            self._source = candidates[0]
+            self._source = _check_noise_scale(candidates[0], f"the callback {type(candidates[0]).__name__}",
+                                              ValueError)
 
-    def _read_b_simple(self) -> float:
-        try:
-            value = float(self._source.b_simple)
-        except (AttributeError, TypeError, ValueError, ZeroDivisionError):
-            return math.nan
-        return value
+    def _read_estimate(self) -> tuple[float, float, int]:
+        """``(b_simple, grad_sq_norm, measured)`` of the source; NaN / 0 for what cannot be read."""
+        values: list[float] = []
+        for name in ("b_simple", "grad_sq_norm", "measured"):
+            try:
+                values.append(float(getattr(self._source, name)))
+            except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+                values.append(math.nan)
+        measured = int(values[2]) if math.isfinite(values[2]) else 0
+        return values[0], values[1], measured
+
+    def _untrusted(self, b_simple: float, grad_sq_norm: float, measured: int) -> str:
+        """Why the estimate cannot drive a decision yet (``""``: it can)."""
+        if measured < self.min_measurements:
+            return (f"B_simple not trusted yet: {measured} GNS measurement(s), fewer than min_measurements="
+                    f"{self.min_measurements}")
+        if not (math.isfinite(grad_sq_norm) and grad_sq_norm > 0):
+            return (f"B_simple not trusted: the smoothed |G|^2 is {grad_sq_norm:.4g}, not finite and positive (noise "
+                    f"drowns the gradient; B_simple {b_simple:.4g} is no batch-size estimate)")
+        if not (math.isfinite(b_simple) and b_simple > 0):
+            return f"no usable B_simple estimate ({b_simple:.4g})"
+        return ""
 
     @override
     def _propose(self, trainer: pl.Trainer, pl_module: pl.LightningModule, boundary: str
@@ -448,30 +482,49 @@ class AdaptiveBatchSize(_BatchSizeController):
             return None
         assert self.batch_size is not None and self.accumulate is not None
         world, current = trainer.world_size, self.global_batch_size(trainer)
-        b_simple = self._read_b_simple()
-        b_simple = trainer.strategy.broadcast(b_simple, src=0)  # rank 0's estimate decides
-        target = min(self.max_batch_size, self.target_ratio * b_simple) if b_simple > 0 else math.nan
-        proposal, reason = None, ""
-        if not math.isfinite(target):
-            reason = f"no usable B_simple estimate yet ({b_simple:.4g})"
-        elif target < (1 + self.hysteresis) * current:
-            reason = (f"target {target:.4g} (B_simple {b_simple:.4g}) below (1 + {self.hysteresis:g}) x current "
-                      f"global batch {current}")
-        else:
+        # rank 0's estimate decides
+        b_simple, grad_sq_norm, measured = trainer.strategy.broadcast(self._read_estimate(), src=0)
+        proposal, target = None, math.nan
+        reason = self._untrusted(b_simple, grad_sq_norm, measured)
+        if not reason:
+            target = min(self.max_batch_size, self.target_ratio * b_simple)
+            if target < (1 + self.hysteresis) * current:
+                reason = (f"target {target:.4g} (B_simple {b_simple:.4g}) below (1 + {self.hysteresis:g}) x current "
+                          f"global batch {current}")
+        if not reason:
+            wanted = min(target, self.max_growth * current)
             per_device, accumulate, note = split_global_batch(
-                math.floor(target), world, self.max_per_device_batch_size, self.allow_accumulation)
+                math.floor(wanted), world, self.max_per_device_batch_size, self.allow_accumulation)
             per_device = max(self.multiple_of, per_device // self.multiple_of * self.multiple_of)
             if per_device * world * accumulate <= current:
-                reason = (f"target {target:.4g} rounds to no growth (multiple_of={self.multiple_of}, "
+                reason = (f"target {wanted:.4g} rounds to no growth (multiple_of={self.multiple_of}, "
                           f"{note or 'no limit'})")
             else:
-                capped = " (max_batch_size)" if target == self.max_batch_size else ""
+                if wanted < target:
+                    capped = f" capped at max_growth={self.max_growth:g} x {current} = {wanted:.4g}"
+                elif target == self.max_batch_size:
+                    capped = " (max_batch_size)"
+                else:
+                    capped = ""
                 reason = f"grow towards B_simple {b_simple:.4g} x {self.target_ratio:g} = target {target:.4g}{capped}"
                 reason += f"; {note}" if note else ""
                 proposal = (per_device, accumulate, reason)
         grew = proposal is not None
         self._log(trainer, {"batch_size/b_simple": b_simple, "batch_size/target": target, "batch_size/grew": grew,
-                            "batch_size/global": current})
+                            "batch_size/global": current, "batch_size/gns_measurements": measured})
         if not grew:
             rank_zero_info(f"AdaptiveBatchSize: step {step}: keep global batch {current}; reason: {reason}")
         return proposal
+
+
+_ESTIMATE_ATTRIBUTES = ("b_simple", "grad_sq_norm", "measured")
+
+
+def _check_noise_scale(source: Any, what: str, error: type[Exception]) -> Any:
+    """``source`` if it exposes what AdaptiveBatchSize reads; else ``error`` naming what is missing."""
+    missing = [name for name in _ESTIMATE_ATTRIBUTES if not hasattr(source, name)]
+    if missing:
+        raise error(f"AdaptiveBatchSize: {what} lacks {', '.join(missing)}; the noise-scale source must expose "
+                    f"b_simple, grad_sq_norm (the smoothed |G|^2) and measured (the number of measurements), as "
+                    f"lightning_sgd.callbacks.GradientNoiseScale does.")
+    return source
