@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sgd.bootstrap import ChunkedStream
-from lightning_sgd.data.mnist1d import NUM_CLASSES, SEQUENCE_LENGTH, generate_mnist1d
+from lightning_sgd.data.mnist1d import NUM_CLASSES, SEQUENCE_LENGTH, generate_mnist1d, read_mnist1d_cache
 
 _SPLITS = ("train", "val", "test")
 _CACHE_VERSION = 1  # bump when the generator or normalization changes
@@ -108,8 +108,7 @@ class MNIST1DDataModule(pl.LightningDataModule):
         key = hashlib.sha1(f"v{_CACHE_VERSION}-{num_samples}-{seed}".encode()).hexdigest()[:16]
         path = self.cache_dir / f"{split}-{num_samples}-{key}.pt"
         if path.exists():
-            x, y = torch.load(path)
-            return x, y
+            return read_mnist1d_cache(path, num_samples)
         x, y = generate_mnist1d(num_samples, seed)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         # unique temporary name + atomic rename: a killed run never leaves a truncated file, and processes that
