@@ -6,6 +6,11 @@ Training crops follow He et al. / Goyal et al.: a random crop of 8%-100% of the 
 resized to ``image_size``, flipped with probability 1/2; evaluation resizes the short side to
 ``image_size * 256 / 224`` and takes the central ``image_size`` crop. Images come out as uint8 ``(3, S, S)``
 tensors; the DataModule normalizes them on the device.
+
+Listing refuses a validation class folder that the training split does not have (its images would be dropped) and
+more class folders than the model has classes; an image that cannot be decoded raises
+:class:`~lightning_sgd.data.errors.DataFileError` naming it when the loader reaches it (decoding 1.28M images up
+front would take longer than an epoch).
 """
 
 from __future__ import annotations
@@ -18,15 +23,24 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lightning_sgd.data.errors import bad_file, redownload
+
 EXTENSIONS = (".jpeg", ".jpg", ".png", ".ppm", ".bmp", ".webp")
 SOURCE = "https://image-net.org/download-images.php (ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar)"
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+IMAGE_FORMAT = f"an image Pillow decodes ({', '.join(EXTENSIONS)})"
+LAYOUT = "<root>/{train,val}/<wnid>/*.JPEG, the validation images sorted into the training split's class folders"
 
 
-def list_image_folder(root: str | Path, split: str, classes: list[str] | None = None
-                      ) -> tuple[list[tuple[Path, int]], list[str]]:
-    """``(path, class id)`` for every image under ``root/split/<class>/`` and the class names."""
+def list_image_folder(root: str | Path, split: str, classes: list[str] | None = None,
+                      num_classes: int | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
+    """``(path, class id)`` for every image under ``root/split/<class>/`` and the class names.
+
+    ``classes`` (the training split's, when listing ``val``) fixes the ids; a class folder outside it is refused,
+    as is a split with more than ``num_classes`` class folders (the model's output count), since either would
+    give labels the model cannot score.
+    """
     folder = Path(root) / split
     if not folder.is_dir():
         raise FileNotFoundError(
@@ -34,8 +48,20 @@ def list_image_folder(root: str | Path, split: str, classes: list[str] | None = 
             f"/<wnid>/*.JPEG; {folder} does not exist. Download {SOURCE}, unpack both tars into that layout and "
             "pass --data.init_args.root=<that folder>."
         )
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir())
     if classes is None:
-        classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+        classes = found
+    known = set(classes)
+    unknown = [name for name in found if name not in known]
+    if unknown:
+        raise bad_file(folder, f"has class folders the training split lacks: {', '.join(unknown[:5])}"
+                       + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""), LAYOUT,
+                       f"Sort the {split} images into the training class folders (e.g. with valprep.sh) or remove "
+                       "the stray folders.")
+    if num_classes is not None and len(classes) > num_classes:
+        raise bad_file(folder, f"has {len(classes)} class folders, so labels reach {len(classes) - 1}",
+                       f"at most num_classes={num_classes} class folders",
+                       "Remove the extra folders or raise num_classes to match.")
     index = {c: i for i, c in enumerate(classes)}
     samples = [
         (p, index[d.name])
@@ -90,8 +116,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         path, label = self.samples[index]
-        with Image.open(path) as raw:
-            image = raw.convert("RGB")
+        try:
+            with Image.open(path) as raw:
+                image = raw.convert("RGB")
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # truncated, corrupt, foreign
+            raise bad_file(path, f"cannot be decoded ({type(err).__name__}: {err})", IMAGE_FORMAT,
+                           redownload(SOURCE)) from err
         if self.train:
             image = random_resized_crop(image, self.image_size, self._rng)
             if self._rng.random() < 0.5:
