@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lightning_sgd.nqm import _checks as check
 from lightning_sgd.nqm.models import NQM, InterpolationModel
+from lightning_sgd.nqm.search import check_target
 
 __all__ = [
     "StepsResult",
@@ -26,12 +28,17 @@ Tunable = float | str | np.ndarray | list | None
 
 def make_model(model: str | NQM | InterpolationModel | None = None, *, dim: int = 10_000, bins: int | None = 100,
                **kwargs):
-    """``"nqm"`` (default) or ``"interpolation"``, or pass a model instance through."""
+    """``"nqm"`` (default) or ``"interpolation"``, or pass a model instance through (then without model kwargs)."""
     if model is None or model == "nqm":
         return NQM(dim, bins, **kwargs)
     if model == "interpolation":
         return InterpolationModel(dim, bins, **kwargs)
     if isinstance(model, (NQM, InterpolationModel)):
+        if kwargs:
+            raise ValueError(f"model is an instance, so {sorted(kwargs)} would be ignored: set them when building "
+                             f"it, or pass model='nqm'/'interpolation'.")
+        check.integer("dim", dim)
+        check.optional_integer("bins", bins)
         return model
     raise ValueError(f"unknown model {model!r}: use 'nqm', 'interpolation' or an NQM/InterpolationModel")
 
@@ -39,6 +46,9 @@ def make_model(model: str | NQM | InterpolationModel | None = None, *, dim: int 
 def default_lr_grid(max_curvature: float, *, kind: str = "sgd", n: int | None = None) -> np.ndarray:
     """Log-spaced learning rates: α h̃₁ ∈ [1e-7, 2) for SGD/EMA (2/h̃₁ is the stability limit), and effective
     rates α/(1 − β) ∈ [1e-7, 4000)/h̃₁ for momentum (stable up to 2(1 + β)/(1 − β))."""
+    max_curvature = check.real("max_curvature", max_curvature, check.POSITIVE)
+    check.choice("kind", kind, ("sgd", "momentum", "ema"))
+    n = check.optional_integer("n", n)
     if kind == "momentum":
         n = n or 300
         return np.logspace(-7, np.log10(4000.0), n) / max_curvature
@@ -48,11 +58,13 @@ def default_lr_grid(max_curvature: float, *, kind: str = "sgd", n: int | None = 
 
 def default_momentum_grid(n: int = 24) -> np.ndarray:
     """β with 1 − β log-spaced in [1e-4, 1] (β = 0, plain SGD, included)."""
+    check.integer("n", n)
     return 1.0 - np.logspace(0, -4, n)
 
 
 def default_ema_grid(n: int = 28) -> np.ndarray:
     """γ with 1 − γ log-spaced in [1e-7, 1] (γ = 0, no averaging, included)."""
+    check.integer("n", n)
     return 1.0 - np.logspace(0, -7, n)
 
 
@@ -109,15 +121,18 @@ def steps_to_target(
 ) -> StepsResult:
     """Fewest steps to reach expected risk ``target`` at each batch size, minimised over the hyper-parameters.
 
+    Every argument is checked before any search (TypeError/ValueError naming it).
+
     Args:
-        batch_size: scalar or array of batch sizes.
+        batch_size: scalar or array of batch sizes, finite and > 0 (the NQM's B divides its gradient noise, so a
+            fractional B is a model batch size as good as any: the fit of :mod:`~lightning_sgd.nqm.fit` uses them).
         optimizer: ``"sgd"``, ``"momentum"`` (same as ``momentum="tune"``) or ``"ema"`` (``ema="tune"``).
-        precondition_power: p of the preconditioner P = H^p (0 = SGD, 1 = Newton; Adam-like ≈ 0.5).
-        momentum: heavy-ball β: None (not used), a number (fixed), an array (grid) or ``"tune"``
+        precondition_power: p ∈ [0, 1] of the preconditioner P = H^p (0 = SGD, 1 = Newton; Adam-like ≈ 0.5).
+        momentum: heavy-ball β ∈ [0, 1): None (not used), a number (fixed), an array (grid) or ``"tune"``
             (:func:`default_momentum_grid`). The lr grid is then a grid of effective rates α/(1 − β).
-        ema: EMA coefficient γ of the iterates (eq. 11): None, a number, an array or ``"tune"``.
-        lr: ``"tune"`` (:func:`default_lr_grid`, ≥ 200 values), a number (fixed) or an array (grid).
-        target: the risk threshold (paper: 0.01).
+        ema: EMA coefficient γ ∈ [0, 1) of the iterates (eq. 11): None, a number, an array or ``"tune"``.
+        lr: ``"tune"`` (:func:`default_lr_grid`, ≥ 200 values), a number > 0 (fixed) or an array (grid).
+        target: the risk threshold (paper: 0.01), > 0 and below the model's initial risk.
         dim, bins, model_kwargs: the model (default the paper's NQM; ``model="interpolation"`` for the
             stochastic-linear-regression counterpart).
         exhaustive: check every grid point (exact grid minimum) instead of the coarse-to-fine search.
@@ -129,16 +144,23 @@ def steps_to_target(
     >>> bool(r.steps[0] > 100 * r.steps[1])
     True
     """
+    bs = np.atleast_1d(check.reals("batch_size", batch_size, check.POSITIVE))
+    check.choice("optimizer", optimizer, ("sgd", "momentum", "ema"))
+    check.power(precondition_power)
+    check.tunable("momentum", momentum, check.UNIT_OPEN)
+    check.tunable("ema", ema, check.UNIT_OPEN)
+    check.tunable("lr", lr, check.POSITIVE, allow_none=False)
+    check.real("target", target, check.POSITIVE)
+    check.flag("exhaustive", exhaustive)
+    check.flag("warn_edges", warn_edges)
     mdl = make_model(model, dim=dim, bins=bins, **model_kwargs)
+    check_target(mdl.spectrum, target)
     if optimizer == "momentum" and momentum is None:
         momentum = "tune"
     elif optimizer == "ema" and ema is None:
         ema = "tune"
-    elif optimizer not in ("sgd", "momentum", "ema"):
-        raise ValueError(f"optimizer must be 'sgd', 'momentum' or 'ema', got {optimizer!r}")
     if momentum is not None and ema is not None:
         raise ValueError("momentum and ema together are not modelled; pick one")
-    bs = np.atleast_1d(np.asarray(batch_size, float))
     kind = "momentum" if momentum is not None else "ema" if ema is not None else "sgd"
     aux = _grid(momentum, default_momentum_grid()) if kind == "momentum" else _grid(ema, default_ema_grid())
     h1 = mdl.max_curvature(precondition_power)
@@ -185,10 +207,12 @@ def optimal_lr(batch_size, **kwargs) -> np.ndarray:
 
 
 def lower_bound_steps(batch_size, target: float = 0.01, dim: int = 10_000) -> np.ndarray:
-    """Information-theoretic lower bound (seed 003, section 3.6): with C = H the NQM is Gaussian mean
+    """Information-theoretic lower bound (Zhang et al. 2019, section 3.6): with C = H the NQM is Gaussian mean
     estimation, whose best risk after N examples is d/(2N); so N ≥ d/(2·target) examples, i.e.
     d/(2·target·B) steps at batch size B (at least one step)."""
-    bs = np.asarray(batch_size, float)
+    bs = check.reals("batch_size", batch_size, check.POSITIVE)
+    target = check.real("target", target, check.POSITIVE)
+    dim = check.integer("dim", dim)
     return np.maximum(dim / (2.0 * target * bs), 1.0)
 
 

@@ -1,6 +1,7 @@
 """Exact expected risk of the noisy quadratic model (NQM) for SGD, heavy-ball momentum, P = H^p and EMA.
 
-Zhang et al. 2019 (seed 003, section 3 and App. B-D); Grosse, CSC 2541 lecture 7 (seed 000).
+Zhang et al. 2019, "Which algorithmic choices matter at which batch sizes?" (section 3 and App. B-D);
+Grosse, CSC 2541 lecture 7.
 
 The loss is L(θ) = ½ Σ_i h_i θ_i², a gradient query is g = Hθ + ε with Cov(ε) = C/B, C diagonal. Every
 optimizer considered here acts on each eigen-direction independently, and in each direction it is a linear
@@ -35,6 +36,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lightning_sgd.nqm import _checks as check
+
 __all__ = [
     "Spectrum",
     "make_spectrum",
@@ -60,6 +63,15 @@ class Spectrum:
     n: np.ndarray  # (k,) number of eigen-directions in each bin
     init: np.ndarray  # (k,) E[θ(0)²] of each direction in the bin
 
+    def __post_init__(self):
+        ranges = {"h": check.POSITIVE, "c": check.NON_NEGATIVE, "n": check.POSITIVE, "init": check.NON_NEGATIVE}
+        arrays = {name: check.reals(f"Spectrum.{name}", getattr(self, name), rng) for name, rng in ranges.items()}
+        if any(a.ndim != 1 or a.shape != arrays["h"].shape for a in arrays.values()):
+            shapes = ", ".join(f"{k} {a.shape}" for k, a in arrays.items())
+            raise ValueError(f"Spectrum: h, c, n and init must be 1-D arrays of one length, got {shapes}.")
+        for name, a in arrays.items():
+            object.__setattr__(self, name, a)
+
     @property
     def dim(self) -> int:
         return int(round(float(self.n.sum())))
@@ -70,6 +82,8 @@ class Spectrum:
 
     def scaled(self, *, noise: float = 1.0, curvature: float = 1.0) -> Spectrum:
         """The same spectrum with C multiplied by ``noise`` and H (and C with it) by ``curvature``."""
+        noise = check.real("noise", noise, check.NON_NEGATIVE)
+        curvature = check.real("curvature", curvature, check.POSITIVE)
         return Spectrum(self.h * curvature, self.c * noise * curvature, self.n, self.init)
 
 
@@ -86,17 +100,23 @@ def make_spectrum(
     """The paper's NQM spectrum, or any other one, quantized into ``bins`` log-spaced curvature bins.
 
     Defaults: h_i = 1/i for i = 1..``dim`` (``decay`` gives h_i = i^-decay), C = ``noise_scale`` · H,
-    θ(0) ~ N(0, ``init_var`` I), 100 bins (seed 003, section 3.7). Pass ``h`` (and optionally ``c``, e.g. a
+    θ(0) ~ N(0, ``init_var`` I), 100 bins (Zhang et al. 2019, section 3.7). Pass ``h`` (and optionally ``c``, e.g. a
     measured Hessian spectrum and gradient variances) to use your own. ``bins=None`` keeps every direction.
     Each bin's h, c and init are the means over its members, so tr(H), tr(C) and the initial risk are exact.
     """
+    dim = check.integer("dim", dim)
+    bins = check.optional_integer("bins", bins)
+    decay = check.real("decay", decay, check.NON_NEGATIVE)
+    noise_scale = check.real("noise_scale", noise_scale, check.NON_NEGATIVE)
     if h is None:
-        h = np.arange(1, dim + 1, dtype=float) ** (-float(decay))
-    h = np.asarray(h, dtype=float).ravel()
-    if np.any(h <= 0):
-        raise ValueError("curvatures h must be positive (drop the null space: it never moves)")
-    c = noise_scale * h if c is None else np.broadcast_to(np.asarray(c, dtype=float), h.shape).ravel()
-    init = np.broadcast_to(np.asarray(init_var, dtype=float), h.shape).ravel()
+        h = np.arange(1, dim + 1, dtype=float) ** (-decay)
+    else:
+        try:
+            h = check.reals("h", h).ravel()
+        except ValueError as err:
+            raise ValueError(f"{err} Curvatures must be positive: drop the null space, it never moves.") from None
+    c = noise_scale * h if c is None else _per_direction("c", c, h.shape, check.NON_NEGATIVE)
+    init = _per_direction("init_var", init_var, h.shape, check.NON_NEGATIVE)
     if bins is None or bins >= h.size:
         return Spectrum(h.copy(), c.copy(), np.ones_like(h), init.copy())
     logh = np.log(h)
@@ -110,6 +130,29 @@ def make_spectrum(
         return (np.bincount(idx, weights=x, minlength=bins)[keep]) / n[keep]
 
     return Spectrum(mean(h), mean(c), n[keep], mean(init))
+
+
+def _per_direction(name: str, value, shape: tuple, rng: check.Range) -> np.ndarray:
+    """A scalar or per-direction array broadcast to the spectrum's ``shape``."""
+    arr = check.reals(name, value, rng)
+    try:
+        return np.broadcast_to(arr, shape).ravel()
+    except ValueError:
+        raise ValueError(f"{name} has shape {arr.shape}: give a scalar or one value per direction {shape}.") from None
+
+
+def _check_spectrum(spec) -> None:
+    if not isinstance(spec, Spectrum):
+        raise TypeError(f"spec must be a Spectrum (see make_spectrum), got {type(spec).__name__}.")
+
+
+def _check_constant_lr(spec, lr, batch_size, precondition_power, momentum, ema) -> None:
+    """Arguments of the constant-learning-rate closed forms."""
+    _check_spectrum(spec)
+    check.reals("lr", lr, check.POSITIVE)
+    check.reals("batch_size", batch_size, check.POSITIVE)
+    check.power(precondition_power)
+    check.momentum_ema(momentum, ema)
 
 
 def _int_power_sign(sign: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -219,6 +262,8 @@ def expected_risk(
     ema=None,
 ) -> np.ndarray:
     """Exact E[L(θ_out(t))] at constant learning rate; lr, batch_size, steps, momentum/ema broadcast together."""
+    _check_constant_lr(spec, lr, batch_size, precondition_power, momentum, ema)
+    check.whole("steps", steps)
     h_tilde, sigma2, weight = _direction_terms(spec, precondition_power)
     lr = np.asarray(lr, float)[..., None]
     bs = np.asarray(batch_size, float)[..., None]
@@ -232,6 +277,7 @@ def expected_risk(
 
 def steady_state_risk(spec: Spectrum, lr, batch_size, *, precondition_power=0.0, momentum=None, ema=None):
     """lim_{t→∞} of :func:`expected_risk` (inf when unstable)."""
+    _check_constant_lr(spec, lr, batch_size, precondition_power, momentum, ema)
     h_tilde, sigma2, weight = _direction_terms(spec, precondition_power)
     lr = np.asarray(lr, float)[..., None]
     bs = np.asarray(batch_size, float)[..., None]
@@ -242,6 +288,13 @@ def steady_state_risk(spec: Spectrum, lr, batch_size, *, precondition_power=0.0,
     with np.errstate(invalid="ignore"):
         out = np.sum(weight * np.where(stable, nu * lr * lr * sigma2 / bs * s_inf, np.inf), axis=-1)
     return out
+
+
+def _per_step_batch_size(batch_size, T: int) -> np.ndarray:
+    bs = check.reals("batch_size", batch_size, check.POSITIVE)
+    if bs.ndim > 1 or bs.size not in (1, T):
+        raise ValueError(f"batch_size must be a scalar or one value per step ({T}), got shape {bs.shape}.")
+    return np.broadcast_to(bs.reshape(-1), (T,))
 
 
 def simulate_schedule(
@@ -257,17 +310,19 @@ def simulate_schedule(
 
     ``lrs`` has shape (T,) or (..., T) (a batch of schedules); ``batch_size`` may be a scalar or per-step (T,)
     array. Returns the risk at t = 0..T, shape (..., T+1). The state is the 2×2 second-moment matrix of
-    (θ, m) for momentum (App. B, eq. 21) or (θ, θ̃) for EMA (App. D, eq. 38), a scalar for SGD.
+    (θ, m) for momentum (App. B, eq. 21) or (θ, θ̃) for EMA (App. D, eq. 38), a scalar for SGD. A step with
+    learning rate 0 does not move θ (the schedule's entries are ≥ 0; momentum and EMA are scalars here).
     """
-    lrs = np.asarray(lrs, float)
+    _check_spectrum(spec)
+    lrs = check.reals("lrs", lrs, check.NON_NEGATIVE, scalar_ok=False)
+    check.power(precondition_power)
+    check.momentum_ema(momentum, ema, scalar=True)
     T = lrs.shape[-1]
-    bs = np.broadcast_to(np.asarray(batch_size, float), (T,))
+    bs = _per_step_batch_size(batch_size, T)
     h_tilde, sigma2, weight = _direction_terms(spec, precondition_power)
     shape = lrs.shape[:-1] + h_tilde.shape
     # second moments of (x, y): xx, yy, xy; x = θ, y = m (momentum) or θ̃ (EMA)
     xx = np.broadcast_to(spec.init, shape).copy()
-    if momentum is not None and ema is not None:
-        raise ValueError("momentum and ema together are not modelled; pick one")
     if momentum is not None:
         yy, xy = np.zeros(shape), np.zeros(shape)
     elif ema is not None:

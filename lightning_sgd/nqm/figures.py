@@ -1,4 +1,4 @@
-"""The NQM figures of Zhang et al. 2019 (seed 003): 3a, 3b(+3c), 4, 13 and 14, as PNG + CSV.
+"""The NQM figures of Zhang et al. 2019: 3a, 3b(+3c), 4, 13 and 14, as PNG + CSV.
 
 Each ``figure_*`` function computes the data (a list of row dicts), writes ``<out>/nqm_fig<id>.csv`` and
 ``<out>/nqm_fig<id>.png``, and returns the rows. :func:`make_figures` runs a selection of them.
@@ -6,13 +6,14 @@ Each ``figure_*`` function computes the data (a list of row dicts), writes ``<ou
 
 from __future__ import annotations
 
-import csv
 import os
 import time
 from collections.abc import Iterable
 
 import numpy as np
 
+from lightning_sgd.nqm import _checks as check
+from lightning_sgd.nqm._files import atomic_write, write_csv
 from lightning_sgd.nqm.api import lower_bound_steps, steps_to_target
 from lightning_sgd.nqm.core import make_spectrum
 from lightning_sgd.nqm.schedules import optimize_piecewise_constant
@@ -32,15 +33,12 @@ def _plt():
     return plt
 
 
-def _write_csv(path: str, rows: list[dict]) -> None:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in keys})
+def _check_args(out, quick, target=None) -> None:
+    """The common figure arguments, checked (and the folder created) before any figure data is computed."""
+    check.flag("quick", quick)
+    if target is not None:
+        check.real("target", target)
+    os.makedirs(check.path("out", out), exist_ok=True)
 
 
 def _batch_sizes(quick: bool) -> np.ndarray:
@@ -63,6 +61,7 @@ def _rows(result, **extra) -> list[dict]:
 def _versus_plain_sgd(out: str, name: str, variant: str, label: str, variant_kwargs: dict, *, quick: bool,
                       target: float) -> list[dict]:
     """Steps to target vs batch size per preconditioning power: plain SGD (dashed) against ``variant`` (solid)."""
+    _check_args(out, quick, target)
     plt = _plt()
     bs = _batch_sizes(quick)
     rows: list[dict] = []
@@ -89,6 +88,8 @@ def figure_3a(out: str, *, quick: bool = False, target: float = 0.01) -> list[di
 
 def figure_3b(out: str, *, quick: bool = False, target: float = 0.01, pieces: int = 50) -> list[dict]:
     """(b) optimized piecewise-constant schedules (solid) vs fixed LR (dashed); (c) the schedules for power 0."""
+    check.integer("pieces", pieces)
+    _check_args(out, quick, target)
     plt = _plt()
     spec = make_spectrum()
     bs = 2.0 ** np.arange(0, 21, 4 if quick else 2)
@@ -136,6 +137,8 @@ def figure_4(out: str, *, quick: bool = False, target: float = 0.01) -> list[dic
 
 def figure_13(out: str, *, quick: bool = False, targets=(0.1, 0.03, 0.01, 0.003, 0.001)) -> list[dict]:
     """Steps vs batch size for several loss thresholds (plain SGD, fixed tuned LR; App. E.5)."""
+    targets = check.reals("targets", targets).ravel().tolist()
+    _check_args(out, quick)
     plt = _plt()
     bs = 2.0 ** np.arange(0, 23, 2 if quick else 1)
     rows: list[dict] = []
@@ -153,6 +156,7 @@ def figure_13(out: str, *, quick: bool = False, targets=(0.1, 0.03, 0.01, 0.003,
 
 def figure_14(out: str, *, quick: bool = False, target: float = 0.01) -> list[dict]:
     """Optimal (effective) LR vs batch size: (a) no momentum, (b) β = 0.9, (c) tuned β; dashed = (a)."""
+    _check_args(out, quick, target)
     plt = _plt()
     bs = 2.0 ** np.arange(0, 23, 2 if quick else 1)
     rows: list[dict] = []
@@ -175,25 +179,42 @@ def figure_14(out: str, *, quick: bool = False, target: float = 0.01) -> list[di
     return rows
 
 
-def _save(fig, out: str, name: str, rows: list[dict]) -> None:
-    os.makedirs(out, exist_ok=True)
+def save_png(fig, path: str, dpi: int = 120) -> None:
+    """``fig`` as a PNG at ``path``, written atomically, then closed."""
     fig.tight_layout()
-    fig.savefig(os.path.join(out, f"nqm_fig{name}.png"), dpi=120)
-    _write_csv(os.path.join(out, f"nqm_fig{name}.csv"), rows)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def _save(fig, out: str, name: str, rows: list[dict]) -> None:
+    os.makedirs(out, exist_ok=True)
+    write_csv(os.path.join(out, f"nqm_fig{name}.csv"), rows)
+    save_png(fig, os.path.join(out, f"nqm_fig{name}.png"))
 
 
 FIGURES = {"3a": figure_3a, "3b": figure_3b, "4": figure_4, "13": figure_13, "14": figure_14}
 
 
 def make_figures(out: str, which: Iterable[str] = tuple(FIGURES), *, quick: bool = False, log=print) -> dict:
-    """Write the selected figures (PNG + CSV) to ``out``; returns {id: seconds taken}."""
+    """Write the selected figures (PNG + CSV) to ``out``; returns {id: seconds taken}.
+
+    The ids and the output folder are checked (and the folder created) before the first figure is computed.
+    """
+    out = check.path("out", out)
+    which = [which] if isinstance(which, str) else list(which)
+    unknown = [name for name in which if name not in FIGURES]
+    if unknown or not which:
+        raise ValueError(f"which: unknown figure(s) {unknown}; choose from {sorted(FIGURES)}" if unknown else
+                         f"which is empty; choose from {sorted(FIGURES)}")
+    check.flag("quick", quick)
+    if log is not None and not callable(log):
+        raise TypeError(f"log must be a callable (e.g. print) or None, got {log!r}.")
+    os.makedirs(out, exist_ok=True)
     took = {}
     for name in which:
-        if name not in FIGURES:
-            raise ValueError(f"unknown figure {name!r}; choose from {sorted(FIGURES)}")
         t0 = time.perf_counter()
         FIGURES[name](out, quick=quick)
         took[name] = time.perf_counter() - t0

@@ -1,8 +1,8 @@
-"""The two stochastic-optimization models of seed 000, behind one interface.
+"""The two stochastic-optimization models of Grosse's CSC 2541 lecture 7, behind one interface.
 
 - :class:`NQM` (online learning / noisy quadratic): gradient noise independent of θ, so a fixed learning rate
-  has a noise floor and the best possible risk decays like d/2N (Zhang et al. 2019, seed 003, section 3).
-- :class:`InterpolationModel` (stochastic linear regression with clean labels, seed 000 "Stochastic Linear
+  has a noise floor and the best possible risk decays like d/2N (Zhang et al. 2019, section 3).
+- :class:`InterpolationModel` (stochastic linear regression with clean labels, the lecture's "Stochastic Linear
   Regression"): the noise comes only from which examples are in the batch, vanishes at the optimum, and SGD
   converges exponentially at a fixed learning rate (randomized Kaczmarz; Ma et al. 2018).
 
@@ -14,10 +14,46 @@ from __future__ import annotations
 
 import numpy as np
 
-from lightning_sgd.nqm.core import Spectrum, expected_risk, make_spectrum, simulate_schedule, steady_state_risk
-from lightning_sgd.nqm.search import T_MAX, GridResult, grid_steps
+from lightning_sgd.nqm import _checks as check
+from lightning_sgd.nqm.core import (
+    Spectrum,
+    _check_spectrum,
+    _per_step_batch_size,
+    expected_risk,
+    make_spectrum,
+    simulate_schedule,
+    steady_state_risk,
+)
+from lightning_sgd.nqm.search import T_MAX, GridResult, check_target, grid_steps
 
 __all__ = ["NQM", "InterpolationModel"]
+
+
+def _check_lr(lr, steps) -> np.ndarray:
+    """A constant learning rate (> 0, with ``steps``) or a per-step schedule (entries ≥ 0, without)."""
+    if steps is None:
+        lrs = check.reals("lr", lr, check.NON_NEGATIVE)
+        if lrs.ndim == 0:
+            raise ValueError("give steps for a constant learning rate, or pass a per-step learning-rate array")
+        return lrs
+    check.whole("steps", steps)
+    return check.reals("lr", lr, check.POSITIVE)
+
+
+def _check_search(spec, batch_sizes, lrs, precondition_power, target) -> None:
+    check.reals("batch_sizes", batch_sizes, check.POSITIVE)
+    check.reals("lrs", lrs, check.POSITIVE)
+    check.power(precondition_power)
+    check_target(spec, target)
+
+
+def _build_spectrum(spectrum, dim, bins, **kwargs) -> Spectrum:
+    if spectrum is None:
+        return make_spectrum(dim, bins, **kwargs)
+    _check_spectrum(spectrum)
+    check.integer("dim", dim)
+    check.optional_integer("bins", bins)
+    return spectrum
 
 
 def _eigh(M):
@@ -47,22 +83,20 @@ class NQM:
 
     def __init__(self, dim: int = 10_000, bins: int | None = 100, *, h=None, c=None, init_var=1.0,
                  noise_scale: float = 1.0, decay: float = 1.0, spectrum: Spectrum | None = None):
-        self.spectrum = spectrum if spectrum is not None else make_spectrum(
-            dim, bins, h=h, c=c, init_var=init_var, decay=decay, noise_scale=noise_scale)
+        self.spectrum = _build_spectrum(spectrum, dim, bins, h=h, c=c, init_var=init_var, decay=decay,
+                                        noise_scale=noise_scale)
 
     @property
     def dim(self) -> int:
         return self.spectrum.dim
 
     def max_curvature(self, precondition_power: float = 0.0) -> float:
-        return float(np.max(self.spectrum.h ** (1.0 - precondition_power)))
+        return float(np.max(self.spectrum.h ** (1.0 - check.power(precondition_power))))
 
     def risk(self, lr, batch_size, steps=None, *, precondition_power=0.0, momentum=None, ema=None):
         """Expected risk: closed form at ``steps`` for a constant ``lr``, or the trajectory of a per-step array."""
-        lr_arr = np.asarray(lr, float)
+        lr_arr = _check_lr(lr, steps)
         if steps is None:
-            if lr_arr.ndim == 0:
-                raise ValueError("give steps for a constant learning rate, or pass a per-step learning-rate array")
             return simulate_schedule(self.spectrum, lr_arr, batch_size, precondition_power=precondition_power,
                                      momentum=momentum, ema=ema)
         return expected_risk(self.spectrum, lr_arr, batch_size, steps, precondition_power=precondition_power,
@@ -97,20 +131,21 @@ class InterpolationModel:
 
     def __init__(self, dim: int = 10_000, bins: int | None = 100, *, h=None, init_var=1.0, label_noise: float = 0.0,
                  decay: float = 1.0, spectrum: Spectrum | None = None):
-        self.spectrum = spectrum if spectrum is not None else make_spectrum(dim, bins, h=h, init_var=init_var,
-                                                                            decay=decay)
-        self.label_noise = float(label_noise)
+        self.spectrum = _build_spectrum(spectrum, dim, bins, h=h, init_var=init_var, decay=decay)
+        self.label_noise = check.real("label_noise", label_noise, check.NON_NEGATIVE)
 
     @property
     def dim(self) -> int:
         return self.spectrum.dim
 
     def max_curvature(self, precondition_power: float = 0.0) -> float:
-        return float(np.max(self.spectrum.h ** (1.0 - precondition_power)))
+        return float(np.max(self.spectrum.h ** (1.0 - check.power(precondition_power))))
 
-    def _check(self, momentum, ema):
+    def _check(self, momentum, ema, precondition_power):
         if momentum is not None or ema is not None:
-            raise NotImplementedError("InterpolationModel models plain (preconditioned) SGD only")
+            raise NotImplementedError("InterpolationModel models plain (preconditioned) SGD only: momentum and ema "
+                                      "must be None (use model='nqm' for them)")
+        check.power(precondition_power)
 
     def _decompose(self, lr, batch_size, power):
         """Eigen-decomposition of the symmetrised transition; returns (λ, coef, floor) for risk(t)."""
@@ -140,12 +175,11 @@ class InterpolationModel:
         return lam, coef, np.where(stable, floor, np.inf), stable
 
     def risk(self, lr, batch_size, steps=None, *, precondition_power=0.0, momentum=None, ema=None):
-        self._check(momentum, ema)
-        lr_arr = np.asarray(lr, float)
+        self._check(momentum, ema, precondition_power)
+        lr_arr = _check_lr(lr, steps)
         if steps is None:
-            if lr_arr.ndim == 0:
-                raise ValueError("give steps for a constant learning rate, or pass a per-step learning-rate array")
-            return self._simulate(lr_arr, batch_size, precondition_power)
+            return self._simulate(lr_arr, _per_step_batch_size(batch_size, lr_arr.shape[-1]), precondition_power)
+        check.reals("batch_size", batch_size, check.POSITIVE)
         lam, coef, floor, stable = self._decompose(lr_arr, batch_size, precondition_power)
         t = np.asarray(steps, float)[..., None]
         with np.errstate(over="ignore", invalid="ignore"):
@@ -169,14 +203,19 @@ class InterpolationModel:
         return out
 
     def steady_state_risk(self, lr, batch_size, *, precondition_power=0.0, momentum=None, ema=None):
-        self._check(momentum, ema)
+        self._check(momentum, ema, precondition_power)
+        check.reals("lr", lr, check.POSITIVE)
+        check.reals("batch_size", batch_size, check.POSITIVE)
         return self._decompose(lr, batch_size, precondition_power)[2]
 
     def steps_grid(self, batch_sizes, lrs, aux=None, *, kind="sgd", precondition_power=0.0, target=0.01,
                    exhaustive=True, effective_lr=False, **search) -> GridResult:
         """Exact (every grid point) minimal steps: bisection on t of the eigen-expansion, vectorized."""
         if kind != "sgd" or aux is not None:
-            raise NotImplementedError("InterpolationModel models plain (preconditioned) SGD only")
+            raise NotImplementedError(f"InterpolationModel models plain (preconditioned) SGD only: got kind={kind!r}; "
+                                      f"momentum and ema must be None (use model='nqm' for them)")
+        _check_search(self.spectrum, batch_sizes, lrs, precondition_power, target)
+        check.flag("exhaustive", exhaustive)
         bs = np.atleast_1d(np.asarray(batch_sizes, float))
         lrs = np.asarray(lrs, float)
         lam, coef, floor, stable = self._decompose(lrs[None, :], bs[:, None], precondition_power)  # (nB, nlr, k)

@@ -1,4 +1,4 @@
-"""Learning-rate schedules for the NQM and the optimized piecewise-constant schedule (seed 003, Fig. 3b/3c).
+"""Learning-rate schedules for the NQM and the optimized piecewise-constant schedule (Zhang et al. 2019, Fig. 3b/3c).
 
 Schedules are plain per-step arrays, so :func:`lightning_sgd.nqm.risk` (dynamic programming on eq. 3) takes any
 of them. :func:`optimize_piecewise_constant` reproduces the paper's footnote 3: for a fixed number of steps the
@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize
 
-from lightning_sgd.nqm.core import Spectrum, _direction_terms
+from lightning_sgd.nqm import _checks as check
+from lightning_sgd.nqm.core import Spectrum, _check_spectrum, _direction_terms
+from lightning_sgd.nqm.search import check_target
 
 __all__ = [
     "constant",
@@ -27,34 +29,46 @@ __all__ = [
 
 
 def constant(lr: float, steps: int) -> np.ndarray:
-    return np.full(int(steps), float(lr))
+    """``steps`` steps at learning rate ``lr`` (> 0)."""
+    return np.full(check.integer("steps", steps), check.real("lr", lr))
 
 
 def piece_lengths(total_steps: int, pieces: int) -> np.ndarray:
-    """Integer lengths of ``pieces`` near-equal consecutive pieces covering ``total_steps`` steps."""
+    """Integer lengths of ``pieces`` near-equal consecutive pieces covering ``total_steps`` steps (some are 0 when
+    there are more pieces than steps)."""
+    return _piece_lengths(check.integer("total_steps", total_steps), check.integer("pieces", pieces))
+
+
+def _piece_lengths(total_steps: int, pieces: int) -> np.ndarray:
     edges = np.floor(np.arange(pieces + 1) * total_steps / pieces).astype(np.int64)
     return np.diff(edges)
 
 
 def piecewise_constant(values, total_steps: int) -> np.ndarray:
-    """Per-step array holding ``values[k]`` on the k-th of len(values) near-equal pieces."""
-    values = np.asarray(values, float)
-    return np.repeat(values, piece_lengths(int(total_steps), values.size))
+    """Per-step array holding ``values[k]`` (learning rates > 0) on the k-th of len(values) near-equal pieces."""
+    values = check.reals("values", values).ravel()
+    return np.repeat(values, piece_lengths(total_steps, values.size))
 
 
 def linear_decay(lr0: float, total_steps: int, *, decay: float = 0.01, decay_steps: int | None = None) -> np.ndarray:
-    """Linear decay of seed 003 App. F.3: α(t) = α₀(1 − (1 − γ) t/T) for t ≤ T, then α₀γ (γ = ``decay``)."""
-    T = int(decay_steps or total_steps)
+    """Linear decay of Zhang et al. 2019, App. F.3: α(t) = α₀(1 − (1 − γ) t/T) for t ≤ T, then α₀γ
+    (γ = ``decay`` ∈ [0, 1], T = ``decay_steps``, default ``total_steps``)."""
+    lr0 = check.real("lr0", lr0)
+    total_steps = check.integer("total_steps", total_steps)
+    decay = check.real("decay", decay, check.UNIT)
+    T = check.optional_integer("decay_steps", decay_steps) or total_steps
     t = np.arange(int(total_steps), dtype=float)
     return lr0 * np.where(t <= T, 1.0 - (1.0 - decay) * t / T, decay)
 
 
 def piecewise_risk(spec: Spectrum, lrs, total_steps: int, batch_size: float, *, precondition_power=0.0) -> float:
     """Exact SGD risk after ``total_steps`` steps of the piecewise-constant schedule with piece values ``lrs``."""
-    h_tilde, sigma2, weight = _direction_terms(spec, precondition_power)
-    lengths = piece_lengths(int(total_steps), len(lrs)).astype(float)
-    log_r, _ = _log_risk_and_grad(np.log(np.asarray(lrs, float)), lengths, h_tilde, sigma2, weight, spec.init,
-                                  float(batch_size))
+    _check_spectrum(spec)
+    lrs = check.reals("lrs", lrs).ravel()
+    batch_size = check.real("batch_size", batch_size)
+    h_tilde, sigma2, weight = _direction_terms(spec, check.power(precondition_power))
+    lengths = piece_lengths(total_steps, lrs.size).astype(float)
+    log_r, _ = _log_risk_and_grad(np.log(lrs), lengths, h_tilde, sigma2, weight, spec.init, batch_size)
     return float(np.exp(log_r))
 
 
@@ -96,7 +110,7 @@ def _log_risk_and_grad(x, lengths, h_tilde, sigma2, weight, init, bs):
 
 def _optimize_fixed_T(spec, T, bs, pieces, power, x0, max_lr):
     h_tilde, sigma2, weight = _direction_terms(spec, power)
-    lengths = piece_lengths(T, pieces).astype(float)
+    lengths = _piece_lengths(T, pieces).astype(float)
 
     def fun(x):
         return _log_risk_and_grad(x, lengths, h_tilde, sigma2, weight, spec.init, float(bs))
@@ -125,8 +139,20 @@ def optimize_piecewise_constant(
     Binary search on the number of steps between ``lo`` (e.g. :func:`~lightning_sgd.nqm.lower_bound_steps`)
     and ``hi`` (e.g. the best constant-LR steps, always feasible: a constant schedule is piecewise constant),
     to relative precision ``rtol`` (0 = exact integer). Each probe minimises the log of the exact risk with
-    L-BFGS-B, warm-started from the previous schedule.
+    L-BFGS-B, warm-started from the previous schedule. ``lo`` ≥ 1, ``hi`` ≥ ``lo``, ``init_lr`` > 0,
+    ``rtol`` ∈ [0, 1).
     """
+    _check_spectrum(spec)
+    batch_size = check.real("batch_size", batch_size)
+    check_target(spec, target)
+    pieces = check.integer("pieces", pieces)
+    check.power(precondition_power)
+    lo = check.integer("lo", lo)
+    if hi is not None and check.integer("hi", hi) < lo:
+        raise ValueError(f"hi must be >= lo ({lo}), got {hi!r}.")
+    if init_lr is not None:
+        check.real("init_lr", init_lr)
+    rtol = check.real("rtol", rtol, check.UNIT_OPEN)
     h_tilde = spec.h ** (1.0 - precondition_power)
     max_lr = 2.0 / h_tilde.max() * (1.0 - 1e-9)
     if init_lr is None:

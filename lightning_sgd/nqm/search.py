@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lightning_sgd.nqm.core import Spectrum, _direction_terms, _sum_constants, optimizer_coefficients
+from lightning_sgd.nqm import _checks as check
+from lightning_sgd.nqm.core import Spectrum, _check_spectrum, _direction_terms, _sum_constants, optimizer_coefficients
 
 T_MAX = 2.0**40  # give up beyond this many steps
 
@@ -150,6 +151,15 @@ class _Plan:
         return det, noise
 
 
+def check_target(spec: Spectrum, target) -> float:
+    """The target risk: finite, > 0 and below the initial risk (which is reached at step 0, before any search)."""
+    target = check.real("target", target, check.POSITIVE)
+    if target >= spec.initial_risk:
+        raise ValueError(f"target {target:g} is not below the model's initial risk {spec.initial_risk:.6g}: it is "
+                         f"met before the first step. Lower the target (the paper uses 0.01).")
+    return target
+
+
 def build_plan(spec: Spectrum, power: float, lrs, aux, kind: str, *, effective_lr: bool = False) -> _Plan:
     """Plan for the (lr × aux) grid (row index = i_lr * n_aux + i_aux)."""
     h_tilde, sigma2, weight = _direction_terms(spec, power)
@@ -265,8 +275,24 @@ def grid_steps(
     With ``effective_lr=True`` (momentum) the lr grid holds α/(1 − β), so the grid point (i, j) is
     α = lrs[i]·(1 − aux[j]): along that axis the small-batch optimum is flat in β, which the local search likes.
     """
-    batch_sizes = np.atleast_1d(np.asarray(batch_sizes, float))
-    lrs = np.asarray(lrs, float)
+    _check_spectrum(spec)
+    check.choice("kind", kind, ("sgd", "momentum", "ema"))
+    batch_sizes = np.atleast_1d(check.reals("batch_sizes", batch_sizes, check.POSITIVE))
+    lrs = np.atleast_1d(check.reals("lrs", lrs, check.POSITIVE))
+    if (aux is None) != (kind == "sgd"):
+        raise ValueError(f"aux (the β or γ grid) is needed for kind='momentum'/'ema' and unused for 'sgd'; got "
+                         f"kind={kind!r} with aux={'None' if aux is None else 'an array'}.")
+    if aux is not None:
+        aux = np.atleast_1d(check.reals("aux", aux, check.UNIT_OPEN))
+    check.real("power", power, check.UNIT)
+    check_target(spec, target)
+    check.flag("exhaustive", exhaustive)
+    check.flag("effective_lr", effective_lr)
+    if not isinstance(coarse, (tuple, list)) or len(coarse) != 2:
+        raise TypeError(f"coarse must be a pair (lr stride, aux stride) of ints >= 1, got {coarse!r}.")
+    coarse = (check.integer("coarse[0]", coarse[0]), check.integer("coarse[1]", coarse[1]))
+    check.integer("per_octave", per_octave)
+    check.integer("n_centres", n_centres)
     n_lr, n_aux = len(lrs), 1 if aux is None else len(aux)
     plan = build_plan(spec, power, lrs, aux, kind, effective_lr=effective_lr)
     n_b = batch_sizes.size
