@@ -3,18 +3,39 @@ edge-of-search-space warning; the fit S(B) = S_min (1 + B_noise / B); written as
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import sys
+import uuid
 import warnings
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 import optuna
 from optuna.trial import TrialState
 
 from lightning_sgd.sweep.config import SweepConfig
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
+    """Write ``path`` through a temporary file in the same folder, renamed onto it (``os.replace``) only once it is
+    complete: an exception or a kill mid-write leaves the previous results file intact, never a truncated one."""
+    folder, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # "x": unique, umask applies
+    try:
+        with open(tmp, mode.replace("w", "x"), **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def effective_lr(values: dict[str, float]) -> float | None:
@@ -130,7 +151,7 @@ CSV_FIELDS = ("batch_size", "reached", "best_steps", "effective_lr", "trials_non
 
 def write_csv(path: str, summary: dict[str, Any]) -> None:
     names = sorted({k for r in summary["rows"] for k in r["best_params"]})
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([*CSV_FIELDS, *names])
         for r in summary["rows"]:
@@ -177,7 +198,7 @@ def write_outputs(cfg: SweepConfig, summary: dict[str, Any], quiet: bool = False
         "csv": os.path.join(cfg.output_dir, "results.csv"),
         "png": os.path.join(cfg.output_dir, "steps_vs_batch.png"),
     }
-    with open(paths["json"], "w") as f:
+    with atomic_write(paths["json"]) as f:
         json.dump(summary, f, indent=2)
     write_csv(paths["csv"], summary)
     plot_sweep(summary, paths["png"], b_simple=cfg.b_simple)
