@@ -98,7 +98,9 @@ class DeepBootstrap(Callback):
     Limits: automatic optimization with one optimizer (checked at setup); ``ReduceLROnPlateau`` is refused (it would
     follow the real world's metric); no AMP grad scaler for the twin (bf16 and fp32 are fine). Under DDP each rank's
     twin reads its own slice of the fresh stream and the twin's gradients are averaged across ranks; measurements
-    run on rank 0.
+    run on rank 0. Every stop of the twin (a non-finite training loss, a non-finite evaluation loss found by rank 0,
+    a fresh pool that runs out for any rank's share) is agreed by all ranks (one all-reduce of a flag) before it
+    takes effect, so all ranks stop at the same step and none waits for another in the twin's gradient all-reduce.
 
     Args:
         schedule: when to measure (global step ``t`` after ``t`` optimizer steps; step 0 is the common initial
@@ -159,7 +161,8 @@ class DeepBootstrap(Callback):
         self._sched_clock: list[int] = []  # the real schedulers' clocks when the current real step began
         self._online: dict[str, float] = {}
         self._twin_online: dict[str, float] = {}
-        self._stopped: str | None = None
+        self._stopped: str | None = None  # why the twin stopped; the same on every rank (decisions are agreed)
+        self._measured_at: int | None = None  # global step of the last measurement, on every rank (not only rank 0)
 
     @property
     @override
@@ -244,7 +247,7 @@ class DeepBootstrap(Callback):
         if dataset is not None and not isinstance(dataset, IterableDataset):
             self._train_eval = DataLoader(dataset, batch_size=self._eval_batch_size(), shuffle=False,
                                           collate_fn=collate)
-        if trainer.global_step == 0 and self.schedule(0) and not self.history:
+        if trainer.global_step == 0 and self.schedule(0) and self._measured_at is None:
             self._measure(trainer, pl_module)
 
     @override
@@ -276,7 +279,7 @@ class DeepBootstrap(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._stopped is None:  # an epoch-interval scheduler may have stepped after the last step
             self._sync_schedulers([config.scheduler.last_epoch for config in trainer.lr_scheduler_configs])
-        if not self.history or self.history[-1]["step"] != trainer.global_step:
+        if self._measured_at != trainer.global_step:  # decided alike on every rank: _measure synchronizes
             self._measure(trainer, pl_module)  # the curves always end at the last step
         if self.plot:
             self._write_plot(trainer)
@@ -317,6 +320,7 @@ class DeepBootstrap(Callback):
         self._rng.load_state_dict(state["rng"])
         self._fresh_pos, self._twin_steps, self._stopped = state["fresh_pos"], state["twin_steps"], state["stopped"]
         self.history = [dict(h) for h in state["history"]]
+        self._measured_at = int(self.history[-1]["step"]) if self.history else None  # rank 0's history, on all ranks
         self._online, self._twin_online = dict(state["online"]), dict(state["twin_online"])
 
     # ------------------------------------------------------------------------------------------------- internals
@@ -348,15 +352,21 @@ class DeepBootstrap(Callback):
         for real_m, twin_m in zip(pl_module.modules(), twin.modules()):  # same train/eval mode, submodule by submodule
             twin_m.training = real_m.training
         self._sync_schedulers(self._sched_clock)  # epoch-interval schedulers stepped between the real steps
-        self.optimizer.zero_grad(set_to_none=True)
-        total, count, position = torch.zeros((), device=twin.device), 0, self._fresh_pos
+        # This step's fresh micro-batches first: a rank whose share is past the end of a finite pool must not stop
+        # alone (the others would wait for it in the gradient all-reduce), so the ranks agree before any work.
+        batches, position = [], self._fresh_pos
         for size in self._micro_sizes:
             try:
-                batch = self._source(position + rank * size, size)
+                batches.append(self._source(position + rank * size, size))
             except IndexError:
-                self._stop_pool_exhausted(trainer, size * len(self._micro_sizes))
-                return
+                break
             position += world * size
+        if self._agree(trainer, len(batches) < len(self._micro_sizes)):
+            self._stop_pool_exhausted(trainer, sum(self._micro_sizes))
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        total, count = torch.zeros((), device=twin.device), 0
+        for batch in batches:
             batch = trainer.strategy.batch_to_device(batch)
             n = batch_size(batch, "DeepBootstrap")
             with _attached(twin, trainer), torch.enable_grad(), trainer.precision_plugin.train_step_context():
@@ -394,6 +404,14 @@ class DeepBootstrap(Callback):
                 while scheduler.last_epoch < clock:
                     scheduler.step()
 
+    @staticmethod
+    def _agree(trainer: pl.Trainer, stop: bool) -> bool:
+        """``stop`` on any rank means stop on all: one all-reduce of a flag under DDP, nothing on one process.
+
+        Every stop of the twin goes through here, so no rank skips the twin's collectives while another waits in
+        them."""
+        return bool(trainer.strategy.reduce_boolean_decision(bool(stop), all=False))
+
     def _stop_diverged(self, trainer: pl.Trainer) -> None:
         self._stopped = f"diverged at step {trainer.global_step}"
         warnings.warn(
@@ -415,11 +433,30 @@ class DeepBootstrap(Callback):
         )
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Evaluate both worlds (rank 0) and log; drains the online accumulators on every rank."""
+        """Evaluate both worlds (rank 0) and log; drains the online accumulators on every rank.
+
+        Called at the same steps on every rank; a non-finite ideal-world loss found by rank 0 stops the twin on all
+        ranks (an agreed flag), so no rank goes on stepping the twin alone."""
         online, twin_online = self._online, self._twin_online
         self._online, self._twin_online = {}, {}
+        self._measured_at = trainer.global_step
+        twin_active = self.twin is not None and self._twin_loss is not None and self._stopped is None
+        metrics: dict[str, float] = {}
+        diverged = False
+        if trainer.global_rank == 0:
+            metrics, diverged = self._evaluate_worlds(trainer, twin_active)
+        if twin_active and self._agree(trainer, diverged):
+            self._stop_diverged(trainer)
         if trainer.global_rank != 0:
             return
+        metrics.update({f"bootstrap/online_{k}": v for k, v in _means(online).items()})
+        metrics.update({f"bootstrap/ideal_online_{k}": v for k, v in _means(twin_online).items()})
+        self.history.append({"step": float(trainer.global_step), **metrics})
+        self._log(trainer, metrics)
+
+    def _evaluate_worlds(self, trainer: pl.Trainer, twin_active: bool) -> tuple[dict[str, float], bool]:
+        """The real world's metrics and, while the twin runs, the ideal world's and the gaps; ``True`` as second
+        value when the ideal world's loss is not finite (its metrics are then left out)."""
         split = self.split
         to_device = trainer.strategy.batch_to_device
         metrics: dict[str, float] = {}
@@ -430,23 +467,21 @@ class DeepBootstrap(Callback):
             if self._train_eval is not None:
                 train = evaluate(self._loss, self._train_eval, to_device, self.max_train_eval_examples)
                 metrics.update({f"bootstrap/real_train_{k}": v for k, v in train.items()})
-            if self.twin is not None and self._twin_loss is not None and self._stopped is None:
-                with _attached(self.twin, trainer):
-                    ideal = evaluate(self._twin_loss, self._eval_loader, to_device, self.max_eval_examples)
-                if not math.isfinite(ideal["loss"]):
-                    self._stop_diverged(trainer)
-                else:
-                    metrics.update({f"bootstrap/ideal_{split}_{k}": v for k, v in ideal.items()})
-                    metrics["bootstrap/loss_gap"] = real["loss"] - ideal["loss"]
-                    if "error" in real:
-                        metrics["bootstrap/gap"] = real["error"] - ideal["error"]
-                        metrics["bootstrap/soft_gap"] = real["soft_error"] - ideal["soft_error"]
-                    else:
-                        metrics["bootstrap/gap"] = metrics["bootstrap/loss_gap"]
-        metrics.update({f"bootstrap/online_{k}": v for k, v in _means(online).items()})
-        metrics.update({f"bootstrap/ideal_online_{k}": v for k, v in _means(twin_online).items()})
-        self.history.append({"step": float(trainer.global_step), **metrics})
-        self._log(trainer, metrics)
+            if not twin_active:
+                return metrics, False
+            assert self.twin is not None and self._twin_loss is not None
+            with _attached(self.twin, trainer):
+                ideal = evaluate(self._twin_loss, self._eval_loader, to_device, self.max_eval_examples)
+        if not math.isfinite(ideal["loss"]):
+            return metrics, True
+        metrics.update({f"bootstrap/ideal_{split}_{k}": v for k, v in ideal.items()})
+        metrics["bootstrap/loss_gap"] = real["loss"] - ideal["loss"]
+        if "error" in real:
+            metrics["bootstrap/gap"] = real["error"] - ideal["error"]
+            metrics["bootstrap/soft_gap"] = real["soft_error"] - ideal["soft_error"]
+        else:
+            metrics["bootstrap/gap"] = metrics["bootstrap/loss_gap"]
+        return metrics, False
 
     @rank_zero_only
     def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:

@@ -24,6 +24,42 @@ def bootstrap_twin(outdir: Path, steps: int = 4, per_rank_batch: int = 8) -> Non
                                        "history": cb.history})
 
 
+def _stopping_fit(outdir: Path, dm: pl.LightningDataModule, steps: int, schedule: int) -> None:
+    """A 2-rank fit whose twin stops on one rank's say; each rank reports what its twin did. The process group's
+    30 s timeout turns a rank left waiting in a collective into an error instead of a hang."""
+    from datetime import timedelta
+
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from tests.test_deep_bootstrap import mlp_module
+
+    pl.seed_everything(0)
+    cb = DeepBootstrap(schedule=schedule, plot=False)
+    trainer = pl.Trainer(**ddp_trainer_kwargs(max_steps=steps, callbacks=[cb],
+                                              strategy=DDPStrategy(timeout=timedelta(seconds=30))))
+    trainer.fit(mlp_module(), datamodule=dm)
+    twin = torch.cat([p.detach().flatten() for p in cb.twin.parameters()])
+    dump(outdir, trainer.global_rank, {
+        "stopped": cb._stopped, "twin_steps": cb._twin_steps, "fresh_pos": cb._fresh_pos,
+        "global_step": trainer.global_step, "twin": twin.tolist(), "measured": [h["step"] for h in cb.history],
+        "ideal": [h["step"] for h in cb.history if "bootstrap/ideal_test_loss" in h]})
+
+
+def pool_runs_out_on_one_rank(outdir: Path, steps: int = 6) -> None:
+    """A pool of 40 at 8 per rank: step 2's share of rank 0 (examples 32-39) exists, rank 1's (40-47) does not."""
+    from tests.test_deep_bootstrap import PoolData
+
+    _stopping_fit(outdir, PoolData(n_train=128, pool=40, batch_size=8), steps, schedule=1)
+
+
+def eval_diverges_on_rank_zero(outdir: Path, steps: int = 8) -> None:
+    """The evaluation set turns non-finite from its 5th pass: rank 0 (which alone evaluates) finds the twin's test
+    loss non-finite at the measurement of step 4 while rank 1's twin trains on."""
+    from tests.test_deep_bootstrap import EvalTurnsInf
+
+    _stopping_fit(outdir, EvalTurnsInf(n_train=128, batch_size=8, finite_passes=4), steps, schedule=2)
+
+
 def dropin_under_lightning(outdir: Path, steps: int = 4, per_rank_batch: int = 8) -> None:
     """DeepBootstrap and EMAWeights(validate='both') on the README autoencoder (no protocol) under
     ``lightning.Trainer`` on 2 ranks; each rank reports its twin, the EMA weights fit leaves and val_ema/loss."""

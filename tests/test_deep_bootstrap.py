@@ -97,6 +97,28 @@ class NaNAfter(TeacherData):
         return x, y
 
 
+class EvalTurnsInf(TeacherData):
+    """The test set is read ``finite_passes`` times as it is, then with infinite inputs (a non-finite test loss)."""
+
+    def __init__(self, *args, finite_passes: int = 4, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.finite_passes, self.passes = finite_passes, 0
+
+    def test_dataloader(self):
+        data = self
+
+        class Passes:
+            batch_size = 500
+
+            def __iter__(self):
+                data.passes += 1
+                scale = 1.0 if data.passes <= data.finite_passes else float("inf")
+                for start in range(0, len(data.y_test), 500):
+                    yield data.x_test[start:start + 500] * scale, data.y_test[start:start + 500]
+
+        return Passes()
+
+
 def mlp_module(features: int = 10, hidden: int = 16, classes: int = 3, lr: float = 0.1, dropout: float = 0.0,
                seed: int = 0, scheduler: bool = False, momentum: float = 0.0,
                interval: str = "step") -> ClassificationModule:
@@ -365,6 +387,32 @@ def test_ddp_twin_equals_the_single_process_twin_at_the_global_batch(tmp_path):
     single = torch.cat([p.detach().flatten() for p in cb.twin.parameters()])
     assert torch.allclose(torch.tensor(rank0["twin"]), single, atol=1e-6)
     assert not torch.allclose(single, torch.cat([p.flatten() for p in mlp_module().parameters()]))
+
+
+@pytest.mark.ddp
+def test_ddp_pool_running_out_on_one_rank_stops_every_rank(tmp_path):
+    """Pool of 40, 8 examples per rank: at step 2 rank 0's share (32-39) exists, rank 1's (40-47) does not. Rank 1
+    used to stop alone and leave rank 0 waiting in the twin's gradient all-reduce (a hang, or a collective paired
+    with DDP's own); now both agree to stop after 2 twin steps, and the real run finishes its 6 steps."""
+    rank0, rank1 = run_ddp("tests.ddp_entries_bootstrap:pool_runs_out_on_one_rank", tmp_path, timeout=150)
+    for rank in (rank0, rank1):
+        assert rank["stopped"] == "fresh pool exhausted after 2 steps" and rank["twin_steps"] == 2
+        assert rank["fresh_pos"] == 2 * 16 and rank["global_step"] == 6
+    assert rank0["twin"] == rank1["twin"]
+    assert rank0["ideal"] == [0, 1, 2] and rank0["measured"] == [0, 1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.ddp
+def test_ddp_non_finite_eval_loss_on_rank_zero_stops_every_rank(tmp_path):
+    """Only rank 0 evaluates; its twin's test loss turns non-finite at the measurement of step 4. Rank 0 used to stop
+    alone while rank 1 kept stepping the twin into an all-reduce rank 0 never joined; now the stop is agreed: both
+    twins stop after 4 steps, equal, and the real run finishes its 8 steps."""
+    rank0, rank1 = run_ddp("tests.ddp_entries_bootstrap:eval_diverges_on_rank_zero", tmp_path, timeout=150)
+    for rank in (rank0, rank1):
+        assert rank["stopped"] == "diverged at step 4" and rank["twin_steps"] == 4 and rank["global_step"] == 8
+        assert rank["fresh_pos"] == 4 * 16
+    assert rank0["twin"] == rank1["twin"]
+    assert rank0["measured"] == [0, 2, 4, 6, 8] and rank0["ideal"] == [0, 2] and rank1["measured"] == []
 
 
 # ------------------------------------------------------------------------------------------------------ recipe
