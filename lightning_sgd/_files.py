@@ -1,7 +1,8 @@
 """Results files written atomically: a temporary file in the same folder, then ``os.replace`` onto the target.
 
 A crash, a kill or an exception half-way through a write leaves the previous file as it was (or no file), never a
-truncated one that a later ``nqm fit`` or plot would read as data.
+truncated one that a later ``nqm fit``, a resumed sweep or a plot would read as data. Used by the NQM's CSV and
+figure outputs and the sweep's results files and plot.
 """
 
 from __future__ import annotations

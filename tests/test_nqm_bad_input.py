@@ -19,11 +19,11 @@ import tempfile
 import numpy as np
 import pytest
 
+from lightning_sgd import _files
 from lightning_sgd.nqm import (
     NQM,
     InterpolationModel,
     Spectrum,
-    _files,
     constant,
     default_ema_grid,
     default_lr_grid,

@@ -137,7 +137,7 @@ def _cmd_figures(args) -> int:
 
 
 def _cmd_steps(args) -> int:
-    from lightning_sgd.nqm._files import write_csv
+    from lightning_sgd._files import write_csv
     from lightning_sgd.nqm.api import steps_to_target
 
     r = steps_to_target(np.asarray(args.batch_sizes), optimizer=args.optimizer, precondition_power=args.power,
@@ -163,7 +163,7 @@ PREDICTIONS = {
 
 
 def _cmd_fit(args) -> int:
-    from lightning_sgd.nqm._files import write_csv
+    from lightning_sgd._files import write_csv
     from lightning_sgd.nqm.figures import _plt, save_png
     from lightning_sgd.nqm.fit import fit_to_measurement, read_sweep_csv
 

@@ -12,8 +12,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from lightning_sgd._files import atomic_write, write_csv
 from lightning_sgd.nqm import _checks as check
-from lightning_sgd.nqm._files import atomic_write, write_csv
 from lightning_sgd.nqm.api import lower_bound_steps, steps_to_target
 from lightning_sgd.nqm.core import make_spectrum
 from lightning_sgd.nqm.schedules import optimize_piecewise_constant

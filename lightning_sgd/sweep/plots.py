@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from lightning_sgd._files import atomic_write
+
 
 def plot_sweep(summary: dict[str, Any], path: str, b_simple: float | None = None) -> None:
     """Write the two-panel PNG of ``summary`` (as returned by :func:`lightning_sgd.sweep.results.summarize`)."""
@@ -72,5 +74,6 @@ def plot_sweep(summary: dict[str, Any], path: str, b_simple: float | None = None
     fig.suptitle(f"{summary['trials_per_batch_size']} quasi-random trials per batch size, budget "
                  f"{summary['max_steps']} steps, evaluated every {summary['eval_every']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_write(path, "wb") as f:  # a kill mid-write keeps the previous plot, never half a PNG
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)

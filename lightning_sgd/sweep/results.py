@@ -3,39 +3,19 @@ edge-of-search-space warning; the fit S(B) = S_min (1 + B_noise / B); written as
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
 import os
 import sys
-import uuid
 import warnings
-from collections.abc import Iterator
-from typing import IO, Any
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
+from lightning_sgd._files import atomic_write
 from lightning_sgd.sweep.config import SweepConfig
-
-
-@contextlib.contextmanager
-def atomic_write(path: str, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
-    """Write ``path`` through a temporary file in the same folder, renamed onto it (``os.replace``) only once it is
-    complete: an exception or a kill mid-write leaves the previous results file intact, never a truncated one."""
-    folder, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # "x": unique, umask applies
-    try:
-        with open(tmp, mode.replace("w", "x"), **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def effective_lr(values: dict[str, float]) -> float | None:
