@@ -10,6 +10,9 @@ Callbacks take ``schedule: int | Schedule``; an ``int`` n means :class:`EveryNSt
 from __future__ import annotations
 
 import math
+from numbers import Integral
+
+from lightning_sgd.checks import check_int
 
 
 class Schedule:
@@ -23,12 +26,9 @@ class EveryNSteps(Schedule):
     """Measure at ``offset, offset + interval, offset + 2·interval, ...``."""
 
     def __init__(self, interval: int = 10, offset: int = 0) -> None:
-        if interval < 1:
-            raise ValueError(f"interval must be >= 1, got {interval}; use 1 to measure every step.")
-        if offset < 0:
-            raise ValueError(f"offset must be >= 0, got {offset}.")
-        self.interval = interval
-        self.offset = offset
+        self.interval = check_int("EveryNSteps", "interval", interval, minimum=1,
+                                  hint="Use 1 to measure every step.")
+        self.offset = check_int("EveryNSteps", "offset", offset, minimum=0)
 
     def __call__(self, step: int) -> bool:
         return step >= self.offset and (step - self.offset) % self.interval == 0
@@ -44,10 +44,9 @@ class LogSpaced(Schedule):
     """
 
     def __init__(self, start: int = 0, end: int = 1_000_000, per_decade: int = 10) -> None:
-        if start < 0 or end < start:
-            raise ValueError(f"need 0 <= start <= end, got start={start}, end={end}.")
-        if per_decade < 1:
-            raise ValueError(f"per_decade must be >= 1, got {per_decade}.")
+        start = check_int("LogSpaced", "start", start, minimum=0)
+        end = check_int("LogSpaced", "end", end, minimum=start, hint="(end is the last step measured, >= start.)")
+        per_decade = check_int("LogSpaced", "per_decade", per_decade, minimum=1)
         self.start, self.end, self.per_decade = start, end, per_decade
         lo = max(start, 1)
         n = max(1, math.ceil(per_decade * math.log10(max(end, lo) / lo)) + 1)
@@ -63,14 +62,15 @@ class LogSpaced(Schedule):
         return f"LogSpaced(start={self.start}, end={self.end}, per_decade={self.per_decade})"
 
 
-def as_schedule(schedule: int | Schedule) -> Schedule:
-    """Accept an int (every n steps) or a :class:`Schedule`; anything else is a configuration error."""
-    if isinstance(schedule, bool):
-        raise TypeError("schedule must be an int (every n steps) or a lightning_sgd.schedules.Schedule, not a bool.")
-    if isinstance(schedule, int):
-        return EveryNSteps(schedule)
-    if isinstance(schedule, Schedule) or callable(schedule):
-        return schedule  # type: ignore[return-value]
-    raise TypeError(
-        f"schedule must be an int (every n steps) or a lightning_sgd.schedules.Schedule, got {type(schedule).__name__}."
-    )
+def as_schedule(schedule: int | Schedule, who: str | None = None, name: str = "schedule") -> Schedule:
+    """Accept an int n >= 1 (every n steps) or a :class:`Schedule` (any callable ``step -> bool``); anything else is a
+    configuration error naming ``who`` (the callback) and ``name`` (its argument)."""
+    prefix = f"{who}: " if who else ""
+    want = f"{prefix}{name} must be an int >= 1 (every n steps) or a lightning_sgd.schedules.Schedule"
+    if isinstance(schedule, bool) or not isinstance(schedule, (Integral, Schedule)) and not callable(schedule):
+        raise TypeError(f"{want}, got {schedule!r} ({type(schedule).__name__}).")
+    if isinstance(schedule, Integral):
+        if schedule < 1:
+            raise ValueError(f"{want}, got {schedule}; use 1 to measure every step.")
+        return EveryNSteps(int(schedule))
+    return schedule  # type: ignore[return-value]
