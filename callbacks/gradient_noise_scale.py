@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_sgd.batches import batch_size, slice_batch
+from lightning_sgd.checks import check_bool, check_choice, check_float, check_int, missing_state_keys
 from lightning_sgd.compat import Callback
 from lightning_sgd.module_loss import ModuleLoss, measuring, twice_differentiable_attention
 from lightning_sgd.noise_scale import (
@@ -163,28 +164,19 @@ class GradientNoiseScale(Callback):
         b_noise_groups: int = 4,
         engine: str = "auto",
     ) -> None:
-        if source not in _SOURCES:
-            raise ValueError(f"GradientNoiseScale: source must be one of {_SOURCES}, got {source!r}.")
-        if split_parts < 2:
-            raise ValueError(f"GradientNoiseScale: split_parts must be >= 2, got {split_parts}.")
-        if b_noise_groups < 2:
-            raise ValueError(f"GradientNoiseScale: b_noise_groups must be >= 2, got {b_noise_groups}.")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"GradientNoiseScale: chunk_size must be >= 1 or None, got {chunk_size}.")
-        if engine not in _ENGINES:
-            raise ValueError(f"GradientNoiseScale: engine must be one of {_ENGINES}, got {engine!r}.")
-        self.engine = engine
-        self.schedule = None if schedule is None else as_schedule(schedule)
-        self.source = source
-        self.split_parts = split_parts
-        self.chunk_size = chunk_size
-        self.beta = beta
-        self.per_layer = per_layer
-        self.b_noise_schedule = None if b_noise_schedule is None else as_schedule(b_noise_schedule)
-        self.b_noise_groups = b_noise_groups
-        self.ema = NoiseScaleEMA(beta)
+        self.source = check_choice(_WHO, "source", source, _SOURCES)
+        self.engine = check_choice(_WHO, "engine", engine, _ENGINES)
+        self.split_parts = check_int(_WHO, "split_parts", split_parts, minimum=2)
+        self.chunk_size = check_int(_WHO, "chunk_size", chunk_size, minimum=1, optional=True)
+        self.beta = check_float(_WHO, "beta", beta, low=0.0, high=1.0, high_open=True)
+        self.b_noise_groups = check_int(_WHO, "b_noise_groups", b_noise_groups, minimum=2)
+        self.per_layer = check_bool(_WHO, "per_layer", per_layer)
+        self.schedule = None if schedule is None else as_schedule(schedule, _WHO, "schedule")
+        self.b_noise_schedule = (None if b_noise_schedule is None
+                                 else as_schedule(b_noise_schedule, _WHO, "b_noise_schedule"))
+        self.ema = NoiseScaleEMA(self.beta)
         self.layer_ema: dict[str, NoiseScaleEMA] = {}
-        self.b_noise_ema = NoiseScaleEMA(beta)
+        self.b_noise_ema = NoiseScaleEMA(self.beta)
         self.measured = 0
         self.skipped = {"nonfinite": 0, "stale": 0, "too_few": 0, "failed": 0}
         self.last_sample: NoiseScaleSample | None = None
@@ -194,6 +186,7 @@ class GradientNoiseScale(Callback):
         self._loss: ModuleLoss | None = None  # the module's loss, for the sources that re-run its code
         self._off = False  # the measurements failed beyond any fallback: stop measuring for this run
         self._b_noise_off = False  # the B_noise estimate failed: stop it for this run
+        self._warned_b_noise_batch = False  # warned once that a batch is too small to split for B_noise
         self._schedule: Schedule | None = None
         self._use_record = False
         self._handles: list[Any] = []
@@ -297,7 +290,7 @@ class GradientNoiseScale(Callback):
         if stage != "fit":
             return
         self._loss = ModuleLoss(pl_module, _WHO)
-        self._off = self._b_noise_off = False
+        self._off = self._b_noise_off = self._warned_b_noise_batch = False
         self._source = self._resolve_source(trainer, pl_module)
         self._schedule = self.schedule or as_schedule(_DEFAULT_INTERVAL[self._source])
         params = trainable_parameters(pl_module)
@@ -323,6 +316,25 @@ class GradientNoiseScale(Callback):
         self._hooks, self._hooks_validated = None, False
         if self._source == "per_example" and self.engine != "vmap":
             self._setup_hook_engine(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.b_noise_schedule is not None:  # the loader's batch size is known now, before the first step
+            self._check_b_noise_batch(getattr(trainer.train_dataloader, "batch_size", None))
+
+    def _check_b_noise_batch(self, n: int | None) -> bool:
+        """Can a batch of ``n`` examples be split for B_noise (half into ``b_noise_groups`` groups of >= 1 example,
+        half for the Hessian)? If not, warn once, naming ``b_noise_groups``."""
+        if not isinstance(n, int) or n >= 2 * self.b_noise_groups:
+            return True
+        if not self._warned_b_noise_batch:
+            self._warned_b_noise_batch = True
+            rank_zero_warn(
+                f"GradientNoiseScale: a batch of {n} example(s) is too small for the B_noise estimate with "
+                f"b_noise_groups={self.b_noise_groups}: it needs >= 2 * b_noise_groups = {2 * self.b_noise_groups} "
+                "examples (half split into the groups, half for the Hessian). Those estimates are skipped (counted in "
+                "skipped['too_few']); lower b_noise_groups or raise the batch size.")
+        return False
 
     def _setup_hook_engine(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reasons = unsupported_layers(pl_module)
@@ -718,10 +730,10 @@ class GradientNoiseScale(Callback):
         if self._b_noise_off:
             return {}
         n = _num_examples(self._batch)
-        size = (n // 2) // self.b_noise_groups
-        if size < 1:
+        if not self._check_b_noise_batch(n):
             self.skipped["too_few"] += 1
             return {}
+        size = (n // 2) // self.b_noise_groups
         try:
             sample = self._b_noise_sample(pl_module, n, size)
         except Exception as err:  # noqa: BLE001 - never a crash mid-run: stop this estimate instead
@@ -784,11 +796,31 @@ class GradientNoiseScale(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the EMAs and counters. Only ``"ema"`` is required; a state from a version without them gets the
+        documented defaults: no per-layer EMAs, a fresh B_noise EMA, ``measured`` = the EMA's count, no skips.
+
+        A ``beta`` other than the checkpoint's keeps the history and applies from the next measurement on, with a
+        warning: each EMA tracks the total weight it carries (``1 - β^t`` for a constant β), so its debiased value
+        stays a properly normalized weighted mean of the samples when β changes in the middle of a run.
+        """
+        missing_state_keys(_WHO, state_dict, ["ema"], self.state_key)
+        for name in ("ema", "b_noise_ema"):
+            if name in state_dict:
+                missing_state_keys(f"{_WHO} ({name})", state_dict[name], NoiseScaleEMA.STATE_KEYS, self.state_key)
         self.ema.load_state_dict(state_dict["ema"])
         self.layer_ema = {}
         for k, v in state_dict.get("layer_ema", {}).items():
             self.layer_ema[k] = NoiseScaleEMA(self.beta)
             self.layer_ema[k].load_state_dict(v)
-        self.b_noise_ema.load_state_dict(state_dict["b_noise_ema"])
-        self.measured = int(state_dict["measured"])
-        self.skipped = {**self.skipped, **state_dict["skipped"]}
+        self.b_noise_ema = NoiseScaleEMA(self.beta)
+        if "b_noise_ema" in state_dict:
+            self.b_noise_ema.load_state_dict(state_dict["b_noise_ema"])
+        self.measured = int(state_dict.get("measured", self.ema.count))
+        self.skipped = {**self.skipped, **state_dict.get("skipped", {})}
+        saved_beta = self.ema.beta
+        for ema in (self.ema, self.b_noise_ema, *self.layer_ema.values()):
+            ema.beta = self.beta
+        if saved_beta != self.beta and self.ema.count:
+            rank_zero_warn(f"GradientNoiseScale: the checkpoint's EMAs were built with beta={saved_beta}; this "
+                           f"callback has beta={self.beta}, which applies from the next measurement on (the "
+                           f"{self.ema.count} measurements so far keep their weights).")

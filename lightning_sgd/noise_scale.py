@@ -167,8 +167,14 @@ class NoiseScaleEMA:
         return {"beta": self.beta, "grad_sq": self._grad_sq, "trace": self._trace, "weight": self._weight,
                 "count": self.count}
 
+    #: what :meth:`load_state_dict` needs (``beta`` may be missing: the current one is kept)
+    STATE_KEYS = ("grad_sq", "trace", "weight", "count")
+
     def load_state_dict(self, state: dict[str, float | int]) -> None:
-        self.beta = float(state["beta"])
+        missing = [k for k in self.STATE_KEYS if k not in state]
+        if missing:
+            raise KeyError(f"NoiseScaleEMA.load_state_dict: the state has no {missing} (it holds {sorted(state)}).")
+        self.beta = float(state.get("beta", self.beta))
         self._grad_sq = float(state["grad_sq"])
         self._trace = float(state["trace"])
         self._weight = float(state["weight"])
