@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_map
 from typing_extensions import override
 
 from lightning_sgd.batches import batch_size, flatten_batch
+from lightning_sgd.checks import check_bool, check_choice, check_float, check_int, missing_state_keys
 from lightning_sgd.compat import Callback
 from lightning_sgd.diversity import batch_size_bound, diversity_from_stats
 from lightning_sgd.module_loss import ModuleLoss
@@ -99,22 +100,14 @@ class GradientDiversity(Callback):
         chunk_size: int | None = 64,
         engine: str = "auto",
     ) -> None:
-        if probe_size is not None and probe_size < 2:
-            raise ValueError(f"GradientDiversity: probe_size must be >= 2 (Δ compares examples) or None, got "
-                             f"{probe_size}.")
-        if not 0.0 < delta <= 1.0:
-            raise ValueError(f"GradientDiversity: delta must be in (0, 1], got {delta}.")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"GradientDiversity: chunk_size must be >= 1 or None, got {chunk_size}.")
-        if engine not in ("auto", "hooks", "vmap"):
-            raise ValueError(f"GradientDiversity: engine must be 'auto', 'hooks' or 'vmap', got {engine!r}.")
-        self.engine = engine
+        self.probe_size = check_int(_WHO, "probe_size", probe_size, minimum=2, optional=True,
+                                    hint="(Δ compares examples: a probe set needs >= 2.)")
+        self.delta = check_float(_WHO, "delta", delta, low=0.0, high=1.0, low_open=True)
+        self.chunk_size = check_int(_WHO, "chunk_size", chunk_size, minimum=1, optional=True)
+        self.engine = check_choice(_WHO, "engine", engine, ("auto", "hooks", "vmap"))
+        self.per_layer = check_bool(_WHO, "per_layer", per_layer)
+        self.schedule = as_schedule(schedule, _WHO, "schedule")
         self._use_hooks: bool | None = None  # engine = hooks? Decided once per module (with its ModuleLoss)
-        self.schedule = as_schedule(schedule)
-        self.probe_size = probe_size
-        self.delta = delta
-        self.per_layer = per_layer
-        self.chunk_size = chunk_size
         self.diversity = math.nan
         self.layer_diversity: dict[str, float] = {}
         self.measured = 0
@@ -169,8 +162,11 @@ class GradientDiversity(Callback):
                     break
         for g, state in zip(generators, states):
             g.set_state(state)
-        if count < 2:
-            raise ValueError(f"GradientDiversity: the training loader yields only {count} example(s); Δ needs >= 2.")
+        if count < self.probe_size:  # before the first step: a probe set smaller than asked would be a silent change
+            where = " on this rank" if trainer.world_size > 1 else ""
+            raise ValueError(f"GradientDiversity: probe_size={self.probe_size} is larger than the training data: the "
+                             f"training loader yields only {count} example(s){where}. Use probe_size <= {count}, or "
+                             "probe_size=None to measure on each training batch.")
         # the tensors with the example dimension concatenated, everything else (broadcast tensors, strings) as in the
         # first batch, in the batch's own structure
         flat = [flatten_batch(b, _WHO) for b in batches]
@@ -273,12 +269,33 @@ class GradientDiversity(Callback):
         probe = None if self.probe is None else tree_map(
             lambda t: t.detach().cpu() if isinstance(t, Tensor) else t, self.probe)
         return {"diversity": self.diversity, "layer_diversity": dict(self.layer_diversity), "measured": self.measured,
-                "skipped": dict(self.skipped), "probe": probe}
+                "skipped": dict(self.skipped), "probe": probe, "probe_size": self.probe_size}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the last value, the counters and the probe set. ``"diversity"`` and ``"measured"`` are required;
+        a state from a version without the others gets: no per-layer values, no skips, and ``probe_size`` read off
+        the saved probe set (``None`` without one).
+
+        A ``probe_size`` other than the checkpoint's is honoured, with a warning: a new probe set of the new size is
+        drawn when training resumes (or, for ``None``, the training batch is used). Keeping the old probe set would
+        silently ignore the argument, and refusing would block a deliberate change; but Δ scales roughly as 1/n, so
+        values before and after are not comparable (n·Δ, ``diversity/n_delta``, is).
+        """
+        missing_state_keys(_WHO, state_dict, ["diversity", "measured"], self.state_key)
         self.diversity = float(state_dict["diversity"])
         self.layer_diversity = dict(state_dict.get("layer_diversity", {}))
         self.measured = int(state_dict["measured"])
-        self.skipped = {**self.skipped, **state_dict["skipped"]}
-        self.probe = state_dict.get("probe")  # a resumed run keeps measuring on the same probe examples
+        self.skipped = {**self.skipped, **state_dict.get("skipped", {})}
+        probe = state_dict.get("probe")
+        saved_size = state_dict.get("probe_size", None if probe is None else _num_examples(probe))
+        if saved_size == self.probe_size:
+            self.probe = probe  # a resumed run keeps measuring on the same probe examples
+            return
+        self.probe = None
+        was = "the training batch" if saved_size is None else f"a probe set of {saved_size} examples"
+        now = ("the training batch" if self.probe_size is None
+               else f"a new probe set of {self.probe_size} examples, drawn when training resumes")
+        rank_zero_warn(f"GradientDiversity: the checkpoint measured Δ on {was} (probe_size={saved_size}); this "
+                       f"callback has probe_size={self.probe_size}, so it measures on {now}. Δ scales roughly as "
+                       "1/n: values before and after the resume are not comparable (diversity/n_delta = n·Δ is).")
