@@ -11,6 +11,7 @@ ratio, and logs under ``curvature/<operator>/...``. The loss is the module's own
 
 from __future__ import annotations
 
+import ast
 import functools
 import math
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
+from lightning_sgd.checks import check_bool, check_choice, check_float, check_int, missing_state_keys
 from lightning_sgd.compat import PACKAGES, Callback, import_from
 from lightning_sgd.curvature import (
     OPERATORS,
@@ -46,6 +48,19 @@ from lightning_sgd.schedules import Schedule, as_schedule
 
 #: W&B logger classes of both Lightning packages (each Trainer builds its own package's).
 WANDB_LOGGERS: tuple[type, ...] = tuple(import_from(package, "loggers.WandbLogger") for package in PACKAGES)
+
+
+def _state_key_config(key: Any) -> dict[str, Any] | None:
+    """The arguments in a CurvatureSpectrum ``state_key`` (``CurvatureSpectrum{'operator': ..., 'k': ..., ...}``),
+    ``None`` for any other key."""
+    prefix = "CurvatureSpectrum{"
+    if not isinstance(key, str) or not key.startswith(prefix):
+        return None
+    try:
+        config = ast.literal_eval(key[len(prefix) - 1:])
+    except (ValueError, SyntaxError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 class CurvatureSpectrum(Callback):
@@ -112,16 +127,24 @@ class CurvatureSpectrum(Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if operator not in OPERATORS:
-            raise ValueError(f"CurvatureSpectrum: operator must be one of {OPERATORS}, got {operator!r}.")
-        if mode not in ("eval", "train"):
-            raise ValueError(f"CurvatureSpectrum: mode must be 'eval' or 'train', got {mode!r}.")
-        if probe_batches < 1:
-            raise ValueError(f"CurvatureSpectrum: the probe set is empty (probe_batches={probe_batches}); use >= 1.")
-        if probe_batch_size is not None and probe_batch_size < 1:
-            raise ValueError(f"CurvatureSpectrum: probe_batch_size must be >= 1, got {probe_batch_size}.")
-        self.schedule = as_schedule(schedule)
-        self.operator = operator
+        who = "CurvatureSpectrum"
+        self.schedule = as_schedule(schedule, who, "schedule")
+        self.operator = check_choice(who, "operator", operator, OPERATORS)
+        mode = check_choice(who, "mode", mode, ("eval", "train"))
+        k = check_int(who, "k", k, minimum=1)
+        lanczos_iterations = check_int(who, "lanczos_iterations", lanczos_iterations, minimum=k, optional=True,
+                                       hint="(the Krylov dimension must be >= k.)")
+        for name, value in (("trace_matvecs", trace_matvecs), ("frobenius_matvecs", frobenius_matvecs),
+                            ("density_runs", density_runs)):
+            check_int(who, name, value, minimum=0, hint="(0 switches it off.)")
+        check_int(who, "density_steps", density_steps, minimum=2)
+        check_bool(who, "alignment", alignment)
+        check_bool(who, "at_fit_end", at_fit_end)
+        check_int(who, "probe_batches", probe_batches, minimum=1, hint="(with 0 the probe set is empty.)")
+        check_int(who, "probe_batch_size", probe_batch_size, minimum=1, optional=True)
+        time_budget = check_float(who, "time_budget", time_budget, low=0.0, low_open=True, optional=True,
+                                  hint="(seconds per measurement; None: no budget.)")
+        check_int(who, "seed", seed)
         self.config = MeasureConfig(
             k=k, lanczos_iterations=lanczos_iterations, trace_matvecs=trace_matvecs,
             frobenius_matvecs=frobenius_matvecs, density_runs=density_runs, density_steps=density_steps,
@@ -178,11 +201,48 @@ class CurvatureSpectrum(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._last_step = state_dict.get("last_step")
-        self.history = list(state_dict.get("history", []))
-        if state_dict.get("seed", self.seed) != self.seed:
-            rank_zero_warn("CurvatureSpectrum: resuming with another seed draws another probe set; values before "
+        """Restore the measurement history. ``"history"`` and ``"last_step"`` are required; a state from a version
+        without ``seed``/``probe_batches``/``probe_batch_size`` is taken to match this callback's."""
+        missing_state_keys("CurvatureSpectrum", state_dict, ["history", "last_step"], self.state_key)
+        self._last_step = state_dict["last_step"]
+        self.history = list(state_dict["history"])
+        changed = [f"{name}={state_dict[name]!r} -> {getattr(self, name)!r}"
+                   for name in ("seed", "probe_batches", "probe_batch_size")
+                   if name in state_dict and state_dict[name] != getattr(self, name)]
+        if changed:
+            rank_zero_warn(f"CurvatureSpectrum: resuming with another probe set ({', '.join(changed)}); values before "
                            "and after the resume are not comparable.")
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Adopt the state this callback saved with another ``k``: Lightning looks states up by ``state_key``, which
+        includes ``k`` (so several CurvatureSpectrum callbacks can run side by side), and would otherwise drop the
+        history without a word. The history is kept: each entry is one measurement's own summary (its
+        ``eig_0..eig_{k-1}``), so entries of the old k stay valid and the new k applies from now on, with a warning.
+        Runs before Lightning's ``load_state_dict`` pass, which finds no state under this key."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        taken = {cb.state_key for cb in trainer.callbacks}
+        candidates = []
+        for key in states:
+            config = _state_key_config(key)
+            if (key not in taken and config is not None and config.get("operator") == self.operator
+                    and config.get("mode") == self.mode and config.get("k") != self.config.k):
+                candidates.append((key, config.get("k")))
+        if not candidates:
+            return
+        if len(candidates) > 1:
+            raise ValueError(f"CurvatureSpectrum(k={self.config.k}): the checkpoint holds states of several "
+                             f"CurvatureSpectrum callbacks with operator={self.operator!r}, mode={self.mode!r} and "
+                             f"another k ({sorted(k for _, k in candidates)}); it cannot tell which one to continue. "
+                             "Resume with the k it was saved with.")
+        key, saved_k = candidates[0]
+        self.load_state_dict(states[key])
+        rank_zero_warn(f"CurvatureSpectrum: the checkpoint's state was saved with k={saved_k}; this callback has "
+                       f"k={self.config.k}. Its history ({len(self.history)} measurements) is kept and the top "
+                       f"{self.config.k} eigenvalues are measured from now on.")
 
     # ----------------------------------------------------------------------------------------------- probe set
     def _draw_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
