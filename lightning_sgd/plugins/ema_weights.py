@@ -59,12 +59,18 @@ from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
 from lightning_sgd.batches import batch_size
+from lightning_sgd.checks import check_bool, check_choice, check_float, check_int, missing_state_keys
 from lightning_sgd.compat import Callback, package_of
 from lightning_sgd.module_loss import ModuleLoss
 
 __all__ = ["EMAWeights", "ema_decay"]
 
 BN_BUFFER_MODES = ("average", "copy", "recalibrate")
+#: Part of the callback's checkpoint key (what Lightning names when the checkpoint is loaded without EMAWeights).
+_STATE_DICT_NOTE = ("holds the EMA (averaged) weights once the EMA has started, the raw ones are current_model_state: "
+                    "resuming fit without EMAWeights would train from the averaged weights")
+#: The key of the callback's state in checkpoints written before the key carried that note.
+_LEGACY_STATE_KEY = "EMAWeights"
 VALIDATE_MODES = ("ema", "both", "raw")
 
 
@@ -138,35 +144,31 @@ class EMAWeights(Callback):
         validate: str = "ema",
         device: str | None = None,
     ) -> None:
+        who = "EMAWeights"
         if decay is not None and half_life_samples is not None:
             raise ValueError("EMAWeights: give decay or half_life_samples, not both.")
         if decay is None and half_life_samples is None:
             decay = 0.999
-        if decay is not None and not 0.0 < decay < 1.0:
-            raise ValueError(f"EMAWeights: decay must be in (0, 1), got {decay}.")
-        if half_life_samples is not None and not half_life_samples > 0:
-            raise ValueError(f"EMAWeights: half_life_samples must be > 0, got {half_life_samples}.")
-        if warmup_gamma <= 0 or warmup_power <= 0:
-            raise ValueError(f"EMAWeights: warmup_gamma and warmup_power must be > 0, got {warmup_gamma}, "
-                             f"{warmup_power}.")
-        if update_every_n_steps < 1 or start_step < 0:
-            raise ValueError(f"EMAWeights: need update_every_n_steps >= 1 and start_step >= 0, got "
-                             f"{update_every_n_steps}, {start_step}.")
-        if bn_buffers not in BN_BUFFER_MODES:
-            raise ValueError(f"EMAWeights: bn_buffers must be one of {BN_BUFFER_MODES}, got {bn_buffers!r}.")
-        if validate not in VALIDATE_MODES:
-            raise ValueError(f"EMAWeights: validate must be one of {VALIDATE_MODES}, got {validate!r}.")
-        if recalibrate_batches < 1:
-            raise ValueError(f"EMAWeights: recalibrate_batches must be >= 1, got {recalibrate_batches}.")
-        self.decay = decay
-        self.half_life_samples = half_life_samples
-        self.warmup, self.warmup_gamma, self.warmup_power = warmup, warmup_gamma, warmup_power
-        self.update_every_n_steps = update_every_n_steps
-        self.start_step = start_step
-        self.bn_buffers = bn_buffers
-        self.recalibrate_batches = recalibrate_batches
-        self.validate = validate
-        self.device = torch.device(device) if device is not None else None
+        self.decay = check_float(who, "decay", decay, low=0.0, high=1.0, low_open=True, high_open=True,
+                                 optional=True)
+        self.half_life_samples = check_float(who, "half_life_samples", half_life_samples, low=0.0, low_open=True,
+                                             optional=True, hint="(the half-life of the average in examples.)")
+        self.warmup = check_bool(who, "warmup", warmup)
+        self.warmup_gamma = check_float(who, "warmup_gamma", warmup_gamma, low=0.0, low_open=True)
+        self.warmup_power = check_float(who, "warmup_power", warmup_power, low=0.0, low_open=True)
+        self.update_every_n_steps = check_int(who, "update_every_n_steps", update_every_n_steps, minimum=1)
+        self.start_step = check_int(who, "start_step", start_step, minimum=0)
+        self.bn_buffers = check_choice(who, "bn_buffers", bn_buffers, BN_BUFFER_MODES)
+        self.recalibrate_batches = check_int(who, "recalibrate_batches", recalibrate_batches, minimum=1)
+        self.validate = check_choice(who, "validate", validate, VALIDATE_MODES)
+        if device is not None and not isinstance(device, (str, torch.device)):
+            raise TypeError(f"EMAWeights: device must be a string such as 'cpu' or 'cuda:0', or None, got "
+                            f"{device!r} ({type(device).__name__}).")
+        try:
+            self.device = torch.device(device) if device is not None else None
+        except RuntimeError as err:
+            raise ValueError(f"EMAWeights: device={device!r} is not a device ({err}); use e.g. 'cpu', 'cuda' or "
+                             "None (the model's device).") from None
         self.last_decay: float | None = None
         self._average_model: AveragedModel | None = None
         self._latest_update_step = 0  # global_step of the last update (0: none yet in this fit)
@@ -176,6 +178,14 @@ class EMAWeights(Callback):
         self._needs_recalibration = False
         self._pairs: dict[str, list[tuple[Tensor, Tensor]]] | None = None
         self._loss: ModuleLoss | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint. When a checkpoint is loaded by a Trainer without
+        EMAWeights, Lightning warns that the callbacks of these keys should be added, so the key says what resuming
+        without it would do: train from the averaged weights that ``state_dict`` holds."""
+        return self._generate_state_key(state_dict=_STATE_DICT_NOTE)
 
     # ---------------------------------------------------------------------------------------------- public helpers
     @property
@@ -224,6 +234,17 @@ class EMAWeights(Callback):
                            "of the EMA copy, which is not sharded, so it may run out of memory.")
             pl_module.configure_model()
         self._average_model = AveragedModel(pl_module, device=self.device or pl_module.device, use_buffers=True)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Before the first step, once the loaders are known: an EMA that can never start leaves validation and the
+        # final weights raw, which the user did not ask for. A warning, not an error: short debugging runs
+        # (fast_dev_run, a small max_steps) of a configuration meant for a long run are legitimate.
+        total = trainer.estimated_stepping_batches
+        if math.isfinite(total) and self.start_step >= total and self.num_updates == 0:
+            rank_zero_warn(f"EMAWeights: start_step={self.start_step} is past the end of training ({int(total)} "
+                           "optimizer steps): the EMA never starts, so validation and the final weights are the raw "
+                           f"ones. Use start_step < {int(total)} or train longer.")
 
     @override
     def on_train_batch_end(
@@ -276,8 +297,14 @@ class EMAWeights(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._latest_update_step = state_dict["latest_update_step"]
-        self._pending_samples = state_dict.get("pending_samples", 0.0)
+        """Restore the update bookkeeping. Defaults for a state without a key: ``latest_update_step`` 0 (it only
+        keeps one step from being averaged twice, and a resumed run is past every saved step), ``last_decay``
+        ``None`` (informational). ``pending_samples`` (the examples since the last update, which set the next decay)
+        is required with ``half_life_samples``: without it the next decay would silently be wrong."""
+        required = ["pending_samples"] if self.half_life_samples is not None else []
+        missing_state_keys("EMAWeights", state_dict, required, self.state_key)
+        self._latest_update_step = int(state_dict.get("latest_update_step", 0))
+        self._pending_samples = float(state_dict.get("pending_samples", 0.0))
         self.last_decay = state_dict.get("last_decay")
 
     @override
@@ -300,6 +327,9 @@ class EMAWeights(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key not in states and _LEGACY_STATE_KEY in states:  # Lightning looks up the current key only
+            self.load_state_dict(states[_LEGACY_STATE_KEY])
         if trainer.state.fn != "fit" or self._average_model is None:
             return  # evaluating a checkpoint: its state_dict (the EMA weights) is what the module should hold
         if checkpoint.get("ema_weights_started") is False:
