@@ -35,6 +35,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_sgd.checks import check_choice, check_float, check_int, missing_state_keys
 from lightning_sgd.compat import Callback
 
 __all__ = ["LRWarmupScaling", "scale_factor", "warmup_factor"]
@@ -108,25 +109,18 @@ class LRWarmupScaling(Callback):
         warmup_start_factor: float | None = None,
         batch_size: int | None = None,
     ) -> None:
-        if reference_batch_size is None or reference_batch_size <= 0:
-            raise ValueError(f"LRWarmupScaling: reference_batch_size (B_ref) must be > 0, got {reference_batch_size}.")
-        if rule not in RULES:
-            raise ValueError(f"LRWarmupScaling: rule must be one of {RULES}, got {rule!r}.")
+        who = "LRWarmupScaling"
+        self.reference_batch_size = check_int(who, "reference_batch_size", reference_batch_size, minimum=1,
+                                              hint="(B_ref: the global batch size the configured LR was tuned for.)")
+        self.rule = check_choice(who, "rule", rule, RULES)
         if warmup_steps is not None and warmup_epochs is not None:
             raise ValueError("LRWarmupScaling: give warmup_steps or warmup_epochs, not both.")
-        if (warmup_steps is not None and warmup_steps < 0) or (warmup_epochs is not None and warmup_epochs < 0):
-            raise ValueError(f"LRWarmupScaling: warmup length must be >= 0, got steps={warmup_steps}, "
-                             f"epochs={warmup_epochs}.")
-        if warmup_start_factor is not None and warmup_start_factor < 0:
-            raise ValueError(f"LRWarmupScaling: warmup_start_factor must be >= 0, got {warmup_start_factor}.")
-        if batch_size is not None and batch_size <= 0:
-            raise ValueError(f"LRWarmupScaling: batch_size must be > 0, got {batch_size}.")
-        self.reference_batch_size = reference_batch_size
-        self.rule = rule
-        self.warmup_steps = warmup_steps
-        self.warmup_epochs = warmup_epochs
-        self.warmup_start_factor = warmup_start_factor
-        self.batch_size = batch_size
+        self.warmup_steps = check_int(who, "warmup_steps", warmup_steps, minimum=0, optional=True)
+        self.warmup_epochs = check_float(who, "warmup_epochs", warmup_epochs, low=0.0, optional=True)
+        self.warmup_start_factor = check_float(who, "warmup_start_factor", warmup_start_factor, low=0.0,
+                                               high=1.0, optional=True, hint="(w(0) as a fraction of the target LR.)")
+        self.batch_size = check_int(who, "batch_size", batch_size, minimum=1, optional=True,
+                                    hint="(the per-device batch size; None reads it from the train DataLoader.)")
         # Resumable state (state_dict): None until training starts.
         self.scale: float | None = None
         self.global_batch_size: int | None = None
@@ -174,6 +168,9 @@ class LRWarmupScaling(Callback):
         for config in trainer.lr_scheduler_configs:
             if not isinstance(config.scheduler, _WarmupScheduler):
                 config.scheduler = _WarmupScheduler(config.scheduler, self, self._index_of(config.scheduler.optimizer))
+        if len(self.steps) != len(self._optimizers) or len(self.raw_lrs) != len(self._optimizers):
+            raise ValueError(f"LRWarmupScaling: the checkpoint's state is for {len(self.steps)} optimizer(s), the "
+                             f"module has {len(self._optimizers)}; resume with the same configure_optimizers.")
         for index, optimizer in enumerate(self._optimizers):
             self._handles.append(optimizer.register_step_post_hook(self._post_step_hook(index)))
             self._apply(index)
@@ -190,14 +187,26 @@ class LRWarmupScaling(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"scale": self.scale, "global_batch_size": self.global_batch_size, "steps": list(self.steps),
-                "raw_lrs": [list(lrs) for lrs in self.raw_lrs]}
+                "raw_lrs": [list(lrs) for lrs in self.raw_lrs], "rule": self.rule,
+                "reference_batch_size": self.reference_batch_size}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the scale, the step counters and the raw learning rates; all four are required (without any of
+        them the resumed learning rates would differ from the uninterrupted run's)."""
+        missing_state_keys("LRWarmupScaling", state_dict, ["scale", "global_batch_size", "steps", "raw_lrs"],
+                           self.state_key)
         self.scale = state_dict["scale"]
         self.global_batch_size = state_dict["global_batch_size"]
         self.steps = list(state_dict["steps"])
         self.raw_lrs = [list(lrs) for lrs in state_dict["raw_lrs"]]
+        # The optimizers' LRs in the checkpoint are already scaled: a changed rule or B_ref cannot apply to them.
+        changed = [f"{name}={state_dict[name]!r} -> {getattr(self, name)!r}"
+                   for name in ("rule", "reference_batch_size")
+                   if name in state_dict and state_dict[name] != getattr(self, name)]
+        if changed and self.scale is not None:
+            rank_zero_warn(f"LRWarmupScaling: resumed with {', '.join(changed)}; the checkpoint's learning rates were "
+                           f"scaled by {self.scale:.4g} and keep that scale. Start a new run to scale them otherwise.")
 
     # -------------------------------------------------------------------------------------------------- internals
     def _post_step_hook(self, index: int) -> Any:
