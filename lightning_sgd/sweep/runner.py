@@ -29,6 +29,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -46,6 +47,7 @@ from lightning_sgd.sweep.config import SweepConfig, SweepConfigError
 HEARTBEAT_INTERVAL_S = 20  # how often a running trial tells the storage it is alive
 GRACE_PERIOD_S = 120  # a trial silent this long on another host is taken as dead and re-queued
 MAX_RETRY = 3  # re-queue a killed trial at most this many times
+CONNECT_TIMEOUT_S = 10  # a database server that does not answer within this is reported, not waited for
 
 
 # --------------------------------------------------------------------------------------------------- one trial
@@ -291,12 +293,73 @@ def config_fingerprint(cfg: SweepConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _connect_args(url: str) -> dict[str, Any]:
+    """DB-API connect arguments: a lock timeout for SQLite (several local workers wait for each other), a connect
+    timeout for the server databases (an unreachable host fails in seconds, not after the OS's TCP timeout)."""
+    if url.startswith("sqlite"):
+        return {"timeout": 60}
+    if url.startswith(("postgresql", "mysql", "mariadb")):
+        return {"connect_timeout": CONNECT_TIMEOUT_S}
+    return {}
+
+
+def _one_line(err: BaseException) -> str:
+    """The driver's own message of a database error (SQLAlchemy wraps it in several lines), on one line."""
+    inner = getattr(err, "orig", None) or err
+    return f"{type(inner).__name__}: {' '.join(str(inner).split())}"
+
+
+def _shown(url: str) -> str:
+    """The URL with its password masked."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL: show it as given
+        return url
+
+
+def check_storage(url: str) -> None:
+    """Refuse, in one line naming the URL, a storage that cannot be opened: not a database URL, a missing driver, a
+    SQLite file in a folder that does not exist, a server that refuses or does not answer within
+    ``CONNECT_TIMEOUT_S``. Creates nothing (SQLite is not connected to: that would create the file)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    try:
+        parsed = make_url(url)
+    except Exception as err:  # noqa: BLE001 - any parse failure is the same configuration error
+        raise SweepConfigError(f"sweep.storage {url!r} is not a database URL ({_one_line(err)}); use e.g. "
+                               "sqlite:///runs/sweep/sweep.db or postgresql://user@host/db.") from None
+    shown = _shown(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            folder = Path(database).expanduser().resolve().parent
+            if not folder.is_dir():
+                raise SweepConfigError(f"cannot open sweep.storage {shown}: the folder {folder} does not exist; "
+                                       "create it or give another path.")
+        return
+    try:
+        engine = create_engine(url, connect_args=_connect_args(url), poolclass=NullPool)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except ModuleNotFoundError as err:
+        raise SweepConfigError(f"cannot open sweep.storage {shown}: its database driver is not installed "
+                               f"({_one_line(err)}); install it, or name an installed one in the URL, e.g. "
+                               f"{parsed.get_backend_name()}+psycopg2://... with psycopg2-binary.") from None
+    except Exception as err:  # noqa: BLE001 - unreachable, refused, bad credentials: all one line
+        raise SweepConfigError(f"cannot open sweep.storage {shown}: {_one_line(err)}") from None
+
+
 def open_storage(url: str) -> RDBStorage:
     """Optuna RDB storage with heartbeats, so trials of a worker that died anywhere are re-queued."""
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat, QMC, retry
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        engine_kwargs["connect_args"] = {"timeout": 60}  # several local workers: wait for the lock, don't fail
+    engine_kwargs: dict[str, Any] = {"connect_args": _connect_args(url)}
     for attempt in range(5):
         try:
             return RDBStorage(
@@ -306,9 +369,9 @@ def open_storage(url: str) -> RDBStorage:
                 grace_period=GRACE_PERIOD_S,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
             )
-        except Exception:  # workers starting together race to create the schema: the loser retries
+        except Exception as err:  # workers starting together race to create the schema: the loser retries
             if attempt == 4:
-                raise
+                raise SweepConfigError(f"cannot open sweep.storage {_shown(url)}: {_one_line(err)}") from err
             time.sleep(1.0 + attempt)
     raise AssertionError("unreachable")
 
@@ -448,6 +511,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict[str, Any]:
     cfg.validate()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if cfg.storage:  # a given storage that cannot be opened fails now, in one line, before the recipe is built
+        check_storage(cfg.storage)
     if not cfg.report_only:
         preflight(cfg)  # before the storage is touched: a bad sweep leaves nothing behind
     os.makedirs(cfg.output_dir, exist_ok=True)
