@@ -365,7 +365,8 @@ def test_adaptive_batch_size_with_gns_on_a_training_step_only_module(package):
     Ground truth: the controller's rule (hysteresis 0, one device) replayed on the B_simple values GNS held at the
     decision steps 2, 4, 6 gives the batch sizes the module actually got (a change applies to the next batch)."""
     gns = GradientNoiseScale(schedule=1, source="per_example")
-    controller = AdaptiveBatchSize(max_batch_size=64, every_n_steps=2, start_step=2, hysteresis=0.0)
+    controller = AdaptiveBatchSize(max_batch_size=64, every_n_steps=2, start_step=2, hysteresis=0.0,
+                                   min_measurements=2, max_growth=2.0)
     seen = BatchesSeen(gns)
     module = make(package, "autoencoder")
     fit(package, module, DATA[package]("autoencoder", n=256, batch_size=8), [gns, controller, seen], max_steps=6)
@@ -373,8 +374,8 @@ def test_adaptive_batch_size_with_gns_on_a_training_step_only_module(package):
     for step in range(1, 7):
         expected.append(current)  # the batch of step `step`
         b_simple = seen.b_simple[step]
-        if step % 2 == 0 and math.isfinite(b_simple) and math.floor(min(64, b_simple)) > current:
-            current = math.floor(min(64, b_simple))
+        if step % 2 == 0 and math.isfinite(b_simple) and math.floor(min(64, b_simple, 2 * current)) > current:
+            current = math.floor(min(64, b_simple, 2 * current))  # growth capped at max_growth per decision
     assert seen.sizes == expected and max(expected) > 8, (seen.sizes, seen.b_simple)
     assert controller.history[0]["reason"] == "start" and controller.history[-1]["global_batch_size"] == current
 
