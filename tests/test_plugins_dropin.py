@@ -406,3 +406,27 @@ def test_dropin_under_lightning_ddp(tmp_path):
     with torch.no_grad():
         expected = float(_hand_loss("autoencoder", fresh, (x,)))
     assert rank0["val_ema_loss"] == rank1["val_ema_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_validate_both_without_a_validation_step_warns_before_training(package):
+    """A module without ``validation_step`` (the Lightning README's autoencoder) never runs validation, so
+    ``validate="both"`` would silently evaluate nothing: one warning at train start says so."""
+    L = PACKAGES[package]
+
+    class NoValidation(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(4, 2)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,))), batch_size=8)
+    trainer = L.Trainer(**fast_trainer_kwargs(callbacks=[EMAWeights(decay=0.5, validate="both")], max_steps=2))
+    with pytest.warns(UserWarning, match=r"validate='both'.*no validation.*val_ema/loss is never computed"):
+        trainer.fit(NoValidation(), train_dataloaders=loader)

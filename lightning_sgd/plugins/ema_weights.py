@@ -93,6 +93,11 @@ def ema_decay(
     return d
 
 
+def _has_validation_step(module: nn.Module) -> bool:
+    """Does the module override ``validation_step`` (of either Lightning package's ``LightningModule``)?"""
+    return type(module).validation_step is not package_of(module).LightningModule.validation_step
+
+
 def _overrides_configure_model(module: nn.Module) -> bool:
     """Does ``module`` override ``configure_model`` (of its own Lightning package's ``LightningModule``)?"""
     base = getattr(package_of(module).LightningModule, "configure_model", None)
@@ -245,6 +250,10 @@ class EMAWeights(Callback):
             rank_zero_warn(f"EMAWeights: start_step={self.start_step} is past the end of training ({int(total)} "
                            "optimizer steps): the EMA never starts, so validation and the final weights are the raw "
                            f"ones. Use start_step < {int(total)} or train longer.")
+        if self.validate == "both" and (not _has_validation_step(pl_module) or trainer.limit_val_batches == 0):
+            rank_zero_warn("EMAWeights(validate='both'): this fit runs no validation (the module has no "
+                           "validation_step, or limit_val_batches=0), so val_ema/loss is never computed. Add a "
+                           "validation_step and validation data, or use validate='ema' (the default).")
 
     @override
     def on_train_batch_end(
