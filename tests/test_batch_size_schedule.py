@@ -98,7 +98,9 @@ def test_pure_arithmetic():
 
 
 def test_bad_input():
-    for kwargs in ({"milestones": []}, {"milestones": [3, 3]}, {"milestones": [-1]}, {"milestones": [2.5]},
+    with pytest.raises(TypeError, match="BatchSizeSchedule: each milestone must be an int >= 0, got 2.5"):
+        BatchSizeSchedule(milestones=[2.5])  # a wrong type is a TypeError, as in lightning_sgd.checks
+    for kwargs in ({"milestones": []}, {"milestones": [3, 3]}, {"milestones": [-1]},
                    {"milestones": [2, 4], "factors": [2.0]}, {"milestones": [2], "factors": 0},
                    {"milestones": [2], "interval": "batch"}, {"milestones": [2], "lr_rule": "cubic"}):
         with pytest.raises(ValueError):
@@ -109,8 +111,9 @@ def test_bad_input():
                    {"max_batch_size": 64, "lr_rule": "cubic"}):
         with pytest.raises(ValueError):
             AdaptiveBatchSize(**kwargs)
-    for kwargs in ({"min_measurements": 0}, {"min_measurements": 2.5}, {"min_measurements": None}):
-        with pytest.raises(ValueError, match="min_measurements"):
+    for kwargs, error in (({"min_measurements": 0}, ValueError), ({"min_measurements": 2.5}, TypeError),
+                          ({"min_measurements": None}, TypeError)):
+        with pytest.raises(error, match="AdaptiveBatchSize: min_measurements must be an int >= 1"):
             AdaptiveBatchSize(max_batch_size=64, **kwargs)
     for bad in (1.0, 0.5, -2.0, math.nan, True, "2"):
         with pytest.raises(ValueError, match=r"max_growth .* must be a number > 1"):

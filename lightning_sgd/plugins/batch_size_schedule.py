@@ -49,6 +49,7 @@ from torch.utils.data import BatchSampler, DataLoader
 from typing_extensions import override
 
 from lightning_sgd.batch_size import ResizableBatchSampler, milestone_multiplier, split_global_batch
+from lightning_sgd.checks import check_int
 from lightning_sgd.compat import Callback
 from lightning_sgd.plugins.lr_warmup_scaling import RULES, LRWarmupScaling, _WarmupScheduler, scale_factor
 
@@ -56,11 +57,6 @@ __all__ = ["AdaptiveBatchSize", "BatchSizeSchedule"]
 
 _SCALED_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 _INTERVALS = ("step", "epoch")
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
 
 
 def _rebuild_loader(loader: DataLoader, batch_size: int | None) -> tuple[DataLoader, ResizableBatchSampler]:
@@ -329,7 +325,7 @@ class BatchSizeSchedule(_BatchSizeController):
         if not milestones:
             raise ValueError("BatchSizeSchedule: give at least one milestone.")
         for milestone in milestones:
-            _positive_int("BatchSizeSchedule: each milestone", milestone, minimum=0)
+            check_int("BatchSizeSchedule", "each milestone", milestone, minimum=0)
         if any(b <= a for a, b in zip(milestones, milestones[1:])):
             raise ValueError(f"BatchSizeSchedule: milestones must be strictly increasing, got {milestones}.")
         if isinstance(factors, (int, float)):
@@ -407,15 +403,15 @@ class AdaptiveBatchSize(_BatchSizeController):
                  accumulate: bool = False, multiple_of: int = 1, lr_rule: str = "linear", noise_scale: Any = None,
                  min_measurements: int = 10, max_growth: float = 2.0) -> None:
         super().__init__(lr_rule)
-        _positive_int("AdaptiveBatchSize: max_batch_size", max_batch_size)
-        _positive_int("AdaptiveBatchSize: every_n_steps", every_n_steps)
+        check_int("AdaptiveBatchSize", "max_batch_size", max_batch_size, minimum=1)
+        check_int("AdaptiveBatchSize", "every_n_steps", every_n_steps, minimum=1)
         if start_step is not None:
-            _positive_int("AdaptiveBatchSize: start_step", start_step, minimum=0)
+            check_int("AdaptiveBatchSize", "start_step", start_step, minimum=0)
         if max_per_device_batch_size is not None:
-            _positive_int("AdaptiveBatchSize: max_per_device_batch_size", max_per_device_batch_size)
-        _positive_int("AdaptiveBatchSize: multiple_of", multiple_of)
-        _positive_int("AdaptiveBatchSize: min_measurements (GNS measurements before the first decision)",
-                      min_measurements)
+            check_int("AdaptiveBatchSize", "max_per_device_batch_size", max_per_device_batch_size, minimum=1)
+        check_int("AdaptiveBatchSize", "multiple_of", multiple_of, minimum=1)
+        check_int("AdaptiveBatchSize", "min_measurements", min_measurements, minimum=1,
+                  hint="(GNS measurements before the first decision)")
         if not (target_ratio > 0 and math.isfinite(target_ratio)):
             raise ValueError(f"AdaptiveBatchSize: target_ratio must be finite and > 0, got {target_ratio}.")
         if not (hysteresis >= 0 and math.isfinite(hysteresis)):
