@@ -10,10 +10,17 @@ padding + horizontal flip for CIFAR-10), as fast CIFAR trainers do, instead of p
 stays a plain ``DataLoader``, so Lightning shards it under DDP, and batches come out ready to use (normalized
 floats), so callbacks that draw their own batches from ``trainer.train_dataloader`` see what ``training_step``
 sees.
+
+Exact resume: every training loader is a :class:`~lightning_sgd.resumable.ResumableDataLoader` over an
+:class:`~lightning_sgd.resumable.EpochSampler`, so the data order is a function of ``(seed, epoch)`` and a checkpoint
+records how far into the epoch training got; the random augmentation of a batch (or, for ImageNet, of an example) is
+seeded from ``(seed, epoch, position)`` instead of a generator shared across the run. A run resumed from any step
+sees exactly the batches of the uninterrupted run.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +37,7 @@ from lightning_sgd.data.imagenet import MEAN as IMAGENET_MEAN
 from lightning_sgd.data.imagenet import STD as IMAGENET_STD
 from lightning_sgd.data.imagenet import ImageFolderDataset, list_image_folder, worker_init_fn
 from lightning_sgd.data.text import encode_shards, lm1b_shards, lm1b_vocab, load_ptb
+from lightning_sgd.resumable import EpochSampler, ResumableDataLoader, epoch_seed
 
 Batch = tuple[Tensor, ...]
 
@@ -88,21 +96,30 @@ class _IndexedBatch(tuple):
 class BatchTransform:
     """``collate_fn`` of the tensor loaders: stack (unless already stacked), then apply ``transform`` to the batch.
 
-    ``transform(tensors, generator)`` runs on the tensors' device; ``generator`` (a CPU ``torch.Generator`` seeded
-    by ``seed``, or ``None`` for evaluation) drives the random augmentation.
+    ``transform(tensors, generator)`` runs on the tensors' device; ``generator`` drives the random augmentation: a
+    CPU ``torch.Generator`` seeded by ``(seed, epoch, rank, position)`` of the batch that ``sampler`` (the loader's
+    :class:`EpochSampler`, drawn in this process) has just drawn, so a batch's augmentation depends only on where it
+    sits in the data order and a resumed run repeats it exactly. ``None`` without a sampler (evaluation).
     """
 
     def __init__(self, transform: Callable[[tuple[Tensor, ...], torch.Generator | None], Batch],
-                 seed: int | None) -> None:
-        self.transform = transform
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+                 seed: int = 0, sampler: EpochSampler | None = None) -> None:
+        self.transform, self.seed, self.sampler = transform, seed, sampler
+
+    def generator(self) -> torch.Generator | None:
+        """The augmentation generator of the batch being collated (``None`` without a sampler)."""
+        if self.sampler is None:
+            return None
+        run = self.sampler.drawing
+        keys = (run.epoch, self.sampler.rank, run.position) if run is not None else (-1, self.sampler.rank)
+        return torch.Generator().manual_seed(epoch_seed(self.seed, *keys))
 
     def __call__(self, samples: Any) -> Batch:
         if isinstance(samples, _IndexedBatch):
             batch = tuple(samples)
         else:  # a list of single examples
             batch = tuple(torch.stack(column) for column in zip(*samples))
-        return self.transform(batch, self.generator)
+        return self.transform(batch, self.generator())
 
 
 def tensor_dataloader(tensors: tuple[Tensor, ...], batch_size: int, shuffle: bool,
@@ -110,15 +127,20 @@ def tensor_dataloader(tensors: tuple[Tensor, ...], batch_size: int, shuffle: boo
                       device: torch.device | str = "cpu", seed: int = 0) -> DataLoader:
     """A ``DataLoader`` over tensors moved to ``device`` once, fetching and augmenting whole batches there.
 
-    It is a plain ``DataLoader`` (``num_workers=0``), so Lightning adds a ``DistributedSampler`` under DDP and
-    callbacks that read ``trainer.train_dataloader.dataset`` work unchanged. Training loaders shuffle with a
-    generator seeded by ``seed`` and drop the last incomplete batch.
+    It is a ``DataLoader`` (``num_workers=0``: the augmentation reads the sampler in this process), so callbacks
+    that read ``trainer.train_dataloader.dataset`` work unchanged. Training loaders (``shuffle=True``) are a
+    :class:`ResumableDataLoader` over an :class:`EpochSampler` seeded by ``seed`` (sharded over the DDP ranks),
+    drop the last incomplete batch and augment with generators derived from ``seed + 1``; evaluation loaders keep
+    the order and Lightning shards them under DDP.
     """
     dataset = TensorBatchDataset(*(t.to(device) for t in tensors))
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle and len(dataset) >= batch_size,
-                      generator=generator, num_workers=0,
-                      collate_fn=BatchTransform(transform, seed + 1 if shuffle else None))
+    if not shuffle:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
+                          collate_fn=BatchTransform(transform))
+    sampler = EpochSampler(len(dataset), seed=seed)
+    return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                               drop_last=len(dataset) >= batch_size, num_workers=0,
+                               collate_fn=BatchTransform(transform, seed + 1, sampler))
 
 
 class TensorDataModule(pl.LightningDataModule):
@@ -363,10 +385,15 @@ class LM1BDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         self.setup()
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size,
-                          shuffle=train, drop_last=train, generator=generator if train else None,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        dataset, workers = self.datasets[split], dict(num_workers=self.num_workers,
+                                                      persistent_workers=self.num_workers > 0)
+        if not train:
+            return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **workers)
+        if len(dataset) == 0:
+            raise ValueError(f"LM1BDataModule: the training shards hold no window of seq_len + 1 = {self.seq_len + 1} "
+                             "tokens; use more shards (num_train_shards) or a smaller seq_len.")
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=EpochSampler(len(dataset), self.seed),
+                                   drop_last=True, **workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
@@ -379,6 +406,28 @@ class LM1BDataModule(pl.LightningDataModule):
 
 
 # ----------------------------------------------------------------------------------------------------- ImageNet
+class EpochIndexSampler(EpochSampler):
+    """An :class:`EpochSampler` that yields ``(epoch, index)``, for datasets that seed each example's augmentation."""
+
+    def __iter__(self) -> Any:
+        for index in super().__iter__():
+            assert self.drawing is not None
+            yield self.drawing.epoch, index
+
+
+class EpochSeededImageFolder(ImageFolderDataset):
+    """:class:`ImageFolderDataset` whose training crop and flip of ``dataset[(epoch, index)]`` are drawn from
+    ``epoch_seed(seed, epoch, index)``: a pure function of the key, whichever worker loads it and whatever was
+    loaded before, so a resumed run decodes the same pixels. ``dataset[index]`` works as in the parent."""
+
+    def __getitem__(self, key: Any) -> tuple[Tensor, Tensor]:
+        if isinstance(key, tuple):
+            epoch, index = key
+            self._rng = random.Random(epoch_seed(self.seed, epoch, index))
+            return super().__getitem__(index)
+        return super().__getitem__(key)
+
+
 class ImageNetDataModule(pl.LightningDataModule):
     """ImageNet from ``root/{train,val}/<wnid>/*.JPEG`` (see :mod:`lightning_sgd.data.imagenet`).
 
@@ -407,12 +456,14 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         self.setup()
-        dataset = ImageFolderDataset(self.samples[split], self.image_size, train=train, seed=self.seed)
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-                          drop_last=train, generator=generator if train else None, num_workers=self.num_workers,
-                          worker_init_fn=worker_init_fn, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+        workers: dict[str, Any] = dict(num_workers=self.num_workers, worker_init_fn=worker_init_fn,
+                                       persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+        if not train:
+            dataset = ImageFolderDataset(self.samples[split], self.image_size, train=False, seed=self.seed)
+            return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **workers)
+        dataset = EpochSeededImageFolder(self.samples[split], self.image_size, train=True, seed=self.seed)
+        sampler = EpochIndexSampler(len(dataset), seed=self.seed)
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True, **workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sgd.bootstrap import ChunkedStream
 from lightning_sgd.data.mnist1d import NUM_CLASSES, SEQUENCE_LENGTH, generate_mnist1d, read_mnist1d_cache
+from lightning_sgd.resumable import EpochSampler, ResumableDataLoader
 
 _SPLITS = ("train", "val", "test")
 _CACHE_VERSION = 1  # bump when the generator or normalization changes
@@ -161,15 +162,13 @@ class MNIST1DDataModule(pl.LightningDataModule):
         x, y = self.tensors[split]
         if len(y) == 0:
             raise ValueError(f"MNIST1DDataModule: the {split} split is empty; set num_{split} >= 1 to use it.")
-        generator = torch.Generator().manual_seed(split_seed(self.seed, 100 + _SPLITS.index(split)))
-        return DataLoader(
-            TensorDataset(x, y),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator if shuffle else None,
-            num_workers=self.num_workers,
-            drop_last=shuffle and len(y) >= batch_size,
-        )
+        dataset = TensorDataset(x, y)
+        if not shuffle:
+            return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
+        # order a function of (seed, epoch); the checkpoint records the place in the epoch (exact resume anywhere)
+        sampler = EpochSampler(len(y), seed=split_seed(self.seed, 100 + _SPLITS.index(split)))
+        return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
+                                   drop_last=len(y) >= batch_size)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)

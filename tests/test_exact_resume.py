@@ -1,0 +1,176 @@
+"""Exact resume of the recipes' DataModules: killed at any step and resumed, a fit sees the same batches (order and
+augmentation) and ends with the same weights, bit for bit, as the uninterrupted fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import nn
+
+from lightning_sgd.compat import Callback
+from lightning_sgd.data import synthetic
+from lightning_sgd.recipes.datamodules import CIFAR10DataModule
+from lightning_sgd.recipes.mnist_1d import MNIST1DDataModule
+from lightning_sgd.resumable import EpochSampler, ResumableDataLoader
+
+BATCHES_PER_EPOCH = 6
+MAX_EPOCHS = 3  # (with max_steps, Lightning 2.6 itself replays one batch after an on_train_epoch_end checkpoint)
+MAX_STEPS = MAX_EPOCHS * BATCHES_PER_EPOCH
+EVERY = 4  # checkpoints at steps 4, 8, 12, 16: mid-epoch, except 12 (the last batch of epoch 1)
+
+
+class LinearClassifier(pl.LightningModule):
+    def __init__(self, inputs: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Linear(inputs, 10)
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x.flatten(1)), y)
+        self.log("train_loss", loss)
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class BatchRecorder(Callback):
+    """Every training batch with where Lightning says it is: ``(epoch, batch_idx, global_step, x, y)``."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, int, torch.Tensor, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        x, y = batch
+        self.seen.append((trainer.current_epoch, batch_idx, trainer.global_step, x.clone(), y.clone()))
+
+
+def mnist1d(tmp_path: Path) -> tuple[pl.LightningDataModule, int]:
+    return MNIST1DDataModule(num_train=8 * BATCHES_PER_EPOCH, num_val=8, num_test=8, batch_size=8, seed=3,
+                             cache_dir=str(tmp_path / "mnist1d-cache")), 40
+
+
+def cifar(tmp_path: Path) -> tuple[pl.LightningDataModule, int]:
+    root = tmp_path / "cifar"
+    if not root.exists():
+        synthetic.write_cifar10(root, per_batch=10)  # 50 training images, 2 held out: 6 batches of 8
+    return CIFAR10DataModule(root=str(root), batch_size=8, eval_batch_size=8, num_val=2, device="cpu", seed=3), 3072
+
+
+DATAMODULES = {"mnist1d": mnist1d, "cifar10": cifar}
+
+
+def fit(make, data_dir: Path, run_dir: Path, ckpt_path: str | None = None):
+    data, inputs = make(data_dir)
+    model, recorder = LinearClassifier(inputs), BatchRecorder()
+    checkpoints = [
+        ModelCheckpoint(dirpath=run_dir / "ckpt", filename="mid-{step}", every_n_train_steps=EVERY,
+                        save_top_k=-1),
+        ModelCheckpoint(dirpath=run_dir / "ckpt", filename="end-{step}", every_n_epochs=1,
+                        save_on_train_epoch_end=True, save_top_k=-1),
+    ]
+    trainer = pl.Trainer(max_epochs=MAX_EPOCHS, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, callbacks=[recorder, *checkpoints])
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    assert trainer.global_step == MAX_STEPS
+    return model, recorder.seen, trainer
+
+
+@pytest.fixture(scope="module", params=sorted(DATAMODULES))
+def straight(request, tmp_path_factory):
+    """The uninterrupted fit (which also writes the checkpoints the resumed fits start from)."""
+    tmp_path = tmp_path_factory.mktemp(request.param)
+    model, seen, trainer = fit(DATAMODULES[request.param], tmp_path, tmp_path)
+    assert len(seen) == MAX_STEPS and trainer.num_training_batches == BATCHES_PER_EPOCH
+    return request.param, tmp_path, model, seen
+
+
+def assert_resume_is_exact(straight, checkpoint: str, resumed_at: int) -> None:
+    name, tmp_path, model, seen = straight
+    path = tmp_path / "ckpt" / checkpoint
+    assert path.exists(), sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    resumed, resumed_seen, _ = fit(DATAMODULES[name], tmp_path, tmp_path / f"resumed-{checkpoint}", ckpt_path=str(path))
+    tail = seen[resumed_at:]
+    assert [r[:3] for r in resumed_seen] == [s[:3] for s in tail]  # epoch, batch_idx, global_step line up
+    for (*_, x, y), (*_, x0, y0) in zip(resumed_seen, tail):
+        assert torch.equal(y, y0) and torch.equal(x, x0)  # same examples, same augmentation
+    assert resumed.losses == model.losses[resumed_at:]
+    for (key, p), p0 in zip(resumed.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(p, p0), key
+
+
+@pytest.mark.parametrize("step", [BATCHES_PER_EPOCH, 2 * BATCHES_PER_EPOCH])
+def test_resume_from_an_end_of_epoch_checkpoint_is_exact(straight, step):
+    assert_resume_is_exact(straight, f"end-step={step}.ckpt", step)
+
+
+@pytest.mark.parametrize("step", [EVERY, 2 * EVERY, 3 * EVERY, 4 * EVERY])
+def test_resume_from_a_train_step_checkpoint_is_exact(straight, step):
+    """Checkpoints of ``every_n_train_steps``: mid-epoch (4, 8, 16) and on the last batch of an epoch (12)."""
+    checkpoint = torch.load(straight[1] / "ckpt" / f"mid-step={step}.ckpt", weights_only=False)
+    loader_state = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    epoch, batches = divmod(step - 1, BATCHES_PER_EPOCH)
+    assert loader_state == [{"epoch": epoch, "batches": batches + 1}]
+    assert_resume_is_exact(straight, f"mid-step={step}.ckpt", step)
+
+
+def test_the_straight_run_reshuffles_every_epoch(straight):
+    seen = straight[3]
+    epochs = [torch.cat([y for e, *_, y in seen if e == epoch]) for epoch in (0, 1)]
+    assert sorted(epochs[0].tolist()) == sorted(epochs[1].tolist()) and not torch.equal(epochs[0], epochs[1])
+
+
+@pytest.mark.parametrize("name", sorted(DATAMODULES))
+def test_the_order_is_a_function_of_seed_and_epoch(name, tmp_path):
+    def order(epoch: int, make=DATAMODULES[name]) -> list[torch.Tensor]:
+        data, _ = make(tmp_path)
+        data.setup("fit")
+        loader = data.train_dataloader()
+        assert isinstance(loader, ResumableDataLoader)
+        loader.sampler.set_epoch(epoch)
+        return [x for x, _ in loader]
+
+    first, again, second = order(1), order(1), order(2)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # data order and augmentation
+    assert not torch.equal(torch.cat(first), torch.cat(second))
+
+
+def test_epoch_sampler_orders_shards_and_skips():
+    a, b = EpochSampler(10, seed=1), EpochSampler(10, seed=1)
+    a.set_epoch(4)
+    b.set_epoch(4)
+    assert list(a) == list(b) and sorted(a) == list(range(10))
+    b.set_epoch(5)
+    assert list(a) != list(b)
+    ranks = [EpochSampler(10, seed=1, num_replicas=3, rank=r) for r in range(3)]
+    for r in ranks:
+        r.set_epoch(4)
+    shards = [list(r) for r in ranks]
+    assert all(len(s) == 4 for s in shards) and set(sum(shards, [])) == set(range(10))  # padded by repetition
+    a.resume(4, 3)
+    a.set_epoch(4)
+    assert list(a) == list(b.epoch_indices(4))[3:]
+    a.resume(4, 3)  # a resume for another epoch is ignored
+    a.set_epoch(5)
+    assert list(a) == b.epoch_indices(5)
+
+
+def test_side_passes_do_not_move_the_training_pass():
+    data = torch.arange(12.0)
+    loader = ResumableDataLoader(data, batch_size=3, sampler=EpochSampler(12, seed=0))
+    loader.sampler.set_epoch(2)
+    training = iter(loader)
+    first = next(training)
+    assert torch.equal(next(iter(loader)), first)  # a probe drawn on the side sees the same order
+    assert loader.state_dict() == {"epoch": 2, "batches": 1}
+    rest = list(training)
+    assert loader.state_dict() == {"epoch": 2, "batches": 4} and len(rest) == 3
+    with pytest.raises(ValueError, match="'epoch' and 'batches'"):
+        loader.load_state_dict({"step": 3})
