@@ -88,6 +88,7 @@ class EpochSampler(DistributedSampler):
         if num_samples < 1:
             raise ValueError(f"EpochSampler: num_samples must be >= 1, got {num_samples}.")
         distributed = dist.is_available() and dist.is_initialized()
+        self._follows_process_group = num_replicas is None and rank is None
         if num_replicas is None:
             num_replicas = dist.get_world_size() if distributed else 1
         if rank is None:
@@ -129,6 +130,12 @@ class EpochSampler(DistributedSampler):
         self._resume = (epoch, num_indices)
 
     def _begin(self) -> EpochPass:
+        if self._follows_process_group and dist.is_available() and dist.is_initialized() and (
+                dist.get_world_size() != self.num_replicas):
+            raise RuntimeError(
+                f"EpochSampler was built for {self.num_replicas} process(es) but the job now has "
+                f"{dist.get_world_size()}: build the DataLoader after the process group starts (in the DataModule's "
+                "train_dataloader, which Lightning calls then), or pass num_replicas and rank.")
         training = self._training_pending or not self._managed
         if training and not self._managed and self._finished:  # a plain loop: the next pass is the next epoch
             self.epoch += 1

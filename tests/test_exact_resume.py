@@ -174,3 +174,58 @@ def test_side_passes_do_not_move_the_training_pass():
     assert loader.state_dict() == {"epoch": 2, "batches": 4} and len(rest) == 3
     with pytest.raises(ValueError, match="'epoch' and 'batches'"):
         loader.load_state_dict({"step": 3})
+
+
+def test_imagenet_crops_are_a_function_of_seed_epoch_and_index(tmp_path):
+    from lightning_sgd.recipes.datamodules import EpochSeededImageFolder, ImageNetDataModule
+
+    synthetic.write_imagenet(tmp_path, classes=2, per_class=3)
+    data = ImageNetDataModule(root=str(tmp_path), image_size=16, batch_size=2, num_workers=0, seed=1)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    assert isinstance(loader, ResumableDataLoader) and isinstance(loader.dataset, EpochSeededImageFolder)
+    dataset = loader.dataset
+    first = dataset[(2, 4)][0]
+    dataset[(0, 1)], dataset[3]  # whatever was decoded before
+    assert torch.equal(dataset[(2, 4)][0], first)
+    assert any(not torch.equal(dataset[(epoch, 4)][0], first) for epoch in range(3, 8))
+    loader.sampler.set_epoch(2)
+    assert [len(x) for x, _ in loader] == [2, 2, 2]
+
+
+# ------------------------------------------------------------------------------------------------------------- DDP
+def fit_cifar_ddp(outdir: Path, root: str, ckpt_path: str | None = None) -> None:
+    """Entry (both ranks): CIFAR-10 with augmentation for two epochs, mid-epoch checkpoints every 3 steps; report
+    the weights and every batch seen (epoch, batch_idx, step, fingerprint of the augmented images and the labels)."""
+    from tests.ddp import ddp_trainer_kwargs, dump
+
+    data = CIFAR10DataModule(root=root, batch_size=4, eval_batch_size=8, num_val=2, device="cpu", seed=5)
+    model, seen = LinearClassifier(3072), []
+
+    class Record(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            x, y = batch
+            seen.append([trainer.current_epoch, batch_idx, trainer.global_step, x.double().sum().item(), y.tolist()])
+
+    checkpoint = ModelCheckpoint(dirpath=outdir / "ckpt", filename="{step}", every_n_train_steps=3, save_top_k=-1)
+    trainer = pl.Trainer(**ddp_trainer_kwargs(max_steps=-1, max_epochs=2, enable_checkpointing=True,
+                                              callbacks=[Record(), checkpoint]))
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
+    dump(outdir, trainer.global_rank, {"seen": seen, "weights": weights.tolist(), "losses": model.losses})
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_mid_epoch_resume_is_exact_under_ddp(tmp_path):
+    from tests.ddp import run_ddp
+
+    root = synthetic.write_cifar10(tmp_path / "cifar", per_batch=10)  # 48 training images: 6 steps of 2 x 4
+    straight = run_ddp("tests.test_exact_resume:fit_cifar_ddp", tmp_path / "straight", root=str(root))
+    assert all(len(r["seen"]) == 12 for r in straight)
+    resumed = run_ddp("tests.test_exact_resume:fit_cifar_ddp", tmp_path / "resumed", root=str(root),
+                      ckpt_path=str(tmp_path / "straight" / "ckpt" / "step=9.ckpt"))  # epoch 1, batch 3 of 6
+    for full, rest in zip(straight, resumed):
+        assert rest["seen"] == full["seen"][9:] and rest["losses"] == full["losses"][9:]
+        assert rest["weights"] == full["weights"]
+    assert straight[0]["seen"] != straight[1]["seen"]  # each rank its own shard and augmentation
