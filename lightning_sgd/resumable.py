@@ -15,7 +15,7 @@ Per-batch augmentation randomness stays exact by being a pure function of ``(see
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-__all__ = ["EpochPass", "EpochSampler", "ResumableDataLoader", "epoch_seed"]
+__all__ = ["EpochPass", "EpochSampler", "ResumableDataLoader", "epoch_seed", "trainer_epoch"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -38,6 +38,17 @@ def epoch_seed(seed: int, *keys: int) -> int:
     """
     state = np.random.SeedSequence([k & _MASK64 for k in (seed, *keys)]).generate_state(2, dtype=np.uint32)
     return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+def trainer_epoch(owner: Any) -> Callable[[], int | None]:
+    """``current_epoch`` of the trainer that ``owner`` (a DataModule or LightningModule) is attached to, ``None``
+    while it has none: the ``current_epoch`` argument of :class:`EpochSampler`."""
+
+    def current_epoch() -> int | None:
+        trainer = getattr(owner, "trainer", None)
+        return trainer.current_epoch if trainer is not None else None
+
+    return current_epoch
 
 
 class _Length:
@@ -81,10 +92,15 @@ class EpochSampler(DistributedSampler):
         seed: the shuffling seed; the order is a pure function of ``(seed, epoch)``.
         shuffle: ``False`` gives ``0 .. num_samples - 1`` every epoch.
         drop_last: drop the tail that does not divide evenly over the ranks (else pad by repeating indices).
+        current_epoch: where a training pass reads its epoch when it begins, e.g. ``lambda: trainer.current_epoch``
+            (``None`` from it, or no callable: the last ``set_epoch``). Lightning 2.6 passes ``set_epoch`` its
+            count of processed epochs, which runs ahead of ``current_epoch`` after some resumes (a checkpoint saved
+            at validation end with ``max_steps``), so the DataModules pass the trainer's epoch here.
     """
 
     def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True, drop_last: bool = False,
-                 num_replicas: int | None = None, rank: int | None = None) -> None:
+                 num_replicas: int | None = None, rank: int | None = None,
+                 current_epoch: Callable[[], int | None] | None = None) -> None:
         if num_samples < 1:
             raise ValueError(f"EpochSampler: num_samples must be >= 1, got {num_samples}.")
         distributed = dist.is_available() and dist.is_initialized()
@@ -96,6 +112,7 @@ class EpochSampler(DistributedSampler):
         super().__init__(_Length(num_samples), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
         self.num_samples_total = num_samples
+        self.current_epoch = current_epoch
         self.current: EpochPass | None = None  # the latest pass started
         self.drawing: EpochPass | None = None  # the pass that drew the latest index
         self._managed = False  # set_epoch has been called: the caller numbers the epochs
@@ -137,6 +154,8 @@ class EpochSampler(DistributedSampler):
                 f"{dist.get_world_size()}: build the DataLoader after the process group starts (in the DataModule's "
                 "train_dataloader, which Lightning calls then), or pass num_replicas and rank.")
         training = self._training_pending or not self._managed
+        if training and self.current_epoch is not None and (epoch := self.current_epoch()) is not None:
+            self.epoch, self._finished = epoch, False
         if training and not self._managed and self._finished:  # a plain loop: the next pass is the next epoch
             self.epoch += 1
         start = 0

@@ -37,7 +37,7 @@ from lightning_sgd.data.imagenet import MEAN as IMAGENET_MEAN
 from lightning_sgd.data.imagenet import STD as IMAGENET_STD
 from lightning_sgd.data.imagenet import ImageFolderDataset, list_image_folder, worker_init_fn
 from lightning_sgd.data.text import encode_shards, lm1b_shards, lm1b_vocab, load_ptb
-from lightning_sgd.resumable import EpochSampler, ResumableDataLoader, epoch_seed
+from lightning_sgd.resumable import EpochSampler, ResumableDataLoader, epoch_seed, trainer_epoch
 
 Batch = tuple[Tensor, ...]
 
@@ -124,7 +124,8 @@ class BatchTransform:
 
 def tensor_dataloader(tensors: tuple[Tensor, ...], batch_size: int, shuffle: bool,
                       transform: Callable[[tuple[Tensor, ...], torch.Generator | None], Batch],
-                      device: torch.device | str = "cpu", seed: int = 0) -> DataLoader:
+                      device: torch.device | str = "cpu", seed: int = 0,
+                      current_epoch: Callable[[], int | None] | None = None) -> DataLoader:
     """A ``DataLoader`` over tensors moved to ``device`` once, fetching and augmenting whole batches there.
 
     It is a ``DataLoader`` (``num_workers=0``: the augmentation reads the sampler in this process), so callbacks
@@ -137,7 +138,7 @@ def tensor_dataloader(tensors: tuple[Tensor, ...], batch_size: int, shuffle: boo
     if not shuffle:
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
                           collate_fn=BatchTransform(transform))
-    sampler = EpochSampler(len(dataset), seed=seed)
+    sampler = EpochSampler(len(dataset), seed=seed, current_epoch=current_epoch)
     return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                drop_last=len(dataset) >= batch_size, num_workers=0,
                                collate_fn=BatchTransform(transform, seed + 1, sampler))
@@ -198,7 +199,7 @@ class TensorDataModule(pl.LightningDataModule):
             raise ValueError(f"{type(self).__name__}: the {split} split is empty.")
         return tensor_dataloader(tensors, self.batch_size if train else self.eval_batch_size, shuffle=train,
                                  transform=lambda batch, gen: self.transform(batch, train, gen),
-                                 device=self._device(), seed=self.seed)
+                                 device=self._device(), seed=self.seed, current_epoch=trainer_epoch(self))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
@@ -392,7 +393,7 @@ class LM1BDataModule(pl.LightningDataModule):
         if len(dataset) == 0:
             raise ValueError(f"LM1BDataModule: the training shards hold no window of seq_len + 1 = {self.seq_len + 1} "
                              "tokens; use more shards (num_train_shards) or a smaller seq_len.")
-        return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=EpochSampler(len(dataset), self.seed),
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=EpochSampler(len(dataset), self.seed, current_epoch=trainer_epoch(self)),
                                    drop_last=True, **workers)
 
     def train_dataloader(self) -> DataLoader:
@@ -462,7 +463,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             dataset = ImageFolderDataset(self.samples[split], self.image_size, train=False, seed=self.seed)
             return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **workers)
         dataset = EpochSeededImageFolder(self.samples[split], self.image_size, train=True, seed=self.seed)
-        sampler = EpochIndexSampler(len(dataset), seed=self.seed)
+        sampler = EpochIndexSampler(len(dataset), seed=self.seed, current_epoch=trainer_epoch(self))
         return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True, **workers)
 
     def train_dataloader(self) -> DataLoader:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sgd.bootstrap import ChunkedStream
 from lightning_sgd.data.mnist1d import NUM_CLASSES, SEQUENCE_LENGTH, generate_mnist1d, read_mnist1d_cache
-from lightning_sgd.resumable import EpochSampler, ResumableDataLoader
+from lightning_sgd.resumable import EpochSampler, ResumableDataLoader, trainer_epoch
 
 _SPLITS = ("train", "val", "test")
 _CACHE_VERSION = 1  # bump when the generator or normalization changes
@@ -166,7 +166,8 @@ class MNIST1DDataModule(pl.LightningDataModule):
         if not shuffle:
             return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=self.num_workers)
         # order a function of (seed, epoch); the checkpoint records the place in the epoch (exact resume anywhere)
-        sampler = EpochSampler(len(y), seed=split_seed(self.seed, 100 + _SPLITS.index(split)))
+        sampler = EpochSampler(len(y), seed=split_seed(self.seed, 100 + _SPLITS.index(split)),
+                               current_epoch=trainer_epoch(self))
         return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
                                    drop_last=len(y) >= batch_size)
 

@@ -121,6 +121,35 @@ def test_resume_from_a_train_step_checkpoint_is_exact(straight, step):
     assert_resume_is_exact(straight, f"mid-step={step}.ckpt", step)
 
 
+class ValidatedClassifier(LinearClassifier):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self.net(x.flatten(1)), y))
+
+
+def fit_validated(data_dir: Path, run_dir: Path, ckpt_path: str | None = None):
+    """The recipes' setting: ``max_steps``, validation every epoch, Lightning's default checkpoint (validation end)."""
+    data, inputs = mnist1d(data_dir)
+    model, recorder = ValidatedClassifier(inputs), BatchRecorder()
+    trainer = pl.Trainer(max_steps=15, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[recorder, ModelCheckpoint(dirpath=run_dir, filename="{step}", save_top_k=-1)])
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return model, recorder.seen
+
+
+def test_resume_from_a_validation_end_checkpoint_with_max_steps_is_exact(tmp_path):
+    """Lightning 2.6 calls ``set_epoch`` one epoch ahead after this resume; the order follows ``current_epoch``."""
+    model, seen = fit_validated(tmp_path, tmp_path / "straight")
+    for step in (BATCHES_PER_EPOCH, 2 * BATCHES_PER_EPOCH):
+        resumed, resumed_seen = fit_validated(tmp_path, tmp_path / f"resumed-{step}",
+                                              str(tmp_path / "straight" / f"step={step}.ckpt"))
+        assert [r[:3] for r in resumed_seen] == [s[:3] for s in seen[step:]]
+        assert all(torch.equal(r[3], s[3]) for r, s in zip(resumed_seen, seen[step:]))
+        assert resumed.losses == model.losses[step:]
+        assert all(torch.equal(p, p0) for p, p0 in zip(resumed.parameters(), model.parameters()))
+
+
 def test_the_straight_run_reshuffles_every_epoch(straight):
     seen = straight[3]
     epochs = [torch.cat([y for e, *_, y in seen if e == epoch]) for epoch in (0, 1)]
