@@ -189,14 +189,12 @@ class ResumableDataLoader(DataLoader):
     resumed epoch's first batch; if that epoch is the saved one, its training pass starts after the saved batches,
     so ``batch_idx`` and the data line up with the uninterrupted run. Batches are counted as they leave the loader,
     so worker prefetching does not shift them. Takes the usual ``DataLoader`` arguments with ``sampler`` an
-    :class:`EpochSampler` and an integer ``batch_size``.
+    :class:`EpochSampler` and an integer ``batch_size``; rebuilt around another sampler (Lightning's
+    ``overfit_batches`` swaps in a ``SequentialSampler``) it is a plain ``DataLoader`` with an empty state.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.epoch_sampler() is None or self.batch_size is None:
-            raise ValueError("ResumableDataLoader needs sampler=EpochSampler(...) and an integer batch_size, got "
-                             f"sampler={type(self.sampler).__name__}, batch_size={self.batch_size}.")
         self._epoch = 0  # epoch of the latest training pass
         self._batches = 0  # batches yielded from it (the skipped ones included)
 
@@ -208,6 +206,8 @@ class ResumableDataLoader(DataLoader):
         return None
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        if self.epoch_sampler() is None or self.batch_size is None:
+            return super().__iter__()
         return self._pass()
 
     def _pass(self) -> Iterator[Any]:
@@ -227,9 +227,13 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
+        if self.epoch_sampler() is None or self.batch_size is None:
+            return {}
         return {"epoch": self._epoch, "batches": self._batches}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if not state_dict and (self.epoch_sampler() is None or self.batch_size is None):
+            return
         if set(state_dict) != {"epoch", "batches"}:
             raise ValueError(f"ResumableDataLoader.load_state_dict: expected the keys 'epoch' and 'batches', got "
                              f"{sorted(state_dict)}; the checkpoint was saved with a different train DataLoader.")

@@ -205,6 +205,15 @@ def test_side_passes_do_not_move_the_training_pass():
         loader.load_state_dict({"step": 3})
 
 
+def test_overfit_batches_still_trains(tmp_path):
+    """Lightning rebuilds the loader around a SequentialSampler: it must stay a working (plain) loader."""
+    data, inputs = mnist1d(tmp_path)
+    trainer = pl.Trainer(overfit_batches=2, max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(LinearClassifier(inputs), datamodule=data)
+    assert trainer.global_step == 4
+
+
 def test_imagenet_crops_are_a_function_of_seed_epoch_and_index(tmp_path):
     from lightning_sgd.recipes.datamodules import EpochSeededImageFolder, ImageNetDataModule
 
