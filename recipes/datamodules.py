@@ -393,8 +393,8 @@ class LM1BDataModule(pl.LightningDataModule):
         if len(dataset) == 0:
             raise ValueError(f"LM1BDataModule: the training shards hold no window of seq_len + 1 = {self.seq_len + 1} "
                              "tokens; use more shards (num_train_shards) or a smaller seq_len.")
-        return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=EpochSampler(len(dataset), self.seed, current_epoch=trainer_epoch(self)),
-                                   drop_last=True, **workers)
+        sampler = EpochSampler(len(dataset), self.seed, current_epoch=trainer_epoch(self))
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True, **workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -152,8 +152,9 @@ def test_lr_warmup_changed_rule_keeps_the_scale_with_a_warning(tmp_path):
 def test_resuming_an_ema_checkpoint_without_emaweights_says_state_dict_holds_the_averaged_weights(tmp_path):
     ckpt = str(tmp_path / "ema.ckpt")
     _fit([EMAWeights(decay=0.5)], 2, ckpt_out=ckpt)
-    with pytest.warns(UserWarning, match=r"Please add the following callbacks: .*EMAWeights.*holds the EMA \(averaged\) "
-                                         r"weights.*resuming fit without EMAWeights would train from the averaged"):
+    with pytest.warns(UserWarning, match=r"Please add the following callbacks: .*EMAWeights.*holds the EMA "
+                                         r"\(averaged\) weights.*resuming fit without EMAWeights would train from "
+                                         r"the averaged"):
         _fit([], 3, ckpt_in=ckpt)
 
 
