@@ -1,5 +1,6 @@
 """A real training process for tests/test_kill_resume.py: the MNIST-1D recipe (small) with every measurement callback
-and EMA, checkpointing every few steps; run as ``python -m tests.kill_resume_entry ROOT MAX_STEPS [CKPT]``.
+and EMA, checkpointing every few steps; run as ``python -m tests.kill_resume_entry ROOT MAX_STEPS [CKPT|-]``
+(``DEVICES=2`` in the environment: 2-process CPU DDP, Lightning launching the second process).
 
 With ``SLOW_AFTER=<step>`` in the environment each step after that one sleeps 0.3 s, so the test can kill the process
 while it trains (sleeping changes no number)."""
@@ -29,7 +30,7 @@ class Slow(pl.Callback):
             time.sleep(0.3)
 
 
-def main(root: str, max_steps: int, ckpt: str | None) -> None:
+def main(root: str, max_steps: int, ckpt: str | None, devices: int = 1) -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0)
     model = ClassificationModule(MNIST1DCNN(channels=8), num_classes=10,
@@ -42,12 +43,16 @@ def main(root: str, max_steps: int, ckpt: str | None) -> None:
                                  filename="{step}")]
     if os.environ.get("SLOW_AFTER"):
         callbacks.append(Slow(int(os.environ["SLOW_AFTER"])))
-    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=CSVLogger(root, name="csv"),
+    ddp = {"devices": devices, "strategy": "ddp"} if devices > 1 else {}
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=CSVLogger(root, name="csv"), **ddp,
                          callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
                          log_every_n_steps=1)
     trainer.fit(model, datamodule=data, ckpt_path=ckpt)
-    torch.save({"weights": model.state_dict(), "raw": callbacks[3].raw_state_dict()}, os.path.join(root, "final.pt"))
+    if trainer.is_global_zero:
+        torch.save({"weights": model.state_dict(), "raw": callbacks[3].raw_state_dict()},
+                   os.path.join(root, "final.pt"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
+    ckpt_arg = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "-" else None
+    main(sys.argv[1], int(sys.argv[2]), ckpt_arg, int(os.environ.get("DEVICES", "1")))
