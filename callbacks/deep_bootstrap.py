@@ -31,7 +31,7 @@ from lightning_sgd.bootstrap import (
     plot_bootstrap,
 )
 from lightning_sgd.compat import PACKAGES, Callback, import_from
-from lightning_sgd.module_loss import ModuleLoss
+from lightning_sgd.module_loss import ModuleLoss, muted_logging
 from lightning_sgd.schedules import LogSpaced, Schedule, as_schedule
 
 try:  # Lightning >= 2.1 marks hooks with typing_extensions.override; keep working without it
@@ -506,10 +506,6 @@ class DeepBootstrap(Callback):
         self.plot_path = path
 
 
-def _noop(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
 @contextlib.contextmanager
 def _attached(twin: pl.LightningModule, trainer: pl.Trainer) -> Iterator[None]:
     """Run the twin's own code attached to the trainer (so ``self.trainer``, ``self.global_step`` work in its
@@ -520,18 +516,12 @@ def _attached(twin: pl.LightningModule, trainer: pl.Trainer) -> Iterator[None]:
     on exit, but the twin's BatchNorm statistics must advance with its training, and its RNG draws (dropout) must
     advance its private stream (:class:`~lightning_sgd.bootstrap.PrivateRNG`, entered by the caller).
     """
-    saved = {name: twin.__dict__[name] for name in ("log", "log_dict") if name in twin.__dict__}
-    twin.log, twin.log_dict = _noop, _noop  # instance attributes shadow the methods
     twin._trainer = trainer
     try:
-        yield
+        with muted_logging(twin):
+            yield
     finally:
         twin._trainer = None
-        for name in ("log", "log_dict"):
-            if name in saved:
-                setattr(twin, name, saved[name])
-            else:
-                twin.__dict__.pop(name, None)
 
 
 def _is_optimizer(obj: Any) -> bool:

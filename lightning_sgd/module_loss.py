@@ -48,7 +48,7 @@ from torch.func import functional_call
 from lightning_sgd.batches import batch_size, slice_batch
 
 __all__ = ["ModuleLoss", "ProtocolRequired", "LossNotMeanError", "measuring", "has_protocol", "module_eval",
-           "twice_differentiable_attention", "PROTOCOL_HELP"]
+           "muted_logging", "twice_differentiable_attention", "PROTOCOL_HELP"]
 
 _STATE = threading.local()
 
@@ -240,24 +240,17 @@ class ModuleLoss:
         restored, and gradients enabled (see the module docstring)."""
         module = self.module
         devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
-        saved_attrs = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
         buffers = [(b, b.detach().clone()) for b in module.buffers()]
         modes = [(sub, sub.training) for sub in module.modules()]
         fx_name = getattr(module, "_current_fx_name", None)
         py_state = random.getstate()
         np_state = _numpy_state()
-        module.log, module.log_dict = _noop, _noop  # instance attributes shadow the methods
         _STATE.depth = getattr(_STATE, "depth", 0) + 1
         try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            with muted_logging(module), torch.random.fork_rng(devices=devices), torch.enable_grad():
                 yield
         finally:
             _STATE.depth -= 1
-            for name in ("log", "log_dict"):
-                if name in saved_attrs:
-                    setattr(module, name, saved_attrs[name])
-                else:
-                    module.__dict__.pop(name, None)
             with torch.no_grad():
                 for buffer, copy in buffers:
                     if buffer.shape == copy.shape:
@@ -268,6 +261,22 @@ class ModuleLoss:
                 module._current_fx_name = fx_name
             random.setstate(py_state)
             _set_numpy_state(np_state)
+
+
+@contextlib.contextmanager
+def muted_logging(module: nn.Module) -> Iterator[None]:
+    """``module.log`` and ``module.log_dict`` do nothing inside the block (instance attributes shadow the methods);
+    whatever the instance had before (a user's own override) is put back after."""
+    saved = {name: module.__dict__[name] for name in ("log", "log_dict") if name in module.__dict__}
+    module.log, module.log_dict = _noop, _noop
+    try:
+        yield
+    finally:
+        for name in ("log", "log_dict"):
+            if name in saved:
+                setattr(module, name, saved[name])
+            else:
+                module.__dict__.pop(name, None)
 
 
 @contextlib.contextmanager
