@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - both are installed by the project's se
     _lpt = None
     _LCallback = None
 
-__all__ = ["Callback", "PACKAGES", "STRATEGIES", "package_of", "is_lightning_module", "is_trainer",
+__all__ = ["Callback", "PACKAGES", "STRATEGIES", "package_of",
            "register_strategies"]
 
 #: The Lightning packages importable here, ``pytorch_lightning`` first.
@@ -53,16 +53,6 @@ def package_of(obj: Any) -> ModuleType:
         if module.startswith("pytorch_lightning"):
             return _pl
     return _pl
-
-
-def is_lightning_module(obj: Any) -> bool:
-    """A ``LightningModule`` of either package."""
-    return any(isinstance(obj, package.LightningModule) for package in PACKAGES)
-
-
-def is_trainer(obj: Any) -> bool:
-    """A ``Trainer`` of either package."""
-    return any(isinstance(obj, package.Trainer) for package in PACKAGES)
 
 
 def import_from(package: ModuleType, path: str) -> Any:

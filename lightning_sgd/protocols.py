@@ -11,7 +11,7 @@ which the measurements then use instead of ``training_step`` (skipping whatever 
 generalized Gauss-Newton matrix (``CurvatureSpectrum(operator="ggn")``) *needs* them: it needs the network's outputs
 separately from the loss. See README section "Use it with your own LightningModule".
 
-The batch helpers below are kept for existing imports; they are :mod:`lightning_sgd.batches`.
+Batches of any structure are counted and sliced by :mod:`lightning_sgd.batches`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from lightning_sgd.batches import batch_size, slice_batch, tensor_leaves
 from lightning_sgd.module_loss import PROTOCOL_HELP, ProtocolRequired, has_protocol
 
 
@@ -43,19 +42,3 @@ def require_supervised(module: torch.nn.Module, who: str) -> SupervisedModule:
         raise ProtocolRequired(f"{who} needs the network's outputs separately from the loss, which `training_step` "
                                f"does not expose; {type(module).__name__} does not implement them: {PROTOCOL_HELP}.")
     return module  # type: ignore[return-value]
-
-
-def first_tensor(tree: Any) -> Tensor | None:
-    """The first tensor in a (possibly nested) batch, or ``None`` if it holds none."""
-    leaves = tensor_leaves(tree)
-    return leaves[0] if leaves else None
-
-
-def num_examples(module: torch.nn.Module, batch: Any, who: str) -> int:
-    """Examples in ``batch`` (:func:`lightning_sgd.batches.batch_size`; ``module`` is not consulted)."""
-    return batch_size(batch, who)
-
-
-def slice_examples(tree: Any, part: slice) -> Any:
-    """The examples ``part`` of a batch (:func:`lightning_sgd.batches.slice_batch`)."""
-    return slice_batch(tree, part)
