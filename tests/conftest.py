@@ -21,6 +21,17 @@ def trainer_kwargs():
     return fast_trainer_kwargs()
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny models run fastest single-threaded, and on a busy 2-core machine a
+    second thread waiting at every small op's barrier makes them 10-100x slower. Modules of tiny-model tests use it
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _in_tmp_dir(tmp_path, monkeypatch):
     """Every test runs in its own temporary directory, so runs/, .data/ and lightning_logs/ never leak."""

@@ -22,14 +22,7 @@ from lightning_sgd.schedules import EveryNSteps
 from tests.ddp import run_ddp
 from tests.helpers import TinyDataModule, fast_trainer_kwargs
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded (two threads on a busy 2-core machine are ~30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (tests/conftest.py)
 
 
 # ------------------------------------------------------------------------------------------- test data modules

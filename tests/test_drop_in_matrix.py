@@ -38,14 +38,7 @@ from tests.user_modules import BATCH_SIZE, HAS_BATCHNORM, HAS_VALIDATION_STEP, K
 MAX_STEPS = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a shared machine a second thread waiting at every small
-    op's barrier makes a cell 10-100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (tests/conftest.py)
 
 # Expected outcome per (kind, feature); the same under both packages.
 #   ok      the fit runs MAX_STEPS optimizer steps and the feature's check (FEATURES[...].check) passes

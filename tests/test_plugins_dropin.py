@@ -37,13 +37,7 @@ from tests.helpers import fast_trainer_kwargs
 PACKAGES = {"pytorch_lightning": pytorch_lightning, "lightning": lightning.pytorch}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread (tests/conftest.py)
 
 
 # --------------------------------------------------------------------------------------------- the users' modules
