@@ -71,7 +71,7 @@ def timing(model: str, repeats: int) -> dict[str, float]:
     out = {k: statistics.median(v) for k, v in times.items()}
     out["params"] = sum(p.numel() for p in module.parameters())
     out["delta"] = callbacks["auto"].diversity
-    out["hooks"] = bool(callbacks["auto"]._use_hooks and callbacks["auto"]._use_hooks[1])
+    out["hooks"] = callbacks["auto"].engine_in_use == "hooks"
     return out
 
 
