@@ -46,8 +46,9 @@ class ResizableBatchSampler(Sampler[list[int]]):
         self._batch_size = batch_size
         self.drop_last = drop_last
         self._active = False  # a pass is under way
-        self._yielded = 0  # batches yielded in the current pass
-        self._consumed = 0  # indices drawn in the current pass
+        self._yielded = 0  # batches yielded in the current pass (those a resumed pass skipped included)
+        self._consumed = 0  # indices drawn in the current pass (those a resumed pass skipped included)
+        self.sizes: list[int] = []  # size of each batch yielded in the current pass, in order (skipped ones excluded)
 
     @property
     def batch_size(self) -> int:
@@ -64,15 +65,27 @@ class ResizableBatchSampler(Sampler[list[int]]):
             return num_indices // self._batch_size
         return math.ceil(num_indices / self._batch_size)
 
+    def _skipped(self) -> tuple[int, int]:
+        """``(indices, batches)`` the sampler's next pass skips: a mid-epoch resume of a
+        :class:`lightning_sgd.resumable.EpochSampler` (else nothing)."""
+        pending = getattr(self.sampler, "pending_resume", None)
+        skip = pending() if callable(pending) else None
+        if not skip:
+            return 0, 0
+        indices, batches = skip
+        return indices, self._batches(indices) if batches is None else batches
+
     def __len__(self) -> int:
         total = len(self.sampler)  # type: ignore[arg-type]
         if not self._active:
-            return self._batches(total)
+            indices, batches = self._skipped()
+            return batches + self._batches(total - indices)
         return self._yielded + self._batches(total - self._consumed)
 
     def __iter__(self) -> Iterator[list[int]]:
         # State is reset eagerly (not inside the generator) so len() is right between iter() and the first batch.
-        self._active, self._yielded, self._consumed = True, 0, 0
+        self._consumed, self._yielded = self._skipped()
+        self._active, self.sizes = True, []
         return self._generate()
 
     def _generate(self) -> Iterator[list[int]]:
@@ -89,6 +102,7 @@ class ResizableBatchSampler(Sampler[list[int]]):
                 self._active = False
                 return
             self._yielded += 1
+            self.sizes.append(len(batch))
             yield batch
 
     def set_epoch(self, epoch: int) -> None:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-__all__ = ["EpochPass", "EpochSampler", "ResumableDataLoader", "epoch_seed", "trainer_epoch"]
+__all__ = ["EpochPass", "EpochSampler", "ResizableDataLoader", "ResumableDataLoader", "epoch_seed", "trainer_epoch"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -64,12 +64,14 @@ class _Length:
 @dataclass
 class EpochPass:
     """One pass of an :class:`EpochSampler`: its epoch, whether it is the training pass of that epoch (the one a
-    checkpoint records), the indices it skipped and the indices drawn so far (the skipped ones included)."""
+    checkpoint records), the indices it skipped, the indices drawn so far (the skipped ones included) and, for a
+    resumed pass, the batches the skipped indices made (``None``: ``start`` divided by the loader's batch size)."""
 
     epoch: int
     training: bool
     start: int
     position: int
+    start_batches: int | None = None
 
 
 class EpochSampler(DistributedSampler):
@@ -119,7 +121,8 @@ class EpochSampler(DistributedSampler):
         self._training_pending = True  # the next pass to start is the training pass of self.epoch
         self._training: EpochPass | None = None  # the latest training pass
         self._finished = False  # the latest training pass ran to its end
-        self._resume: tuple[int, int] | None = None  # (epoch, indices to skip) for that epoch's training pass
+        # (epoch, indices to skip, batches they made or None) for that epoch's training pass
+        self._resume: tuple[int, int, int | None] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -140,11 +143,21 @@ class EpochSampler(DistributedSampler):
             indices += (indices * (padding // n + 1))[:padding]
         return indices[self.rank : self.total_size : self.num_replicas]
 
-    def resume(self, epoch: int, num_indices: int) -> None:
-        """Make the training pass of epoch ``epoch`` start ``num_indices`` indices in (those a resumed run used)."""
-        if num_indices < 0:
-            raise ValueError(f"EpochSampler.resume: num_indices must be >= 0, got {num_indices}.")
-        self._resume = (epoch, num_indices)
+    def resume(self, epoch: int, num_indices: int, num_batches: int | None = None) -> None:
+        """Make the training pass of epoch ``epoch`` start ``num_indices`` indices in (those a resumed run used);
+        ``num_batches``: the batches they made, when the batch size changed during the epoch."""
+        if num_indices < 0 or (num_batches is not None and num_batches < 0):
+            raise ValueError(f"EpochSampler.resume: num_indices and num_batches must be >= 0, got {num_indices}, "
+                             f"{num_batches}.")
+        self._resume = (epoch, num_indices, num_batches)
+
+    def pending_resume(self) -> tuple[int, int | None] | None:
+        """``(indices, batches)`` the next training pass will skip (see :meth:`resume`), or ``None``."""
+        if self._resume is None or not (self._training_pending or not self._managed):
+            return None
+        epoch = self.current_epoch() if self.current_epoch is not None else None
+        epoch = self.epoch if epoch is None else epoch
+        return self._resume[1:] if self._resume[0] == epoch else None
 
     def _begin(self) -> EpochPass:
         if self._follows_process_group and dist.is_available() and dist.is_initialized() and (
@@ -158,12 +171,12 @@ class EpochSampler(DistributedSampler):
             self.epoch, self._finished = epoch, False
         if training and not self._managed and self._finished:  # a plain loop: the next pass is the next epoch
             self.epoch += 1
-        start = 0
+        start, start_batches = 0, None
         if training:
             if self._resume is not None and self._resume[0] == self.epoch:
-                start = self._resume[1]
+                start, start_batches = self._resume[1:]
             self._resume, self._training_pending, self._finished = None, False, False
-        run = EpochPass(self.epoch, training, start, start)
+        run = EpochPass(self.epoch, training, start, start, start_batches)
         if training:
             self._training = run
         self.current = run
@@ -191,12 +204,16 @@ class ResumableDataLoader(DataLoader):
     so worker prefetching does not shift them. Takes the usual ``DataLoader`` arguments with ``sampler`` an
     :class:`EpochSampler` and an integer ``batch_size``; rebuilt around another sampler (Lightning's
     ``overfit_batches`` swaps in a ``SequentialSampler``) it is a plain ``DataLoader`` with an empty state.
+
+    A state that also holds ``"indices"`` (saved by :class:`ResizableDataLoader`, whose batch size changed during
+    the epoch) resumes after that many indices instead of ``batches x batch_size``.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._epoch = 0  # epoch of the latest training pass
         self._batches = 0  # batches yielded from it (the skipped ones included)
+        self._indices = 0  # indices of those batches (the skipped ones included)
 
     def epoch_sampler(self) -> EpochSampler | None:
         """The :class:`EpochSampler` behind this loader (also when a batch sampler wraps it)."""
@@ -205,39 +222,82 @@ class ResumableDataLoader(DataLoader):
                 return sampler
         return None
 
+    def _stateful(self) -> bool:
+        return self.epoch_sampler() is not None and self.batch_size is not None
+
+    def _batch_len(self, k: int) -> int:
+        """Indices in batch ``k`` (counted from 0) of the current pass; the last one may be shorter (not counted
+        exactly: only a finished pass has one, and its state is never resumed into)."""
+        assert self.batch_size is not None
+        return self.batch_size
+
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        if self.epoch_sampler() is None or self.batch_size is None:
+        if not self._stateful():
             return super().__iter__()
         return self._pass()
 
     def _pass(self) -> Iterator[Any]:
         # Runs from the first next(), after Lightning's set_epoch (iter() is called before it on a resume).
         sampler = self.epoch_sampler()
-        assert sampler is not None and self.batch_size is not None
+        assert sampler is not None
         iterator = super().__iter__()
         run: EpochPass | None = None
-        for batch in iterator:
+        for k, batch in enumerate(iterator):
             if run is None:  # the sampler's pass has begun by the time the first batch is out
                 run = sampler.current
                 assert run is not None
                 if run.training:
-                    self._epoch, self._batches = run.epoch, run.start // self.batch_size
+                    batches = run.start_batches
+                    if batches is None:
+                        batches = run.start // self._batch_len(0)
+                    self._epoch, self._batches, self._indices = run.epoch, batches, run.start
             if run.training and run is sampler._training:
+                self._indices += self._batch_len(k)
                 self._batches += 1
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        if self.epoch_sampler() is None or self.batch_size is None:
+        if not self._stateful():
             return {}
         return {"epoch": self._epoch, "batches": self._batches}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        if not state_dict and (self.epoch_sampler() is None or self.batch_size is None):
+        if not state_dict and not self._stateful():
             return
-        if set(state_dict) != {"epoch", "batches"}:
-            raise ValueError(f"ResumableDataLoader.load_state_dict: expected the keys 'epoch' and 'batches', got "
-                             f"{sorted(state_dict)}; the checkpoint was saved with a different train DataLoader.")
+        if set(state_dict) not in ({"epoch", "batches"}, {"epoch", "batches", "indices"}):
+            raise ValueError(f"ResumableDataLoader.load_state_dict: expected the keys 'epoch' and 'batches' (and "
+                             f"optionally 'indices'), got {sorted(state_dict)}; the checkpoint was saved with a "
+                             "different train DataLoader.")
         sampler = self.epoch_sampler()
-        assert sampler is not None and self.batch_size is not None
+        if sampler is None:
+            raise ValueError("ResumableDataLoader.load_state_dict: this loader has no EpochSampler to resume; the "
+                             "checkpoint was saved with a different train DataLoader.")
         self._epoch, self._batches = int(state_dict["epoch"]), int(state_dict["batches"])
-        sampler.resume(self._epoch, self._batches * self.batch_size)
+        if "indices" in state_dict:
+            self._indices = int(state_dict["indices"])
+            sampler.resume(self._epoch, self._indices, self._batches)
+        else:
+            if self.batch_size is None:
+                raise ValueError("ResumableDataLoader.load_state_dict: a state without 'indices' needs a fixed "
+                                 "batch_size.")
+            self._indices = self._batches * self.batch_size
+            sampler.resume(self._epoch, self._indices)
+
+
+class ResizableDataLoader(ResumableDataLoader):
+    """A :class:`ResumableDataLoader` batched by a :class:`lightning_sgd.batch_size.ResizableBatchSampler` (the
+    batch size may change between batches, as :class:`lightning_sgd.plugins.BatchSizeSchedule` does): its state
+    also counts the indices consumed, ``{"epoch", "batches", "indices"}``, so a mid-epoch resume skips exactly the
+    examples already trained on whatever sizes the batches had. Build it with ``batch_sampler=`` a
+    ``ResizableBatchSampler`` over an :class:`EpochSampler`."""
+
+    def _stateful(self) -> bool:
+        return self.epoch_sampler() is not None and hasattr(self.batch_sampler, "sizes")
+
+    def _batch_len(self, k: int) -> int:
+        return self.batch_sampler.sizes[k]  # type: ignore[union-attr]
+
+    def state_dict(self) -> dict[str, int]:
+        if not self._stateful():
+            return {}
+        return {"epoch": self._epoch, "batches": self._batches, "indices": self._indices}

@@ -267,3 +267,36 @@ def test_mid_epoch_resume_is_exact_under_ddp(tmp_path):
         assert rest["seen"] == full["seen"][9:] and rest["losses"] == full["losses"][9:]
         assert rest["weights"] == full["weights"]
     assert straight[0]["seen"] != straight[1]["seen"]  # each rank its own shard and augmentation
+
+
+def fit_resized(data_dir: Path, run_dir: Path, ckpt_path: str | None = None):
+    """BatchSizeSchedule doubles the batch after 2 steps and halves it back after 5, inside epoch 0 (48 examples:
+    8, 8, 16, 16, 16 → 8 left, then 8s), so checkpoints fall in an epoch whose batches had different sizes."""
+    from lightning_sgd.plugins import BatchSizeSchedule
+
+    data, inputs = mnist1d(data_dir)
+    model, recorder = LinearClassifier(inputs), BatchRecorder()
+    schedule = BatchSizeSchedule(milestones=[2, 5], factors=[2.0, 0.5], interval="step")
+    trainer = pl.Trainer(max_steps=14, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, callbacks=[
+                             recorder, schedule,
+                             ModelCheckpoint(dirpath=run_dir, filename="{step}", every_n_train_steps=1,
+                                             save_top_k=-1)])
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return model, recorder.seen
+
+
+def test_mid_epoch_resume_is_exact_after_the_batch_size_changed_in_that_epoch(tmp_path):
+    """The loader BatchSizeSchedule rebuilds saves the indices consumed, not batches × the original batch size."""
+    model, seen = fit_resized(tmp_path, tmp_path / "straight")
+    sizes = [len(y) for *_, y in seen]
+    assert sizes[:6] == [8, 8, 16, 16, 16, 8] and sizes[6] == 8 and len(seen) == 14  # epoch 0 is 6 batches
+    state = torch.load(tmp_path / "straight" / "step=4.ckpt", weights_only=False)
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 4, "indices": 48}]
+    for step in (3, 4, 5, 8):
+        resumed, resumed_seen = fit_resized(tmp_path, tmp_path / f"resumed-{step}",
+                                            str(tmp_path / "straight" / f"step={step}.ckpt"))
+        assert [r[:3] for r in resumed_seen] == [s[:3] for s in seen[step:]], step
+        assert all(torch.equal(r[4], s[4]) and torch.equal(r[3], s[3]) for r, s in zip(resumed_seen, seen[step:]))
+        assert resumed.losses == model.losses[step:]
+        assert all(torch.equal(p, p0) for p, p0 in zip(resumed.parameters(), model.parameters())), step

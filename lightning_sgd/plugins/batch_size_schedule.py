@@ -52,6 +52,7 @@ from lightning_sgd.batch_size import ResizableBatchSampler, milestone_multiplier
 from lightning_sgd.checks import check_int
 from lightning_sgd.compat import Callback
 from lightning_sgd.plugins.lr_warmup_scaling import RULES, LRWarmupScaling, _WarmupScheduler, scale_factor
+from lightning_sgd.resumable import EpochSampler, ResizableDataLoader
 
 __all__ = ["AdaptiveBatchSize", "BatchSizeSchedule"]
 
@@ -79,7 +80,10 @@ def _rebuild_loader(loader: DataLoader, batch_size: int | None) -> tuple[DataLoa
     )
     if loader.num_workers > 0:
         kwargs["prefetch_factor"] = loader.prefetch_factor
-    return DataLoader(loader.dataset, batch_sampler=sampler, **kwargs), sampler
+    # Over an EpochSampler the rebuilt loader keeps its place in the epoch in checkpoints (indices consumed, whatever
+    # sizes the batches had), so a mid-epoch resume is exact; over any other sampler it is a plain DataLoader.
+    cls = ResizableDataLoader if isinstance(old.sampler, EpochSampler) else DataLoader
+    return cls(loader.dataset, batch_sampler=sampler, **kwargs), sampler
 
 
 class _BatchSizeController(Callback):
