@@ -142,7 +142,16 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path):
         for trial, (u_lr, u_m) in zip(trials, points):
             assert trial.user_attrs["values"]["lr"] == pytest.approx(10 ** (-2 + 4 * u_lr), rel=1e-9)
             assert trial.user_attrs["values"]["momentum"] == pytest.approx(1 - 10 ** (-2 + 2 * u_m), rel=1e-9)
-        reached = [t for t in trials if math.isfinite(t.value)]
+        reached = [t for t in trials if t.user_attrs["reached"]]
+        # not reached: the finite value max_steps + eval_every (the first evaluation past the budget), never inf
+        assert all(t.value == 45 for t in trials if not t.user_attrs["reached"])
+        assert all(t.value <= 40 for t in reached)
+        # the search parameter is 1 - β under its own name; `values` holds β
+        assert set(trials[0].params) == {"lr", "one_minus_momentum"}
+        assert trials[0].user_attrs["values"]["momentum"] == pytest.approx(1 - trials[0].params["one_minus_momentum"])
+        # every evaluation went to trial.report (optuna-dashboard's learning curves), up to the stopping one
+        for t in trials:
+            assert sorted(t.intermediate_values) == list(range(5, t.user_attrs["steps_run"] + 1, 5))
         assert rows[b]["trials_nondivergent"] == 3 and rows[b]["trials_reached"] == len(reached) >= 1
         best = min(reached, key=lambda t: (t.value, t.number))
         assert rows[b]["best_steps"] == best.value and rows[b]["best_params"] == best.user_attrs["values"]
@@ -168,6 +177,14 @@ def test_tiny_sweep_end_to_end_and_resume(tmp_path):
     assert again["rows"] == summary["rows"]
     assert {b: [(t.number, t.value) for t in load_trials("runs/sweep", "sweep", b)] for b in (8, 32)} == numbers
     assert cli_run([*args, "--sweep.report_only=true"])["rows"] == summary["rows"]  # table from storage alone
+    # report_only on a study that does not exist is an error, and creates nothing
+    with pytest.raises(SystemExit, match="holds no study 'other-bs8'"):
+        cli_run([*args, "--sweep.report_only=true", "--sweep.study_name=other"])
+    with pytest.raises(SystemExit, match="no sweep storage at"):
+        cli_run([*args, "--sweep.report_only=true", "--sweep.output_dir=runs/elsewhere"])
+    assert not Path("runs/elsewhere/sweep.db").exists()
+    assert [s.study_name for s in optuna.get_all_study_summaries(open_storage(
+        f"sqlite:///{Path('runs/sweep/sweep.db').resolve()}"), include_best_trial=False)] == ["sweep-bs8", "sweep-bs32"]
     # A changed configuration under the same study name is refused instead of mixing two sweeps.
     with pytest.raises(SystemExit, match="different sweep configuration"):
         cli_run(sweep_args(recipe, "--sweep.stop_at_best=false", target=0.9))
@@ -196,7 +213,7 @@ def test_divergent_trials_are_marked_and_excluded(tmp_path):
     assert all(t.user_attrs["values"]["lr"] > min(c.user_attrs["values"]["lr"] for c in complete) for t in diverged)
     (row,) = summary["rows"]
     assert row["trials_nondivergent"] == len(complete) == 2 and row["trials_diverged"] == len(diverged)
-    reached = [t.value for t in complete if math.isfinite(t.value)]
+    reached = [t.value for t in complete if t.user_attrs["reached"]]
     assert row["best_steps"] == (min(reached) if reached else None)
 
 

@@ -65,7 +65,11 @@ class SearchParam:
             return DEFAULT_KEYS[name]
         raise SweepConfigError(f"search_space.{name}: give `key`, the dotted recipe config key this value sets.")
 
-    # The Optuna parameter is what is sampled: the value itself, or 1 - value for one_minus_log.
+    # The Optuna parameter is what is sampled: the value itself, or 1 - value for one_minus_log, stored under
+    # `one_minus_<name>` so that no parameter called `momentum` ever holds 1 - β.
+    def optuna_name(self, name: str) -> str:
+        return f"one_minus_{name}" if self.scale == "one_minus_log" else name
+
     def optuna_bounds(self) -> tuple[float, float, bool]:
         if self.scale == "one_minus_log":
             return 1.0 - self.high, 1.0 - self.low, True
@@ -115,10 +119,23 @@ class SweepConfig:
         output_dir: results.csv/json, plot and the default SQLite file go here.
         seed: seed of the scrambled Sobol sequence.
         edge_fraction: warn when the best value lies this close (fraction of the range) to an edge.
-        b_simple: optional GNS estimate (GradientNoiseScale's B_simple) drawn on the plot.
+        gns: measure the gradient noise scale in every trial (:class:`lightning_sgd.callbacks.GradientNoiseScale`,
+            its cheapest exact source: per-example norms from layer hooks on one process) and record B_simple and
+            B_noise at the step the target is reached and their median over the trial; the table, JSON and plot
+            put this prediction next to the B_crit of the S(B) fit. With ``keep_callbacks`` and a recipe that has
+            its own GradientNoiseScale, that one is read instead.
+        gns_every: measure B_simple every this many steps.
+        b_noise_every: also estimate B_noise (Hessian-vector products, ~10 training steps' cost each) every this
+            many steps; None: B_simple only.
+        gns_beta: EMA decay per measurement of the trial's noise-scale estimates (the callback's ``beta``).
+        keep_callbacks: keep the recipe's measurement callbacks (``lightning_sgd.callbacks.*``) in the trials; by
+            default they are removed (they measure, they do not change training, and they cost time).
+        b_simple: a B_simple typed by hand, drawn on the plot and used as the prediction instead of the measured
+            one (an override: the sweep measures it itself when ``gns`` is on).
         nqm: also fit the noisy quadratic model (lightning_sgd.nqm) to the curve and draw its prediction.
         wandb: also log the table and plot to W&B (offline without credentials).
-        report_only: run no trial: rebuild the table and plot from the storage.
+        report_only: run no trial: rebuild the table, JSON and plot from the storage (an error when the storage
+            holds no study of this sweep; nothing is created, no W&B run is opened).
     """
 
     batch_sizes: list[int] = field(default_factory=list)
@@ -141,6 +158,11 @@ class SweepConfig:
     output_dir: str = "runs/sweep"
     seed: int = 0
     edge_fraction: float = 0.1
+    gns: bool = True
+    gns_every: int = 1
+    b_noise_every: int | None = 100
+    gns_beta: float = 0.95
+    keep_callbacks: bool = False
     b_simple: float | None = None
     nqm: bool = False
     wandb: bool = True
@@ -205,6 +227,14 @@ class SweepConfig:
             raise SweepConfigError(
                 f"search_space.{keys[self.batch_size_key]} sets the batch size key {self.batch_size_key}."
             )
+        if self.gns_every < 1:
+            raise SweepConfigError(f"sweep.gns_every must be >= 1, got {self.gns_every}.")
+        if self.b_noise_every is not None and self.b_noise_every < 1:
+            raise SweepConfigError(f"sweep.b_noise_every must be >= 1 or null (no B_noise), got {self.b_noise_every}.")
+        if not (0 <= self.gns_beta < 1):
+            raise SweepConfigError(f"sweep.gns_beta must be in [0, 1), got {self.gns_beta}.")
+        if self.b_simple is not None and not (math.isfinite(self.b_simple) and self.b_simple > 0):
+            raise SweepConfigError(f"sweep.b_simple must be a finite number > 0 or null, got {self.b_simple}.")
         if not 0 <= self.edge_fraction < 0.5:
             raise SweepConfigError(f"sweep.edge_fraction must be in [0, 0.5), got {self.edge_fraction}.")
         if self.recipe is None:

@@ -1,5 +1,5 @@
-"""Plots of a sweep: steps-to-target vs batch size (log-log, perfect-scaling line, S(B) fit, B_crit) and the best
-(effective) learning rate vs batch size."""
+"""Plots of a sweep: steps-to-target vs batch size (log-log, perfect-scaling line, S(B) fit, B_crit with its
+interval, the measured noise scale) and the best (effective) learning rate vs batch size."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from lightning_sgd._files import atomic_write
 
 
 def plot_sweep(summary: dict[str, Any], path: str, b_simple: float | None = None) -> None:
-    """Write the two-panel PNG of ``summary`` (as returned by :func:`lightning_sgd.sweep.results.summarize`)."""
+    """Write the two-panel PNG of ``summary`` (as returned by :func:`lightning_sgd.sweep.results.summarize`): the
+    fitted B_crit with its bootstrap interval (shaded) next to the noise scale measured in the trials at the step
+    the target was reached; ``b_simple``, a value given by hand, is drawn too."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -34,12 +36,22 @@ def plot_sweep(summary: dict[str, Any], path: str, b_simple: float | None = None
         if fit.get("ok"):
             ax_s.plot(grid, fit["s_min"] * (1 + fit["b_noise"] / grid), "-", color="C1", alpha=0.8,
                       label=f"fit $S_{{min}}(1+B_{{noise}}/B)$: $S_{{min}}$={fit['s_min']:.0f}")
-            ax_s.axvline(fit["b_crit"], color="C1", ls=":", label=f"$B_{{crit}}$ = {fit['b_crit']:.0f}")
+            boot = fit.get("bootstrap") or {}
+            interval = f" [{boot['low']:.0f}, {boot['high']:.0f}]" if boot.get("ok") else ""
+            ax_s.axvline(fit["b_crit"], color="C1", ls=":",
+                         label=f"fitted $B_{{crit}}$ = {fit['b_crit']:.0f}{interval}")
+            if boot.get("ok"):
+                ax_s.axvspan(boot["low"], boot["high"], color="C1", alpha=0.12, lw=0)
         nqm = summary.get("nqm") or {}
         if nqm.get("ok"):
             ax_s.plot(nqm["batch_sizes"], nqm["steps"], "-", color="C5", alpha=0.8, label="NQM fitted to the curve")
+        gns = summary.get("gns") or {}
+        for key, color, ls, label in (("b_simple_at_target", "C2", "-.", "$B_{simple}$"),
+                                      ("b_noise_at_target", "C4", "--", "$B_{noise}$")):
+            if gns.get(key) is not None:
+                ax_s.axvline(gns[key], color=color, ls=ls, label=f"GNS {label} at target = {gns[key]:.0f}")
         if b_simple is not None:
-            ax_s.axvline(b_simple, color="C2", ls="-.", label=f"GNS $B_{{simple}}$ = {b_simple:.0f}")
+            ax_s.axvline(b_simple, color="C2", ls=(0, (1, 1)), label=f"$B_{{simple}}$ given = {b_simple:.0f}")
     for r in miss:  # not reached: drawn at the budget, hollow, and labelled so it never reads as a measurement
         ax_s.plot([r["batch_size"]], [summary["max_steps"]], "x", color="C3", ms=9)
         ax_s.annotate("not reached", (r["batch_size"], summary["max_steps"]), textcoords="offset points",

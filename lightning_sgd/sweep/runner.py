@@ -13,6 +13,16 @@ index in the Sobol sequence, kept in the storage, so re-running the same command
 trials are never redone. A trial whose worker died (kill -9, lost machine) is marked failed and re-queued with the
 same hyper-parameters: immediately when the dead worker ran on this host (its PID is gone), otherwise through
 Optuna's heartbeat once the worker has been silent for ``grace_period`` seconds.
+
+What a trial records. Its value is the steps to target; a trial that did not reach it stores the finite
+``max_steps + eval_every`` (the first evaluation past the budget: it ranks after every trial that reached the target,
+and Optuna's plots and dashboard stay finite), with the user attribute ``reached`` False. The metric at every
+evaluation goes to ``trial.report``, so optuna-dashboard draws learning curves. With ``gns`` on, a
+:class:`lightning_sgd.callbacks.GradientNoiseScale` measures B_simple (and sparse B_noise) along the trial; its values
+at the evaluations, at the step the target is reached and their median over the trial are the user attribute
+``gns``. The recipe's own measurement callbacks are dropped unless ``keep_callbacks``. Sampled parameters are what
+Optuna samples: a ``one_minus_log`` parameter such as the momentum is the Optuna parameter ``one_minus_momentum``
+(1 − β); the user attribute ``values`` holds the recipe's values (β itself).
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +58,11 @@ HEARTBEAT_INTERVAL_S = 20  # how often a running trial tells the storage it is a
 GRACE_PERIOD_S = 120  # a trial silent this long on another host is taken as dead and re-queued
 MAX_RETRY = 3  # re-queue a killed trial at most this many times
 CONNECT_TIMEOUT_S = 10  # a database server that does not answer within this is reported, not waited for
+#: Bumped when what a study stores changes (2: `one_minus_<name>` parameters, finite unreached values, GNS records),
+#: so that a new version never silently mixes its trials into a study written by an older one.
+STORAGE_SCHEMA = 2
+#: Classes from this package are the recipes' measurement callbacks, dropped from trials unless keep_callbacks.
+MEASUREMENT_PACKAGE = "lightning_sgd.callbacks"
 
 
 # --------------------------------------------------------------------------------------------------- one trial
@@ -61,14 +76,18 @@ class TrialOutcome:
     best_metric: float | None  # best value of the metric seen at any evaluation
     steps_run: int  # optimizer steps actually taken
     gave_up: bool = False  # stopped early by `patience`
+    gns: dict[str, Any] | None = None  # the noise-scale record (NoiseScaleRecorder.summary), None without gns
 
 
 class TargetStopper(Callback):
     """Stop training at the first evaluation whose ``metric`` reaches ``target``, or at a non-finite training loss,
-    or (with ``patience``) after that many evaluations in a row without a new best value of ``metric``."""
+    or (with ``patience``) after that many evaluations in a row without a new best value of ``metric``.
+    ``report(step, value)`` is called with every finite evaluation (the sweep passes Optuna's ``trial.report``)."""
 
-    def __init__(self, metric: str, target: float, mode: str, patience: int | None = None) -> None:
+    def __init__(self, metric: str, target: float, mode: str, patience: int | None = None,
+                 report: Callable[[float, int], None] | None = None) -> None:
         self.metric, self.target, self.mode, self.patience = metric, target, mode, patience
+        self.report = report
         self.reached_at: int | None = None
         self.diverged = False
         self.gave_up = False  # stopped by `patience`
@@ -97,6 +116,8 @@ class TargetStopper(Callback):
             self.diverged = True
             trainer.should_stop = True
             return
+        if self.report is not None:
+            self.report(value, trainer.global_step)
         if self.best is None or (value != self.best and self._better(value, self.best)):
             self.best, self._stale = value, 0
         else:
@@ -107,6 +128,82 @@ class TargetStopper(Callback):
         elif self.patience is not None and self._stale >= self.patience:
             self.gave_up = True
             trainer.should_stop = True
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _median(values: list[float]) -> float | None:
+    finite = sorted(v for v in values if math.isfinite(v))
+    if not finite:
+        return None
+    mid = len(finite) // 2
+    return finite[mid] if len(finite) % 2 else 0.5 * (finite[mid - 1] + finite[mid])
+
+
+class NoiseScaleRecorder(Callback):
+    """Record a :class:`lightning_sgd.callbacks.GradientNoiseScale` along a trial from its public values only:
+    every new measurement (``last_metrics``) and the smoothed ``b_simple``/``b_noise`` at every evaluation.
+
+    Add it after the GNS callback; it only reads, so the trial trains exactly as without it."""
+
+    def __init__(self, gns: Any) -> None:
+        self.gns = gns
+        self.b_simple: list[float] = []  # the smoothed B_simple after each of its measurements
+        self.b_noise: list[float] = []  # the smoothed B_noise after each of its measurements
+        self.at_eval: list[tuple[int, float, float]] = []  # (step, B_simple, B_noise) at every evaluation
+        self._last: dict[str, float] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        metrics = self.gns.last_metrics
+        if metrics == self._last:  # no measurement since the last batch (several batches per step, or off-schedule)
+            return
+        self._last = dict(metrics)
+        if "gns/b_simple" in metrics:
+            self.b_simple.append(float(metrics["gns/b_simple"]))
+        if "gns/b_noise" in metrics:
+            self.b_noise.append(float(metrics["gns/b_noise"]))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.at_eval.append((int(trainer.global_step), float(self.gns.b_simple), float(self.gns.b_noise)))
+
+    def summary(self, reached_at: int | None) -> dict[str, Any]:
+        """B_simple and B_noise at the evaluation that reached the target (None when not reached), at the last
+        evaluation and their medians over the trial's measurements; the values at every evaluation (``series``)."""
+        at = next((e for e in self.at_eval if e[0] == reached_at), None) if reached_at is not None else None
+        end = self.at_eval[-1] if self.at_eval else None
+        return {
+            "b_simple_at_target": _finite_or_none(at[1]) if at else None,
+            "b_noise_at_target": _finite_or_none(at[2]) if at else None,
+            "b_simple_median": _median(self.b_simple),
+            "b_noise_median": _median(self.b_noise),
+            "b_simple_end": _finite_or_none(end[1]) if end else None,
+            "b_noise_end": _finite_or_none(end[2]) if end else None,
+            "measurements": len(self.b_simple),
+            "b_noise_measurements": len(self.b_noise),
+            "source": getattr(self.gns, "source_in_use", None),
+            "series": [[s, _finite_or_none(a), _finite_or_none(b)] for s, a, b in self.at_eval],
+        }
+
+
+def is_measurement_callback(callback: Any) -> bool:
+    """A recipe's measurement callback (GradientNoiseScale, GradientDiversity, CurvatureSpectrum, DeepBootstrap):
+    it measures and does not change training, so a sweep trial can drop it."""
+    return type(callback).__module__.startswith(MEASUREMENT_PACKAGE + ".")
+
+
+def trial_noise_scale(cfg: SweepConfig, callbacks: list[Any]) -> Any:
+    """The GradientNoiseScale a trial reads: the recipe's own when kept, else a new one with the sweep's settings
+    (source "auto": per-example norms from layer hooks on one process, the cheapest exact source)."""
+    from lightning_sgd.callbacks import GradientNoiseScale
+
+    own = [cb for cb in callbacks if isinstance(cb, GradientNoiseScale)]
+    if own:
+        return own[0]
+    return GradientNoiseScale(schedule=cfg.gns_every, beta=cfg.gns_beta, b_noise_schedule=cfg.b_noise_every)
 
 
 class _TrialCLIMixin:
@@ -203,16 +300,27 @@ def build_trial(cfg: SweepConfig, batch_size: int, values: dict[str, float], max
         save_config_callback=None,  # trial configs live in the Optuna storage (user attribute `values`)
         sweep_trainer_kwargs=trainer_kwargs,
     )
-    return cli.model, cli.datamodule, cli.trainer
+    trainer = cli.trainer
+    if not cfg.keep_callbacks:
+        trainer.callbacks = [cb for cb in trainer.callbacks if not is_measurement_callback(cb)]
+    return cli.model, cli.datamodule, trainer
 
 
-def run_trial(cfg: SweepConfig, batch_size: int, values: dict[str, float], max_steps: int | None = None
-              ) -> TrialOutcome:
+def run_trial(cfg: SweepConfig, batch_size: int, values: dict[str, float], max_steps: int | None = None,
+              report: Callable[[float, int], None] | None = None) -> TrialOutcome:
     """Train the recipe at ``batch_size`` with ``values`` until the target is reached, it diverges or the budget
-    (``max_steps``, default ``cfg.max_steps``) ends."""
+    (``max_steps``, default ``cfg.max_steps``) ends; ``report(value, step)`` gets every evaluation."""
     with _quiet(), _threads(cfg.threads):
         model, data, trainer = build_trial(cfg, batch_size, values, max_steps)
-        stopper = TargetStopper(cfg.metric, float(cfg.target), cfg.resolved_mode(), cfg.patience)  # type: ignore[arg-type]
+        recorder = None
+        if cfg.gns:
+            gns = trial_noise_scale(cfg, trainer.callbacks)
+            if gns not in trainer.callbacks:
+                trainer.callbacks.append(gns)
+            recorder = NoiseScaleRecorder(gns)
+            trainer.callbacks.append(recorder)
+        stopper = TargetStopper(cfg.metric, float(cfg.target), cfg.resolved_mode(), cfg.patience,  # type: ignore[arg-type]
+                                report=report)
         trainer.callbacks.append(stopper)
         trainer.fit(model, datamodule=data)
     reached = stopper.reached_at is not None and not stopper.diverged
@@ -223,6 +331,7 @@ def run_trial(cfg: SweepConfig, batch_size: int, values: dict[str, float], max_s
         best_metric=stopper.best,
         steps_run=int(trainer.global_step),
         gave_up=stopper.gave_up,
+        gns=recorder.summary(stopper.reached_at if reached else None) if recorder is not None else None,
     )
 
 
@@ -280,7 +389,7 @@ def optuna_space(cfg: SweepConfig) -> dict[str, BaseDistribution]:
     space = {}
     for name, param in cfg.search_space.items():
         low, high, log = param.optuna_bounds()
-        space[name] = FloatDistribution(low, high, log=log)
+        space[param.optuna_name(name)] = FloatDistribution(low, high, log=log)
     return space
 
 
@@ -289,6 +398,7 @@ def config_fingerprint(cfg: SweepConfig) -> str:
     keys = ("recipe", "overrides", "metric", "target", "max_steps", "eval_every", "batch_size_key", "seed")
     payload = {k: getattr(cfg, k) for k in keys}
     payload["mode"] = cfg.resolved_mode()
+    payload["schema"] = STORAGE_SCHEMA
     payload["search_space"] = {name: asdict(p) for name, p in sorted(cfg.search_space.items())}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -380,17 +490,28 @@ def study_name(cfg: SweepConfig, batch_size: int) -> str:
     return f"{cfg.study_name}-bs{batch_size}"
 
 
-def open_study(cfg: SweepConfig, storage: RDBStorage, batch_size: int) -> optuna.Study:
-    """Create or load the study of one batch size; refuse one made by a different sweep configuration."""
-    study = optuna.create_study(
-        study_name=study_name(cfg, batch_size),
-        storage=storage,
-        sampler=FixedSpaceQMCSampler(optuna_space(cfg), seed=cfg.seed),
-        direction="minimize",
-        load_if_exists=True,
-    )
+def open_study(cfg: SweepConfig, storage: RDBStorage, batch_size: int, create: bool = True) -> optuna.Study:
+    """Create or load the study of one batch size; refuse one made by a different sweep configuration. With
+    ``create=False`` (report_only) a study that does not exist is an error, and nothing is written."""
+    sampler = FixedSpaceQMCSampler(optuna_space(cfg), seed=cfg.seed)
+    if create:
+        study = optuna.create_study(study_name=study_name(cfg, batch_size), storage=storage, sampler=sampler,
+                                    direction="minimize", load_if_exists=True)
+    else:
+        try:
+            study = optuna.load_study(study_name=study_name(cfg, batch_size), storage=storage, sampler=sampler)
+        except KeyError:
+            names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
+            raise SweepConfigError(
+                f"report_only: the storage {_shown(cfg.resolved_storage())} holds no study "
+                f"{study_name(cfg, batch_size)!r} (it holds {names or 'none'}); run the sweep first, or give the "
+                "--sweep.study_name / --sweep.batch_sizes it was run with."
+            ) from None
     fingerprint = config_fingerprint(cfg)
     existing = study.user_attrs.get("fingerprint")
+    if existing is None and not create:
+        raise SweepConfigError(f"report_only: study {study.study_name!r} was never started by a sweep (no "
+                               "configuration stored); run the sweep first.")
     if existing is None:
         study.set_user_attr("fingerprint", fingerprint)
         study.set_user_attr("batch_size", batch_size)
@@ -398,7 +519,8 @@ def open_study(cfg: SweepConfig, storage: RDBStorage, batch_size: int) -> optuna
     elif existing != fingerprint:
         raise SweepConfigError(
             f"the storage already holds study {study.study_name!r} from a different sweep configuration (recipe, "
-            "target, budget or search space changed). Use another --sweep.study_name or --sweep.output_dir."
+            "target, budget or search space changed, or it was written by an older version of lightning-sgd). Use "
+            "another --sweep.study_name or --sweep.output_dir."
         )
     return study
 
@@ -460,7 +582,7 @@ def make_objective(cfg: SweepConfig, batch_size: int) -> Any:
         values = {}
         for name, param in cfg.search_space.items():
             low, high, log = param.optuna_bounds()
-            values[name] = param.to_value(trial.suggest_float(name, low, high, log=log))
+            values[name] = param.to_value(trial.suggest_float(param.optuna_name(name), low, high, log=log))
         trial.set_user_attr("values", values)
         budget = cfg.max_steps
         if cfg.stop_at_best:
@@ -469,12 +591,12 @@ def make_objective(cfg: SweepConfig, batch_size: int) -> Any:
             if best is not None:
                 budget = min(budget, int(best))
         trial.set_user_attr("budget", budget)
-        outcome = run_trial(cfg, batch_size, values, max_steps=budget)
+        outcome = run_trial(cfg, batch_size, values, max_steps=budget, report=trial.report)
         for key, value in asdict(outcome).items():
             trial.set_user_attr(key, value)
         if outcome.diverged:
             raise optuna.TrialPruned(f"diverged (non-finite loss) at batch size {batch_size}")
-        return float(outcome.steps) if outcome.steps is not None else math.inf
+        return float(outcome.steps) if outcome.steps is not None else unreached_value(cfg)
 
     return objective
 
@@ -490,10 +612,22 @@ def _pick_batch_size(cfg: SweepConfig, counts: dict[int, StudyCounts]) -> int | 
     return min(candidates)[2] if candidates else None
 
 
+def unreached_value(cfg: SweepConfig) -> float:
+    """The objective value of a trial that did not reach the target: the first evaluation past the budget, finite
+    (Optuna's plots and dashboard), and larger than the steps of any trial that reached it."""
+    return float(cfg.max_steps + cfg.eval_every)
+
+
+def trial_reached(trial: FrozenTrial) -> bool:
+    """Whether a finished trial reached the target (studies of older versions stored inf when it did not)."""
+    if trial.state != TrialState.COMPLETE or trial.value is None:
+        return False
+    return bool(trial.user_attrs.get("reached", math.isfinite(trial.value)))
+
+
 def best_steps(study: optuna.Study) -> float | None:
-    values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if t.value is not None and math.isfinite(t.value)]
-    return min(values) if values else None
+    values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if trial_reached(t)]
+    return min(values) if values else None  # type: ignore[type-var]
 
 
 def _postfix(cfg: SweepConfig, studies: dict[int, optuna.Study]) -> str:
@@ -515,9 +649,11 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict[str, Any]:
         check_storage(cfg.storage)
     if not cfg.report_only:
         preflight(cfg)  # before the storage is touched: a bad sweep leaves nothing behind
+    if cfg.report_only:
+        _check_report_storage(cfg)
     os.makedirs(cfg.output_dir, exist_ok=True)
     storage = open_storage(cfg.resolved_storage())
-    studies = {b: open_study(cfg, storage, b) for b in cfg.batch_sizes}
+    studies = {b: open_study(cfg, storage, b, create=not cfg.report_only) for b in cfg.batch_sizes}
     if not cfg.report_only:
         for study in studies.values():
             reclaimed = reclaim_dead_local_trials(study, storage)
@@ -528,6 +664,20 @@ def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict[str, Any]:
     summary = summarize(cfg, studies)
     write_outputs(cfg, summary)
     return summary
+
+
+def _check_report_storage(cfg: SweepConfig) -> None:
+    """report_only on a SQLite file that does not exist: an error, before opening it would create it."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(cfg.resolved_storage())
+    except Exception:  # noqa: BLE001 - not a URL: open_storage reports it
+        return
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:" and \
+            not Path(parsed.database).expanduser().exists():
+        raise SweepConfigError(f"report_only: there is no sweep storage at {parsed.database}; run the sweep "
+                               "first, or give the --sweep.output_dir / --sweep.storage it used.")
 
 
 def _optimize(cfg: SweepConfig, storage: RDBStorage, studies: dict[int, optuna.Study], progress: bool) -> None:
