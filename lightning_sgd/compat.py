@@ -9,6 +9,13 @@ either Trainer and either LightningCLI, with no different import for the user.
 Anything else that differs by package (the strategy, ``WeightAveraging``, logger classes) is looked up through
 :func:`package_of`, which tells which package a Trainer or module comes from. Our strategy names
 (``"ddp_grad_stats"``) are registered in both packages' ``StrategyRegistry`` when this module is imported.
+
+**Lightning's private API lives here and nowhere else.** A few features need state Lightning keeps in underscored
+attributes (the fit loop's data fetcher, DDP's comm-hook settings, the name of the hook a module is running). Each
+access is one function below with a comment saying what it relies on, so a Lightning release that moves one breaks
+one function, which the Lightning-facing tests (``make test-newest-lightning``) catch. The supported range is
+bounded in ``pyproject.toml``. The one private *method* we override, ``DDPStrategy._register_ddp_hooks``, is named
+by :data:`DDP_REGISTER_HOOKS` and overridden in :mod:`lightning_sgd.plugins.grad_stats_ddp`.
 """
 
 from __future__ import annotations
@@ -28,8 +35,9 @@ except ImportError:  # pragma: no cover - both are installed by the project's se
     _lpt = None
     _LCallback = None
 
-__all__ = ["Callback", "PACKAGES", "STRATEGIES", "package_of",
-           "register_strategies"]
+__all__ = ["DDP_REGISTER_HOOKS", "Callback", "PACKAGES", "STRATEGIES", "current_fx_name", "ddp_comm_settings",
+           "ddp_kwargs", "package_of", "register_strategies", "replace_train_dataloader", "restart_train_fetcher",
+           "set_current_fx_name", "train_dataloaders", "train_fetcher"]
 
 #: The Lightning packages importable here, ``pytorch_lightning`` first.
 PACKAGES: tuple[ModuleType, ...] = (_pl,) if _lpt is None else (_pl, _lpt)
@@ -91,3 +99,67 @@ def register_strategies() -> None:
 
 
 register_strategies()
+
+
+# ---------------------------------------------------------------------------------- Lightning's private API (2.6)
+def current_fx_name(module: Any) -> str | None:
+    """The Lightning hook ``module`` is running (``"training_step"``, ``"validation_step"``, ...), ``None`` outside
+    one. Relies on ``LightningModule._current_fx_name``, which the Trainer sets around every hook call (``call.py``)
+    and ``self.log`` reads to pick the logging rules."""
+    return getattr(module, "_current_fx_name", None)
+
+
+def set_current_fx_name(module: Any, name: str | None) -> None:
+    """Put back what :func:`current_fx_name` read (after running the module's code from inside another hook, so
+    ``self.log`` keeps applying the right hook's rules). Only on a LightningModule (which has the attribute)."""
+    if hasattr(module, "_current_fx_name"):
+        module._current_fx_name = name
+
+
+def ddp_kwargs(strategy: Any) -> dict[str, Any]:
+    """The keyword arguments a DDP strategy passes to ``DistributedDataParallel`` (``gradient_as_bucket_view``, ...).
+    Relies on ``DDPStrategy._ddp_kwargs`` (set from the strategy's ``**kwargs``); ``{}`` for other strategies."""
+    return dict(getattr(strategy, "_ddp_kwargs", None) or {})
+
+
+#: The ``DDPStrategy`` method that registers the DDP communication hook after the model is wrapped (called from
+#: ``configure_ddp``); :class:`lightning_sgd.plugins.GradStatsDDPStrategy` overrides it to wrap the user's hook.
+DDP_REGISTER_HOOKS = "_register_ddp_hooks"
+
+
+def ddp_comm_settings(strategy: Any) -> tuple[Any, Any, Any]:
+    """``(ddp_comm_hook, ddp_comm_state, ddp_comm_wrapper)`` the user gave a ``DDPStrategy``. Relies on the
+    attributes ``_ddp_comm_hook``, ``_ddp_comm_state``, ``_ddp_comm_wrapper`` that ``DDPStrategy.__init__`` stores
+    them in (``None`` when not given)."""
+    return (getattr(strategy, "_ddp_comm_hook", None), getattr(strategy, "_ddp_comm_state", None),
+            getattr(strategy, "_ddp_comm_wrapper", None))
+
+
+def train_dataloaders(trainer: Any) -> list[Any]:
+    """The train DataLoaders the fit loop iterates, after Lightning processed them (its ``DistributedSampler``
+    injected under DDP). Relies on ``FitLoop._combined_loader`` (a ``CombinedLoader``, built in ``setup_data``) and
+    its ``flattened`` list; ``[]`` before the fit loop has set up its data."""
+    combined = getattr(trainer.fit_loop, "_combined_loader", None)
+    return [] if combined is None else list(combined.flattened)
+
+
+def replace_train_dataloader(trainer: Any, loader: Any) -> None:
+    """Make the fit loop iterate ``loader`` instead of its single train DataLoader (from the next iterator it makes:
+    see :func:`restart_train_fetcher`). Relies on ``CombinedLoader.flattened`` being settable, as Lightning's own
+    ``_reset_progress``/``_update_dataloader`` paths do."""
+    trainer.fit_loop._combined_loader.flattened = [loader]
+
+
+def train_fetcher(trainer: Any) -> Any:
+    """The fit loop's data fetcher (``None`` before ``setup_data``). Relies on ``FitLoop._data_fetcher``, whose
+    ``length`` is the epoch's batch count the fetcher uses to flag the last batch."""
+    return getattr(trainer.fit_loop, "_data_fetcher", None)
+
+
+def restart_train_fetcher(trainer: Any) -> None:
+    """Re-point the fit loop's fetcher at its (replaced) combined loader and make the epoch's iterator again, as
+    ``FitLoop.setup_data``/``on_advance_start`` do. Relies on ``_DataFetcher.setup(combined_loader)`` + ``iter()``."""
+    fetcher = train_fetcher(trainer)
+    if fetcher is not None:
+        fetcher.setup(trainer.fit_loop._combined_loader)
+        iter(fetcher)

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_sgd.batches import batch_size, slice_batch
+from lightning_sgd.compat import current_fx_name, set_current_fx_name
 
 __all__ = ["ModuleLoss", "ProtocolRequired", "LossNotMeanError", "measuring", "has_protocol", "module_eval",
            "muted_logging", "twice_differentiable_attention", "PROTOCOL_HELP"]
@@ -242,7 +243,7 @@ class ModuleLoss:
         devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
         buffers = [(b, b.detach().clone()) for b in module.buffers()]
         modes = [(sub, sub.training) for sub in module.modules()]
-        fx_name = getattr(module, "_current_fx_name", None)
+        fx_name = current_fx_name(module)
         py_state = random.getstate()
         np_state = _numpy_state()
         _STATE.depth = getattr(_STATE, "depth", 0) + 1
@@ -257,8 +258,7 @@ class ModuleLoss:
                         buffer.copy_(copy)
             for sub, mode in modes:
                 sub.training = mode
-            if hasattr(module, "_current_fx_name"):
-                module._current_fx_name = fx_name
+            set_current_fx_name(module, fx_name)
             random.setstate(py_state)
             _set_numpy_state(np_state)
 

@@ -50,7 +50,13 @@ from typing_extensions import override
 
 from lightning_sgd.batch_size import ResizableBatchSampler, milestone_multiplier, split_global_batch
 from lightning_sgd.checks import check_int
-from lightning_sgd.compat import Callback
+from lightning_sgd.compat import (
+    Callback,
+    replace_train_dataloader,
+    restart_train_fetcher,
+    train_dataloaders,
+    train_fetcher,
+)
 from lightning_sgd.plugins.lr_warmup_scaling import RULES, LRWarmupScaling, _WarmupScheduler, scale_factor
 from lightning_sgd.resumable import EpochSampler, ResizableDataLoader
 
@@ -190,21 +196,18 @@ class _BatchSizeController(Callback):
     # -------------------------------------------------------------------------------------------------- mechanism
     @staticmethod
     def _loader(trainer: pl.Trainer) -> DataLoader:
-        combined = trainer.fit_loop._combined_loader
-        if combined is None or len(combined.flattened) != 1 or not isinstance(combined.flattened[0], DataLoader):
+        loaders = train_dataloaders(trainer)
+        if len(loaders) != 1 or not isinstance(loaders[0], DataLoader):
             raise TypeError("batch-size control supports exactly one train DataLoader.")
-        return combined.flattened[0]
+        return loaders[0]
 
     def _install(self, trainer: pl.Trainer) -> None:
         loader, self._sampler = _rebuild_loader(self._loader(trainer), self.batch_size)
-        trainer.fit_loop._combined_loader.flattened = [loader]  # type: ignore[union-attr]
+        replace_train_dataloader(trainer, loader)
 
     def _restart_iterator(self, trainer: pl.Trainer) -> None:
         """``FitLoop.setup_data`` made the first epoch's iterator from the original loader: make it again."""
-        fetcher = trainer.fit_loop._data_fetcher
-        if fetcher is not None:
-            fetcher.setup(trainer.fit_loop._combined_loader)  # type: ignore[arg-type]
-            iter(fetcher)
+        restart_train_fetcher(trainer)
         self._set_epoch_lengths(trainer)
 
     def _set_epoch_lengths(self, trainer: pl.Trainer) -> None:
@@ -220,7 +223,7 @@ class _BatchSizeController(Callback):
         if delta == 0 or not math.isfinite(trainer.fit_loop.max_batches):
             return
         trainer.fit_loop.max_batches += delta
-        fetcher = trainer.fit_loop._data_fetcher
+        fetcher = train_fetcher(trainer)
         if fetcher is not None and fetcher.length is not None:
             fetcher.length += delta
         self._sync_val_check(trainer)
