@@ -66,15 +66,16 @@ def _state_key_config(key: Any) -> dict[str, Any] | None:
 class CurvatureSpectrum(Callback):
     """Curvature eigenspectrum of the training loss on a fixed probe set, measured on a schedule.
 
-    Each measurement logs, under ``curvature/<operator>/``: ``eig_<i>`` and ``residual_<i>`` (top-k Lanczos Ritz
-    values, descending, and ``‖Hv − λv‖``), ``lanczos_iterations``, ``truncated`` (1 when the time budget cut
-    Lanczos short), ``trace`` and ``trace_stderr`` (Hutch++), ``frobenius`` (``sqrt(tr H²)``), ``sharpness``
-    (``λ_max·η``), ``sharpness_threshold`` (``2(1+β)``) and ``sharpness_ratio``, ``frobenius_bound``
-    (``‖H‖_F·η/√B``), ``alignment_corr``/``alignment_slope`` (log-log fit of ``Var(vᵀg_i)`` on ``vᵀHv``),
-    ``seconds``, ``matvecs``, ``skipped`` (1 when a measurement could not be made: non-finite curvature,
-    failure) and ``skipped_<stage>`` (1 when the time budget left a stage out). With the W&B logger it also
-    logs the spectrum as a histogram, the SLQ density as a line plot and the alignment pairs as a table and
-    scatter plot.
+    Each measurement logs, under ``curvature/<operator>/``: ``eig_<i>`` (top-k Lanczos Ritz values, descending),
+    ``truncated`` (1 when the budget cut Lanczos short), ``trace`` and ``trace_stderr`` (Hutch++), ``frobenius``
+    (``sqrt(tr H²)``), ``sharpness`` (``λ_max·η``), ``sharpness_threshold`` (``2(1+β)``) and ``sharpness_ratio``,
+    ``frobenius_bound`` (``‖H‖_F·η/√B``), ``alignment_corr``/``alignment_slope`` (log-log fit of ``Var(vᵀg_i)``
+    on ``vᵀHv``) and the pairs themselves, ``alignment/curvature_<j>`` and ``alignment/variance_<j>``, ``skipped``
+    (1 when a measurement could not be made: non-finite curvature, failure) and ``skipped_<stage>`` (1 when the
+    budget left a stage out). Diagnostics go under ``diag/curvature/<operator>/``, out of the main view:
+    ``residual_<i>`` (``‖Hv − λv‖``), ``lanczos_iterations``, ``matvecs`` and ``seconds``. With a W&B logger (of
+    either Lightning package) it also logs the spectrum as a histogram, the SLQ density as a line plot and the
+    alignment pairs as a table and a scatter plot of their log10 values.
 
     It works on any LightningModule with automatic optimization: the loss is the module's ``training_step`` (run
     with ``self.log`` muted, the RNG forked and buffers restored), on batches of any structure, and every
@@ -103,7 +104,11 @@ class CurvatureSpectrum(Callback):
         probe_batch_size: examples per probe batch; ``None``: the training DataLoader's batch size.
         mode: ``"eval"`` (default: BN running statistics, no dropout) or ``"train"`` (batch statistics and
             dropout with masks fixed across matvecs).
-        time_budget: seconds per measurement; Lanczos is truncated to fit and later stages are skipped.
+        matvec_budget: matrix-vector products per measurement (the probe product included); Lanczos is truncated
+            to fit and later stages that do not fit are skipped. Counted in products, so a measurement is the same
+            on a busy and an idle machine. ``None``: no cap (each stage runs its configured products).
+        time_budget: seconds per measurement, opt-in, with the same effect; what fits depends on the machine's load,
+            so two runs can measure different things (``truncated``/``skipped_<stage>`` say so).
         at_fit_end: also measure when training ends.
         seed: probe-set draw, Lanczos start vector and random probes (the same every measurement).
     """
@@ -122,6 +127,7 @@ class CurvatureSpectrum(Callback):
         probe_batches: int = 1,
         probe_batch_size: int | None = None,
         mode: Literal["eval", "train"] = "eval",
+        matvec_budget: int | None = None,
         time_budget: float | None = None,
         at_fit_end: bool = True,
         seed: int = 0,
@@ -142,13 +148,15 @@ class CurvatureSpectrum(Callback):
         check_bool(who, "at_fit_end", at_fit_end)
         check_int(who, "probe_batches", probe_batches, minimum=1, hint="(with 0 the probe set is empty.)")
         check_int(who, "probe_batch_size", probe_batch_size, minimum=1, optional=True)
+        check_int(who, "matvec_budget", matvec_budget, minimum=2, optional=True,
+                  hint="(products per measurement, the probe included; None: no cap.)")
         time_budget = check_float(who, "time_budget", time_budget, low=0.0, low_open=True, optional=True,
                                   hint="(seconds per measurement; None: no budget.)")
         check_int(who, "seed", seed)
         self.config = MeasureConfig(
             k=k, lanczos_iterations=lanczos_iterations, trace_matvecs=trace_matvecs,
             frobenius_matvecs=frobenius_matvecs, density_runs=density_runs, density_steps=density_steps,
-            alignment=alignment, time_budget=time_budget, seed=seed)
+            alignment=alignment, matvec_budget=matvec_budget, time_budget=time_budget, seed=seed)
         try:
             self.config.validate()
         except ValueError as err:
@@ -335,25 +343,34 @@ class CurvatureSpectrum(Callback):
         metrics = self._metrics(trainer, result)
         self.history.append({"step": step, **{k.rsplit("/", 1)[-1]: v for k, v in metrics.items()}})
         if result.truncated:
-            rank_zero_info(f"CurvatureSpectrum: the time budget ({self.config.time_budget}s) truncated Lanczos to "
+            rank_zero_info(f"CurvatureSpectrum: the budget ({self._budget_text()}) truncated Lanczos to "
                            f"{result.lanczos_iterations} iterations at step {step}.")
         for stage, why in result.skipped.items():
             rank_zero_info(f"CurvatureSpectrum: skipped {stage} at step {step}: {why}")
         self._log(trainer, metrics, step)
         self._log_wandb(trainer, result, step)
 
+    def _budget_text(self) -> str:
+        parts = []
+        if self.config.matvec_budget is not None:
+            parts.append(f"{self.config.matvec_budget} matvecs")
+        if self.config.time_budget is not None:
+            parts.append(f"{self.config.time_budget}s")
+        return " / ".join(parts)
+
     def _metrics(self, trainer: pl.Trainer, result: CurvatureResult) -> dict[str, float]:
         prefix = f"curvature/{self.operator}"
-        out: dict[str, float] = {f"{prefix}/skipped": 0.0, f"{prefix}/seconds": result.seconds,
-                                 f"{prefix}/matvecs": float(result.matvecs),
+        diag = f"diag/curvature/{self.operator}"  # diagnostics: out of the main view in W&B
+        out: dict[str, float] = {f"{prefix}/skipped": 0.0, f"{diag}/seconds": result.seconds,
+                                 f"{diag}/matvecs": float(result.matvecs),
                                  f"{prefix}/truncated": float(result.truncated)}
-        for stage in result.skipped:  # stages the time budget (or a missing input) left out this time
+        for stage in result.skipped:  # stages the budget (or a missing input) left out this time
             out[f"{prefix}/skipped_{stage}"] = 1.0
         for i, (value, residual) in enumerate(zip(result.eigenvalues, result.residuals)):
             out[f"{prefix}/eig_{i}"] = value
-            out[f"{prefix}/residual_{i}"] = residual
+            out[f"{diag}/residual_{i}"] = residual
         if result.eigenvalues:
-            out[f"{prefix}/lanczos_iterations"] = float(result.lanczos_iterations)
+            out[f"{diag}/lanczos_iterations"] = float(result.lanczos_iterations)
         if result.trace is not None:
             out[f"{prefix}/trace"] = result.trace
             out[f"{prefix}/trace_stderr"] = result.trace_stderr
@@ -363,11 +380,14 @@ class CurvatureSpectrum(Callback):
         if result.alignment is not None:
             out[f"{prefix}/alignment_corr"] = result.alignment.loglog_corr
             out[f"{prefix}/alignment_slope"] = result.alignment.loglog_slope
+            for j, (curv, var) in enumerate(zip(result.alignment.curvature, result.alignment.grad_variance)):
+                out[f"{prefix}/alignment/curvature_{j}"] = curv  # the pairs, for the report's log-log scatter
+                out[f"{prefix}/alignment/variance_{j}"] = var
         if trainer.optimizers:
             state = optimizer_state(trainer.optimizers[0])
             if state.adaptive and not self._warned_adaptive:
-                self._warned_adaptive = True
-                rank_zero_warn("CurvatureSpectrum: the optimizer is adaptive (Adam-like); sharpness λ_max·η is "
+                self._warned_adaptive = True  # a note, not a problem: the demo recipe trains with Adam
+                rank_zero_info("CurvatureSpectrum: the optimizer is adaptive (Adam-like); sharpness λ_max·η is "
                                "logged, but its threshold 2(1+β) holds for (heavy-ball) SGD only.")
             if result.lambda_max is not None:
                 value, threshold = sharpness(result.lambda_max, state)
@@ -404,12 +424,14 @@ class CurvatureSpectrum(Callback):
                                                                title=f"{self.operator} spectral density")
             if result.alignment is not None:
                 a = result.alignment
-                table = wandb.Table(columns=["step", "direction", "kind", "curvature", "grad_variance"],
-                                    data=[[step, i, kind, c, v] for i, (kind, c, v)
+                log10 = lambda x: math.log10(x) if x > 0 else None  # noqa: E731 - W&B scatters have no log axes
+                table = wandb.Table(columns=["step", "direction", "kind", "curvature", "grad_variance",
+                                             "log10_curvature", "log10_grad_variance"],
+                                    data=[[step, i, kind, c, v, log10(c), log10(v)] for i, (kind, c, v)
                                           in enumerate(zip(a.kind, a.curvature, a.grad_variance))])
                 payload[f"{prefix}/alignment_table"] = table
                 payload[f"{prefix}/alignment"] = wandb.plot.scatter(
-                    table, "curvature", "grad_variance", title="vᵀHv vs Var(vᵀg_i)")
+                    table, "log10_curvature", "log10_grad_variance", title="log10 vᵀHv vs log10 Var(vᵀg_i)")
             for logger in loggers:
                 experiment = logger.experiment
                 if experiment:

@@ -5,7 +5,8 @@ tested on its own. The linear algebra is hessian-eigenthings' (``lanczos``, ``hu
 ``spectral_density``); the operators here compute the module's own loss through
 :class:`lightning_sgd.module_loss.ModuleLoss` (its ``training_step``, or the optional ``split_batch``/``forward``/
 ``loss`` protocol when the module has it), on batches of any structure. This file also makes the measurement safe
-mid-training (:func:`preserved_training_state`), puts it on a time budget, and derives the large-batch quantities:
+mid-training (:func:`preserved_training_state`), puts it on a budget (matvecs, or seconds on request), and derives
+the large-batch quantities:
 
 - sharpness ``λ_max·η`` against the stability threshold ``2`` of gradient descent on a quadratic (``2(1+β)`` with
   heavy-ball momentum β, ``(2+2β)/(1+2β)`` with Nesterov); full-batch training hovers at it ("edge of stability",
@@ -495,7 +496,7 @@ class CurvatureResult:
     residuals: list[float] = field(default_factory=list)  # ‖Hv − λv‖ per Ritz pair (Lanczos' a-posteriori bound)
     converged: list[bool] = field(default_factory=list)
     lanczos_iterations: int = 0
-    truncated: bool = False  # the time budget cut Lanczos short
+    truncated: bool = False  # the budget (matvecs or seconds) cut Lanczos short
     trace: float | None = None
     trace_stderr: float | None = None
     frobenius: float | None = None  # ‖H‖_F = sqrt(tr(H²))
@@ -528,7 +529,8 @@ class MeasureConfig:
     density_steps: int = 30  # Lanczos steps per SLQ run
     density_grid_points: int = 200
     alignment: bool = False  # the C ≈ H check (per-example gradients of the loss)
-    time_budget: float | None = None  # seconds per measurement; truncates Lanczos, skips later stages
+    matvec_budget: int | None = None  # matvecs per measurement (probe included); truncates Lanczos, skips stages
+    time_budget: float | None = None  # seconds per measurement (opt-in: depends on machine load); same effect
     seed: int = 0  # Lanczos start vector, Hutch++ probes, SLQ and random directions
 
     def validate(self) -> None:
@@ -547,6 +549,9 @@ class MeasureConfig:
             raise ValueError(f"density_steps must be >= 2, got {self.density_steps}.")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ValueError(f"time_budget must be > 0 seconds or None, got {self.time_budget}.")
+        if self.matvec_budget is not None and self.matvec_budget < 2:
+            raise ValueError(f"matvec_budget must be >= 2 (one probe product and one Lanczos step) or None, got "
+                             f"{self.matvec_budget}.")
 
 
 def check_k(k: int, size: int) -> None:
@@ -648,10 +653,13 @@ def projection_variance(
 
 
 class _Budget:
-    """Per-measurement time budget whose decisions agree across ranks (every rank runs the same matvecs)."""
+    """Per-measurement budget in matvecs (deterministic) and/or seconds (load-dependent); time decisions agree across
+    ranks (every rank runs the same matvecs)."""
 
-    def __init__(self, seconds: float | None, distributed: bool) -> None:
+    def __init__(self, seconds: float | None, distributed: bool, matvecs: int | None = None,
+                 used: Callable[[], int] = lambda: 0) -> None:
         self.seconds, self.distributed = seconds, distributed
+        self.matvecs, self.used = matvecs, used
         self.start = time.perf_counter()
         self.seconds_per_matvec = 0.0
 
@@ -666,11 +674,13 @@ class _Budget:
         self.seconds_per_matvec = self._agree(seconds_per_matvec, dist.ReduceOp.MAX)
 
     def matvecs_left(self) -> int | None:
-        """How many more matvecs fit (None: no budget), agreed as the minimum over ranks."""
+        """How many more matvecs fit (None: no budget); the time part agreed as the minimum over ranks."""
+        left = None if self.matvecs is None else max(0, self.matvecs - self.used())
         if self.seconds is None:
-            return None
-        left = self._agree(self.seconds - (time.perf_counter() - self.start), dist.ReduceOp.MIN)
-        return max(0, int(left / max(self.seconds_per_matvec, 1e-9)))
+            return left
+        seconds = self._agree(self.seconds - (time.perf_counter() - self.start), dist.ReduceOp.MIN)
+        by_time = max(0, int(seconds / max(self.seconds_per_matvec, 1e-9)))
+        return by_time if left is None else min(left, by_time)
 
     def fits(self, matvecs: int) -> bool:
         left = self.matvecs_left()
@@ -685,11 +695,13 @@ def measure(
     variance_fn: Callable[[Tensor], tuple[Tensor, int]] | None = None,
     distributed: bool | None = None,
 ) -> CurvatureResult:
-    """Top-k eigenvalues, trace, Frobenius norm, density and alignment of one operator, within a time budget.
+    """Top-k eigenvalues, trace, Frobenius norm, density and alignment of one operator, within a budget.
 
-    Stages run in that order. A probe matvec checks the operator is finite and times one product (two with a budget);
-    with ``config.time_budget`` set, Lanczos gets as many iterations as fit the time left (``truncated`` says it
-    was cut), and each later stage runs only if its matvecs fit what remains, else it is listed in ``skipped``.
+    Stages run in that order. A probe matvec checks the operator is finite and times one product (two with a time
+    budget). With ``config.matvec_budget`` (products, the probe included: the same result on any machine) or
+    ``config.time_budget`` (seconds: depends on the machine's load), Lanczos gets as many iterations as fit what is
+    left (``truncated`` says it was cut), and each later stage runs only if its matvecs fit what remains, else it is
+    listed in ``skipped``.
     Under DDP every decision is agreed across ranks, so all ranks run the same collectives.
 
     Args:
@@ -711,7 +723,7 @@ def measure(
     n = op.size
     check_k(config.k, n)
     result = CurvatureResult(operator=name)
-    budget = _Budget(config.time_budget, distributed)
+    budget = _Budget(config.time_budget, distributed, config.matvec_budget, lambda: op.matvecs)
     gen = torch.Generator().manual_seed(config.seed + 7919)
 
     # probe matvecs: finiteness (and twice-differentiability) check + the cost of one product. The first call
@@ -736,7 +748,7 @@ def measure(
         result.eigenvalues, result.residuals = eig.tolist(), res.tolist()
         result.converged, result.lanczos_iterations = [bool(c) for c in conv], its
     else:
-        result.skipped["eigenvalues"] = "time budget spent before Lanczos could run"
+        result.skipped["eigenvalues"] = "budget spent before Lanczos could run"
 
     # 2. trace by Hutch++
     if config.trace_matvecs:
@@ -745,7 +757,7 @@ def measure(
             tr = hutch_plus_plus(op, num_matvecs=config.trace_matvecs, seed=config.seed + 1)
             result.trace, result.trace_stderr = tr.estimate, tr.stderr
         else:
-            result.skipped["trace"] = f"time budget: {cost} matvecs do not fit"
+            result.skipped["trace"] = f"budget: {cost} matvecs do not fit"
 
     # 3. Frobenius norm: Hutch++ on H²
     if config.frobenius_matvecs:
@@ -754,7 +766,7 @@ def measure(
             result.frobenius, result.frobenius_stderr = frobenius_norm(
                 op, config.frobenius_matvecs, seed=config.seed + 2)
         else:
-            result.skipped["frobenius"] = f"time budget: {cost} matvecs do not fit"
+            result.skipped["frobenius"] = f"budget: {cost} matvecs do not fit"
 
     # 4. spectral density by stochastic Lanczos quadrature
     if config.density_runs:
@@ -765,7 +777,7 @@ def measure(
                                   num_grid_points=config.density_grid_points, seed=config.seed + 3)
             result.density_grid, result.density = sd.grid.tolist(), sd.density.tolist()
         else:
-            result.skipped["density"] = f"time budget: {cost} matvecs do not fit"
+            result.skipped["density"] = f"budget: {cost} matvecs do not fit"
 
     # 5. alignment: curvature vs per-example gradient variance along eigenvectors and random directions
     if config.alignment:
@@ -774,7 +786,7 @@ def measure(
         elif vectors is None or len(vectors) == 0:
             result.skipped["alignment"] = "no eigenvectors (Lanczos did not run)"
         elif not budget.fits(len(vectors)):
-            result.skipped["alignment"] = f"time budget: {len(vectors)} matvecs do not fit"
+            result.skipped["alignment"] = f"budget: {len(vectors)} matvecs do not fit"
         else:
             rand = torch.randn(len(vectors), n, generator=gen, dtype=op.dtype).to(op.device)
             rand = rand / rand.norm(dim=1, keepdim=True)
