@@ -79,8 +79,10 @@ class ClassificationModule(pl.LightningModule):
         accuracy = self.accuracy[f"{stage}_acc"]  # ModuleDict keys cannot shadow Module.train
         accuracy(logits.detach(), targets)
         on_step = stage == "train"
+        # sync_dist: under DDP each rank sees one shard; the logged loss is the mean over ranks (the accuracy is a
+        # torchmetrics Metric, which gathers its counts across ranks itself)
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "train",
-                 batch_size=targets.shape[0])
+                 batch_size=targets.shape[0], sync_dist=True)
         self.log(f"{stage}/acc", accuracy, on_step=on_step, on_epoch=True, prog_bar=stage != "train",
                  batch_size=targets.shape[0])
         return loss

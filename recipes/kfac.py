@@ -122,6 +122,6 @@ class KFACClassificationModule(ClassificationModule):
             scheduler.step()
         loss = loss.detach()
         self.accuracy["train_acc"](logits.detach(), targets)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=targets.shape[0])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=targets.shape[0], sync_dist=True)
         self.log("train/acc", self.accuracy["train_acc"], on_step=True, on_epoch=True, batch_size=targets.shape[0])
         return loss

@@ -88,9 +88,10 @@ class LanguageModelModule(_ConfiguredOptimizer):
         inputs, targets = self.split_batch(batch)
         loss = self.loss(self(inputs), targets)
         train = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=True, prog_bar=not train, batch_size=len(targets))
+        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=True, prog_bar=not train, batch_size=len(targets),
+                 sync_dist=True)  # the mean over ranks under DDP, not one shard's
         if not train:
-            self.log(f"{stage}/ppl", torch.exp(loss.detach()), on_epoch=True, batch_size=len(targets))
+            self.log(f"{stage}/ppl", torch.exp(loss.detach()), on_epoch=True, batch_size=len(targets), sync_dist=True)
         return loss
 
 
@@ -133,10 +134,11 @@ class AutoencoderModule(_ConfiguredOptimizer):
         outputs = self(inputs)
         loss = self.loss(outputs, targets)
         train = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=True, prog_bar=not train, batch_size=len(targets))
+        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=True, prog_bar=not train, batch_size=len(targets),
+                 sync_dist=True)  # the mean over ranks under DDP, not one shard's
         if not train:
             mse = ((torch.sigmoid(outputs) - targets) ** 2).sum(dim=1).mean()
-            self.log(f"{stage}/mse", mse, on_epoch=True, batch_size=len(targets))
+            self.log(f"{stage}/mse", mse, on_epoch=True, batch_size=len(targets), sync_dist=True)
         return loss
 
 
