@@ -12,15 +12,24 @@ output locations; T = 1 for a plain ``Linear`` on a batch of vectors):
     |\\nabla_W \\ell_i|^2 = |D_i^\\top A_i|_F^2 = \\sum_{t,s} (A_i A_i^\\top)_{ts} (D_i D_i^\\top)_{ts},
     \\qquad |\\nabla_b \\ell_i|^2 = |\\textstyle\\sum_t D_{i,t}|^2 .
 
-Per layer the cheaper of the two forms is used: materialize the per-example gradient (T·d_in·d_out per example)
-or the two T × T Gram matrices (T²·(d_in + d_out)). Closed forms exist for exactly these types: ``nn.Linear`` (any
-leading shape), ``nn.Conv1d``/``2d``/``3d`` (``groups=1``, zero padding, numeric padding; the input is unfolded into
-patches), ``nn.Embedding`` (positions holding the same token share a row; ``padding_idx`` rows get no gradient),
-``nn.LayerNorm`` and ``nn.GroupNorm`` (affine: per-example sums of ``D ⊙ x̂``).
+For a ``Linear`` the cheaper of the two forms is used: materialize the per-example gradient (T·d_in·d_out per
+example) or the two T × T Gram matrices (T²·(d_in + d_out)). Closed forms exist for exactly these types:
 
-**Per-module fallback.** Any other module that owns a trainable parameter (GRU/LSTM/RNN, ``MultiheadAttention``,
-grouped or depthwise convolutions, ``padding='same'``/circular convolutions, ``ConvTranspose``, ``InstanceNorm``,
-BatchNorm in eval mode, ``RMSNorm``, a custom module with its own ``nn.Parameter``, a subclass of a supported type)
+- ``nn.Linear`` (any leading shape);
+- ``nn.Conv1d``/``2d``/``3d`` (any ``groups``, padding, ``padding='same'``/``'valid'`` and ``padding_mode``: the input
+  is padded as the layer's own forward pads it) and ``nn.ConvTranspose1d``/``2d``/``3d``. Three exact forms, and per
+  layer and shape the one that ran fastest at its first call (each form timed twice): one weight-gradient
+  convolution with the batch folded into the groups (example i's input channels meet only example i's output
+  gradient; no patches are materialized — the fastest on large feature maps), the per-example products of the
+  input patches (``F.unfold``, or strided views) with the output gradients, and the Gram form over output
+  positions (small maps with many channels);
+- ``nn.Embedding`` (positions holding the same token share a row; ``padding_idx`` rows get no gradient);
+- the affine normalization layers, whose per-example weight gradient is Σ over positions of ``D ⊙ x̂`` with the
+  normalized input x̂ recomputed from the input: ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``,
+  ``nn.InstanceNorm1d``/``2d``/``3d`` and ``nn.BatchNorm1d``/``2d``/``3d`` in eval mode (running statistics).
+
+**Per-module fallback.** Any other module that owns a trainable parameter (GRU/LSTM/RNN, ``MultiheadAttention``, a
+custom module with its own ``nn.Parameter``, a subclass of a supported type)
 keeps its inputs and gets its output gradients (``register_multi_grad_hook`` when it returns several tensors, e.g.
 GRU's ``(output, h_n)``); once they arrive, its per-example gradients are the vector-Jacobian products of
 ``functional_call(module, its parameters, one example's inputs)`` with that example's output gradient, for all
@@ -30,6 +39,15 @@ unit covering its ``out_proj`` too (attention calls ``out_proj`` functionally, n
 ``MultiheadAttention`` with ``batch_first=False`` carry the batch in dim 1 (RNN hidden states always do). A module
 that draws random numbers in its forward (dropout inside an RNN or attention in train mode) cannot be recomputed
 exactly and is reported as a problem.
+
+**Normalization layers only.** ``PerExampleNormHooks(module, layers="norm")`` hooks the normalization layers and
+nothing else (Gray et al. 2024, "Normalization Layer Per-Example Gradients are Sufficient to Predict Gradient Noise
+Scale in Transformers"): their per-example norms cost next to nothing, and the noise scale of their parameters
+tracks the whole model's in Transformers. The caller takes |G|² over the same parameters,
+:meth:`PerExampleNormHooks.selected_parameter_names`.
+
+**Which engine.** :func:`choose_engine` times the hooks (what they add to a forward and backward that training runs
+anyway) against the ``vmap`` engine's extra pass on a real batch and names the cheaper one.
 
 **Inputs broadcast over the batch.** :meth:`PerExampleNormHooks.arm` takes the batch size n. A layer called on a
 tensor whose leading dimension is not n (BERT's position ids of shape ``(1, T)``, nanoGPT's ``wpe(arange(T))``) has
@@ -64,6 +82,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -80,10 +99,16 @@ from lightning_sgd.batches import batch_size, slice_batch
 from lightning_sgd.module_loss import ModuleLoss, module_eval
 from lightning_sgd.per_example import PerExampleStats, _per_example_stats, layer_of, trainable_parameters
 
-__all__ = ["PerExampleNormHooks", "unsupported_layers", "validate", "module_eval", "hook_gradient_stats"]
+__all__ = ["PerExampleNormHooks", "unsupported_layers", "validate", "module_eval", "hook_gradient_stats",
+           "is_norm_layer", "choose_engine"]
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 #: Layer types with a closed form (exact types: a subclass may use its parameters differently).
-_CLOSED_FORMS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
+_CLOSED_FORMS = (nn.Linear, *_CONVS, *_CONV_TRANSPOSES, nn.Embedding, nn.LayerNorm, nn.RMSNorm, nn.GroupNorm,
+                 *_BATCH_NORMS, *_INSTANCE_NORMS)
 #: Upper bound on the elements of one materialized per-example-gradient block (float32: 64 MB).
 _MAX_BLOCK = 1 << 24
 
@@ -102,11 +127,6 @@ def _closed_form_miss(module: nn.Module) -> str | None:
         return f"{type(module).__name__} has no closed form"
     if not set(_own_trainable(module)) <= {"weight", "bias"}:  # e.g. weight norm's weight_g / weight_v
         return "parameters other than weight and bias"
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        if module.groups != 1:
-            return f"groups={module.groups}"
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            return f"padding={module.padding!r}, padding_mode={module.padding_mode!r}"
     return None
 
 
@@ -124,12 +144,29 @@ def _inside(name: str, prefix: str) -> bool:
     return name != prefix and (prefix == "" or name.startswith(prefix + "."))
 
 
-def _units(module: nn.Module) -> dict[nn.Module, _Unit]:
-    """Every module owning trainable parameters -> its unit; a MultiheadAttention covers its submodules."""
+#: Normalization layers (Gray et al. 2024's "normalization layer per-example gradients"); they own parameters only
+#: when affine.
+_NORM_LAYERS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, _BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """Whether ``layers="norm"`` measures this module: a LayerNorm, RMSNorm, GroupNorm, BatchNorm or InstanceNorm
+    (subclasses included; BatchNorm only in eval mode, and only affine ones own parameters to measure)."""
+    return isinstance(module, _NORM_LAYERS)
+
+
+def _check_layers(layers: str, who: str) -> None:
+    if layers not in ("all", "norm"):
+        raise ValueError(f"{who}: layers must be 'all' or 'norm' (normalization layers only), got {layers!r}.")
+
+
+def _units(module: nn.Module, layers: str = "all") -> dict[nn.Module, _Unit]:
+    """Every module owning trainable parameters -> its unit; a MultiheadAttention covers its submodules. With
+    ``layers="norm"`` only the normalization layers (:func:`is_norm_layer`)."""
     attention = [name for name, sub in module.named_modules() if isinstance(sub, nn.MultiheadAttention)]
     units = {}
     for name, sub in module.named_modules():
-        if any(_inside(name, prefix) for prefix in attention):
+        if any(_inside(name, prefix) for prefix in attention) or (layers == "norm" and not is_norm_layer(sub)):
             continue
         if isinstance(sub, nn.MultiheadAttention):
             params = {k: p for k, p in sub.named_parameters() if p.requires_grad}
@@ -142,12 +179,20 @@ def _units(module: nn.Module) -> dict[nn.Module, _Unit]:
     return units
 
 
-def unsupported_layers(module: nn.Module) -> list[str]:
+def unsupported_layers(module: nn.Module, layers: str = "all") -> list[str]:
     """``"name: reason"`` for every submodule whose trainable parameters the hooks cannot handle, even through the
-    per-module fallback (empty: all can)."""
+    per-module fallback (empty: all can). ``layers="norm"``: only the normalization layers count (a tied output
+    layer, say, does not stop the norm-layer mode)."""
+    _check_layers(layers, "unsupported_layers")
     out = {}
     owners: dict[int, list[str]] = {}
-    for sub, unit in _units(module).items():
+    units = _units(module, layers)
+    if layers == "norm":  # a norm layer's parameter that another module also owns is tied all the same
+        every = _units(module)
+        selected = {id(p) for unit in units.values() for p in unit.params.values()}
+        units = {**units, **{sub: unit for sub, unit in every.items()
+                             if any(id(p) in selected for p in unit.params.values())}}
+    for sub, unit in units.items():
         for p in unit.params.values():
             owners.setdefault(id(p), []).append(unit.name or "<root>")
         if isinstance(sub, nn.Embedding) and sub.scale_grad_by_freq:
@@ -195,19 +240,133 @@ def _sq_norm_of_products(a: Tensor, d: Tensor, form: str = "auto") -> Tensor:
     return torch.cat(out)
 
 
-def _unfold(conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> Tensor:
-    """The conv's input patches (B, L_out, C_in·Πk) such that the output is patches @ weight.flatten(1).T (up to
-    the order of the C_in·Πk columns, which norms do not see). Strided views of the padded input and one copy:
-    about half the time of ``F.unfold`` on CPU, and any number of spatial dimensions."""
+def _conv_input(conv: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """The input as the conv's own forward sees it and the symmetric zero padding left to the convolution: a
+    ``padding_mode`` other than zeros, ``padding='same'`` with an odd total, or any asymmetric padding is applied to
+    ``x`` here exactly as ``nn.ConvNd.forward`` applies it (its ``_reversed_padding_repeated_twice``)."""
     dims = x.dim() - 2
-    if any(conv.padding):
-        x = F.pad(x, [p for p in reversed(conv.padding) for _ in range(2)])  # F.pad lists the last dim first
+    pads = list(conv._reversed_padding_repeated_twice)  # last dim first: (left_d, right_d, left_d-1, ...)
+    if conv.padding_mode != "zeros":
+        return F.pad(x, pads, mode=conv.padding_mode), (0,) * dims
+    if pads[0::2] == pads[1::2]:
+        return x, tuple(reversed(pads[0::2]))
+    return F.pad(x, pads), (0,) * dims
+
+
+def _patches(conv: nn.Module, x: Tensor, padding: tuple[int, ...], native: bool) -> Tensor:
+    """(B, C_in·Πk, L_out) input patches (im2col) of a ``groups=1`` conv, such that its output is
+    ``weight.flatten(1) @ patches``: by ``F.unfold`` (native im2col; ``native``, 1-D and 2-D only) or by strided
+    views of the padded input and one copy (any number of dimensions; faster on short 1-D signals)."""
+    dims = x.dim() - 2
+    if native:
+        one = dims == 1  # a 1-d conv is a 2-d one over (L, 1)
+        kernel, dilation, stride = (tuple(conv.kernel_size) + (1,) * one, tuple(conv.dilation) + (1,) * one,
+                                    tuple(conv.stride) + (1,) * one)
+        return F.unfold(x.unsqueeze(-1) if one else x, kernel, dilation, tuple(padding) + (0,) * one, stride)
+    if any(padding):
+        x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])  # F.pad lists the last dim first
     for i in range(dims):  # (B, C, S1, ..) -> (B, C, L1, .., Ld, span1, .., spand)
         x = x.unfold(2 + i, conv.dilation[i] * (conv.kernel_size[i] - 1) + 1, conv.stride[i])
     if any(d > 1 for d in conv.dilation):
         x = x[(..., *(slice(None, None, d) for d in conv.dilation))]
-    x = x.permute(0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))  # (B, L1.., C, k1..)
-    return x.reshape(x.shape[0], math.prod(x.shape[1:1 + dims]), -1)
+    x = x.permute(0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims))  # (B, C, k1.., L1..)
+    return x.reshape(x.shape[0], -1, math.prod(x.shape[2 + dims:]))
+
+
+def _output_padding(conv: nn.Module, x: Tensor, d: Tensor) -> list[int]:
+    """A transposed conv's output padding, read off its input and output sizes (``forward(x, output_size)`` sets it
+    per call): out = (in - 1)·stride - 2·padding + dilation·(k - 1) + 1 + output_padding."""
+    return [d.shape[2 + i] - ((x.shape[2 + i] - 1) * conv.stride[i] - 2 * conv.padding[i]
+                              + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1) for i in range(x.dim() - 2)]
+
+
+def _grouped_conv_sq_norms(conv: nn.Module, x: Tensor, d: Tensor, padding: Sequence[int]) -> Tensor:
+    """(B,) squared norms of the per-example weight gradients from one weight-gradient convolution with the batch
+    folded into the groups (example i's input channels only meet example i's output channels): no patches are
+    materialized, any ``groups`` and transposed convolutions alike."""
+    b, transposed = x.shape[0], isinstance(conv, _CONV_TRANSPOSES)
+    shape = conv.weight.shape  # (out, in/groups, k..); transposed: (in, out/groups, k..)
+    output_padding = _output_padding(conv, x, d) if transposed else [0] * (x.dim() - 2)
+    chunk = max(1, _MAX_BLOCK // shape.numel())
+    out = []
+    for start in range(0, b, chunk):
+        xc, dc = x[start:start + chunk], d[start:start + chunk]
+        c = xc.shape[0]
+        weight = xc.new_zeros(c * shape[0], *shape[1:])  # only its shape is read
+        grad = torch.ops.aten.convolution_backward(
+            dc.reshape(1, -1, *dc.shape[2:]), xc.reshape(1, -1, *xc.shape[2:]), weight, None, list(conv.stride),
+            list(padding), list(conv.dilation), transposed, output_padding, c * conv.groups, [False, True, False])[1]
+        out.append(grad.reshape(c, -1).square().sum(1))  # (c,)
+    return torch.cat(out)
+
+
+#: Conv layer + shapes -> the fastest form, timed once (:func:`_conv_weight_sq_norms`).
+_CONV_FORM: dict[tuple, str] = {}
+
+
+def _conv_forms(conv: nn.Module, x: Tensor, d: Tensor) -> dict[str, Callable[[], Tensor]]:
+    """The exact forms of a conv's (B,) per-example weight-gradient squared norms worth trying for these shapes.
+
+    - ``"conv"``: one weight-gradient convolution with the batch folded into the groups (any conv);
+    - ``"unfold"`` / ``"strided"``: the per-example gradients as batched products of the output gradients and the
+      input patches, unfolded by ``F.unfold`` (1-D, 2-D) or by strided views (1-D, 3-D);
+    - ``"gram"``: through the two L × L Gram matrices of patches and output gradients, where L (output positions) is
+      small enough for it to possibly pay (L·(C_in·Πk + C_out) <= 4·C_in·Πk·C_out).
+    """
+    if isinstance(conv, _CONV_TRANSPOSES):
+        padding = tuple(conv.padding)
+    else:
+        x, padding = _conv_input(conv, x)
+    forms = {"conv": lambda: _grouped_conv_sq_norms(conv, x, d, padding)}
+    if isinstance(conv, _CONV_TRANSPOSES) or conv.groups != 1:
+        return forms
+    b, c_out = d.shape[:2]
+    positions, width = math.prod(d.shape[2:]), conv.weight[0].numel()
+    d3 = d.reshape(b, c_out, positions).transpose(1, 2)  # (B, L, C_out)
+
+    def product(native: bool, form: str) -> Tensor:
+        return _sq_norm_of_products(_patches(conv, x, padding, native).transpose(1, 2), d3, form)
+
+    if x.dim() <= 4:
+        forms["unfold"] = lambda: product(True, "materialize")
+    if x.dim() != 4:
+        forms["strided"] = lambda: product(False, "materialize")
+    if positions * (width + c_out) <= 4 * width * c_out:
+        forms["gram"] = lambda: product(x.dim() <= 4, "gram")
+    return forms
+
+
+def _timed(fn: Callable[[], Tensor], device: torch.device) -> tuple[float, Tensor]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - start, out
+
+
+def _conv_weight_sq_norms(conv: nn.Module, x: Tensor, d: Tensor) -> Tensor:
+    """(B,) per-example weight-gradient squared norms of one conv call, by the form that was fastest for this layer's
+    configuration and shapes: at its first call each form runs twice and the fastest (least time of two) is kept for
+    every later call with the same key. All forms are exact; which one wins depends on the shapes and the backend
+    (on CPU: the folded-batch convolution on large feature maps, the Gram form on small maps with many channels)."""
+    forms = _conv_forms(conv, x, d)
+    key = (type(conv), tuple(x.shape), tuple(d.shape), tuple(conv.weight.shape), tuple(conv.stride),
+           tuple(conv.padding) if not isinstance(conv.padding, str) else conv.padding, tuple(conv.dilation),
+           conv.groups, conv.padding_mode, x.dtype, x.device)
+    form = _CONV_FORM.get(key)
+    if form is not None:
+        return forms[form]()
+    if len(forms) == 1:
+        _CONV_FORM[key] = next(iter(forms))
+        return next(iter(forms.values()))()
+    best, result = math.inf, None
+    for name, fn in forms.items():
+        seconds, out = min((_timed(fn, x.device) for _ in range(2)), key=lambda r: r[0])
+        if seconds < best:
+            best, result, _CONV_FORM[key] = seconds, out, name
+    assert result is not None
+    return result
 
 
 def _layer_sq_norms(module: nn.Module, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -225,12 +384,11 @@ def _layer_sq_norms(module: nn.Module, x: Tensor, d: Tensor) -> tuple[Tensor, Te
             total += _sq_norm_of_products(_up(x).reshape(b, -1, x.shape[-1]), d3)
         if bias is not None:
             bias_grad = d3.sum(1)
-    elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        d3 = d.reshape(b, d.shape[1], -1).transpose(1, 2)  # (B, L_out, out)
+    elif isinstance(module, (*_CONVS, *_CONV_TRANSPOSES)):
         if weight is not None:
-            total += _sq_norm_of_products(_unfold(module, _up(x)), d3)
+            total += _conv_weight_sq_norms(module, _up(x), d)
         if bias is not None:
-            bias_grad = d3.sum(1)
+            bias_grad = d.reshape(b, d.shape[1], -1).sum(2)  # (B, out)
     elif isinstance(module, nn.Embedding):
         idx = x.reshape(b, -1)  # (B, T)
         d3 = d.reshape(b, idx.shape[1], -1)  # (B, T, dim)
@@ -247,19 +405,32 @@ def _layer_sq_norms(module: nn.Module, x: Tensor, d: Tensor) -> tuple[Tensor, Te
         if weight is not None:
             total += (d * x_hat).reshape(b, -1, width).sum(1).square().sum(1)
         if bias is not None:
-            bias_grad = d.reshape(b, -1, width).sum(1)
-    elif isinstance(module, nn.GroupNorm):
-        x_hat = F.group_norm(_up(x), module.num_groups, eps=module.eps)
-        channels = module.num_channels
+            bias_grad = d.reshape(b, -1, *module.normalized_shape).sum(1)  # (B, *normalized_shape)
+    elif isinstance(module, nn.RMSNorm):
+        x_hat = F.rms_norm(_up(x), module.normalized_shape, eps=module.eps)
+        width = math.prod(module.normalized_shape)
         if weight is not None:
-            total += (d * x_hat).reshape(b, channels, -1).sum(2).square().sum(1)
+            total += (d * x_hat).reshape(b, -1, width).sum(1).square().sum(1)
+    elif isinstance(module, (nn.GroupNorm, *_BATCH_NORMS, *_INSTANCE_NORMS)):
+        if isinstance(module, nn.GroupNorm):
+            x_hat = F.group_norm(_up(x), module.num_groups, eps=module.eps)
+        elif isinstance(module, _BATCH_NORMS):  # eval mode (train mode is refused before): running statistics
+            x_hat = F.batch_norm(_up(x), module.running_mean, module.running_var, training=False, eps=module.eps)
+        else:  # each example's own statistics, or the running ones in eval mode with track_running_stats
+            instance_stats = module.training or not module.track_running_stats
+            x_hat = F.instance_norm(_up(x), None if instance_stats else module.running_mean,
+                                    None if instance_stats else module.running_var,
+                                    use_input_stats=instance_stats, eps=module.eps)
+        channels = x_hat.shape[1]
+        if weight is not None:
+            total += (d * x_hat).reshape(b, channels, -1).sum(2).square().sum(1)  # Σ over positions
         if bias is not None:
             bias_grad = d.reshape(b, channels, -1).sum(2)
     else:  # pragma: no cover - only closed-form units reach here (_closed_form_miss)
         raise TypeError(f"unsupported layer {type(module).__name__}")
     if bias_grad is None:
         return total, None
-    return total + bias_grad.square().sum(1), bias_grad.sum(0)
+    return total + _rows(bias_grad).square().sum(1), bias_grad.sum(0)
 
 
 class _NotPerExample(Exception):
@@ -433,18 +604,29 @@ class PerExampleNormHooks:
         capture_if: called at each armed forward of a layer; the forward is ignored when it returns False (e.g.
             GradientNoiseScale captures only forwards inside Lightning's ``training_step``, not the extra passes
             other callbacks run between ``arm`` and ``collect``).
+        layers: ``"all"`` (every trainable parameter) or ``"norm"``: only the parameters of the normalization layers
+            (:func:`is_norm_layer`; the other layers get no hook at all, so measuring costs next to nothing). Gray et
+            al. 2024, "Normalization Layer Per-Example Gradients are Sufficient to Predict Gradient Noise Scale in
+            Transformers", find the noise scale of these parameters alone tracks the whole model's. :meth:`collect`
+            then covers :meth:`selected_parameter_names` only: take |G|² over the same parameters.
     """
 
     def __init__(self, module: nn.Module, layer_names: bool = False,
-                 capture_if: Callable[[], bool] | None = None) -> None:
-        problems = unsupported_layers(module)
+                 capture_if: Callable[[], bool] | None = None, layers: str = "all") -> None:
+        _check_layers(layers, "PerExampleNormHooks")
+        problems = unsupported_layers(module, layers)
         if problems:
             raise ValueError("PerExampleNormHooks cannot compute per-example norms through: " + "; ".join(problems)
                              + ". Use the vmap engine (lightning_sgd.per_example) for this model.")
         self.module = module
         self.layer_names = layer_names
         self.capture_if = capture_if
-        self._units = _units(module)
+        self.layers = layers
+        self._units = _units(module, layers)
+        if layers == "norm" and not self._units:
+            raise ValueError(f"PerExampleNormHooks(layers='norm'): {type(module).__name__} has no normalization "
+                             "layer (LayerNorm, RMSNorm, GroupNorm, BatchNorm, InstanceNorm) with trainable "
+                             "parameters; use layers='all'.")
         self._batchnorms = [sub for sub in module.modules() if isinstance(sub, _BatchNorm)]
         self._names = {sub: name for name, sub in module.named_modules()}
         self._params = dict(module.named_parameters())
@@ -466,6 +648,12 @@ class PerExampleNormHooks:
     @property
     def armed(self) -> bool:
         return bool(self._handles)
+
+    def selected_parameter_names(self) -> list[str]:
+        """The full names of the parameters whose per-example norms :meth:`collect` returns, in
+        ``module.named_parameters()`` order (every trainable one for ``layers="all"``)."""
+        selected = {id(p) for unit in self._units.values() for p in unit.params.values()}
+        return [name for name, p in trainable_parameters(self.module).items() if id(p) in selected]
 
     def arm(self, n: int | None = None) -> None:
         """Start capturing the next forward/backward's per-example norms.
@@ -644,7 +832,7 @@ class PerExampleNormHooks:
 
 
 def validate(module: nn.Module, batch: Any, *, loss: ModuleLoss | None = None, examples: int = 4,
-             rtol: float = 1e-3) -> str | None:
+             rtol: float = 1e-3, layers: str = "all") -> str | None:
     """Check the hooks against the per-example engine on the first ``examples`` examples of ``batch``.
 
     Both run with every submodule in eval mode (dropout draws no masks, so the two compute the same gradients) and
@@ -653,31 +841,39 @@ def validate(module: nn.Module, batch: Any, *, loss: ModuleLoss | None = None, e
     is off by tens of percent), else a sentence saying what differed or what the hooks reported (then use the
     ``vmap`` engine, :func:`lightning_sgd.per_example.per_example_gradient_stats`, for this model). The reference is
     exact even where ``vmap`` cannot run the model (it then loops over the examples, silently: only ``examples``).
+    ``layers="norm"`` compares the norms over the normalization layers' parameters only.
     """
+    _check_layers(layers, "validate")
     loss = ModuleLoss(module, "validate") if loss is None else loss
     k = min(examples, batch_size(batch, "validate"))
     head = slice_batch(batch, slice(0, k), "validate")
     with module_eval(module):
         try:
-            got = hook_gradient_stats(module, head, loss=loss).sq_norms
+            got = hook_gradient_stats(module, head, loss=loss, layers=layers).sq_norms
         except ValueError as err:  # what the hooks reported (a broadcast input, a layer called twice, ...)
             return str(err)
         try:
-            reference = _per_example_stats(module, head, loss=loss, chunk_size=None, per_layer=False,
-                                           directions=None, quiet=True).sq_norms
+            reference = _per_example_stats(module, head, loss=loss, chunk_size=None, per_layer=layers == "norm",
+                                           directions=None, quiet=True)
         except Exception as err:  # noqa: BLE001 - the loss of a one-example batch cannot be computed at all
             return (f"the per-example losses cannot be computed on batches of one example ({type(err).__name__}: "
                     f"{err})")
-    worst = float((got - reference).abs().max())
-    if worst > rtol * float(reference.abs().max()) + 1e-12:
+    if layers == "norm":
+        selected = set(map(layer_of, PerExampleNormHooks(module, layers="norm").selected_parameter_names()))
+        assert reference.layer_sq_norms is not None
+        expected = sum(sq for layer, sq in reference.layer_sq_norms.items() if layer in selected)
+    else:
+        expected = reference.sq_norms
+    worst = float((got - expected).abs().max())
+    if worst > rtol * float(expected.abs().max()) + 1e-12:
         return (f"per-example squared norms from the layer hooks differ from the vmap engine by up to {worst:.3g} "
-                f"(largest {float(reference.abs().max()):.3g}): some parameter is used outside its layer's forward "
+                f"(largest {float(expected.abs().max()):.3g}): some parameter is used outside its layer's forward "
                 "(e.g. a tied output layer), or a layer computes something the hooks do not model")
     return None
 
 
 def hook_gradient_stats(module: nn.Module, batch: Any, *, loss: ModuleLoss | None = None,
-                        per_layer: bool = False) -> PerExampleStats:
+                        per_layer: bool = False, layers: str = "all") -> PerExampleStats:
     """:func:`lightning_sgd.per_example.per_example_gradient_stats` through the layer hooks: one forward and one
     backward of the whole batch instead of ``vmap`` over examples (no ``directions``).
 
@@ -687,14 +883,20 @@ def hook_gradient_stats(module: nn.Module, batch: Any, *, loss: ModuleLoss | Non
     ``ValueError`` for unsupported layers, BatchNorm in train mode (its batch statistics couple the examples, and
     its running statistics would move), or anything the hooks report (a broadcast input, a layer called twice);
     run :func:`validate` once per model to rule out parameters used outside their layers.
+
+    ``layers="norm"``: only the normalization layers' parameters (:class:`PerExampleNormHooks`); ``sq_norms``,
+    ``layer_sq_norms`` and ``mean_grad`` then all cover :meth:`PerExampleNormHooks.selected_parameter_names` only
+    (``mean_grad`` in that order), so |ḡ|² and the per-example norms are over the same parameters.
     """
+    _check_layers(layers, "hook_gradient_stats")
     loss = ModuleLoss(module, "hook_gradient_stats") if loss is None else loss
     if any(isinstance(m, _BatchNorm) and m.training for m in module.modules()):
         raise ValueError("hook_gradient_stats: BatchNorm in train mode couples the examples of a batch; use the "
                          "vmap engine (lightning_sgd.per_example), which runs BatchNorm on its running statistics.")
     n = batch_size(batch, "hook_gradient_stats")
-    params = trainable_parameters(module)
-    hooks = PerExampleNormHooks(module, layer_names=per_layer)
+    hooks = PerExampleNormHooks(module, layer_names=per_layer, layers=layers)
+    all_params = trainable_parameters(module)
+    params = {name: all_params[name] for name in hooks.selected_parameter_names()}
     with loss.isolated():
         hooks.arm(n)
         try:
@@ -706,9 +908,72 @@ def hook_gradient_stats(module: nn.Module, batch: Any, *, loss: ModuleLoss | Non
         raise ValueError(f"hook_gradient_stats: {problem}.")
     assert sq is not None
     factor = float(n) ** 2  # contributions to a mean over n examples -> per-example gradients
-    layers = None
+    layer_norms = None
     if per_layer:
         zeros = torch.zeros_like(sq)
-        layers = {layer: layer_sq.get(layer, zeros) * factor for layer in dict.fromkeys(map(layer_of, params))}
+        layer_norms = {layer: layer_sq.get(layer, zeros) * factor for layer in dict.fromkeys(map(layer_of, params))}
     mean_grad = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params.values(), grads)]
-    return PerExampleStats(sq_norms=sq * factor, layer_sq_norms=layers, mean_grad=mean_grad, projections=None, n=n)
+    return PerExampleStats(sq_norms=sq * factor, layer_sq_norms=layer_norms, mean_grad=mean_grad, projections=None,
+                           n=n)
+
+
+def choose_engine(module: nn.Module, batch: Any, *, loss: ModuleLoss | None = None, layers: str = "all",
+                  chunk_size: int | None = 64, repeats: int = 2) -> str:
+    """``"hooks"`` or ``"vmap"``: the per-example engine that adds less time to a training step on this model and
+    batch, timed on the real batch (device, dtype, threads as they are).
+
+    In training the forward and backward run anyway: the hooks cost what they add to them (hooked forward+backward
+    minus a plain one), the ``vmap`` engine a whole extra pass (:func:`lightning_sgd.per_example.
+    per_example_gradient_stats` with ``chunk_size``). Each of the three runs once to warm up (the hooks pick their
+    convolution forms there), then ``repeats`` interleaved rounds; the least time of each is compared. Returns
+    ``"vmap"`` without timing when the hooks cannot measure the model (:func:`unsupported_layers`, BatchNorm in train
+    mode, anything the hooks report on this batch), and ``"hooks"`` for ``layers="norm"`` (the vmap engine has no
+    such mode). Runs inside :meth:`ModuleLoss.isolated`: ``.grad``, buffers, the RNG and the module's mode are kept;
+    costs about ``repeats + 1`` times (two forward-backwards and a vmap pass).
+    """
+    _check_layers(layers, "choose_engine")
+    if repeats < 1:
+        raise ValueError(f"choose_engine: repeats must be >= 1, got {repeats}.")
+    if unsupported_layers(module, layers) or any(isinstance(m, _BatchNorm) and m.training for m in module.modules()):
+        return "vmap"
+    loss = ModuleLoss(module, "choose_engine") if loss is None else loss
+    n = batch_size(batch, "choose_engine")
+    params = list(trainable_parameters(module).values())
+    hooks = PerExampleNormHooks(module, layers=layers)
+    device = params[0].device
+    failed: list[str] = []
+
+    def plain() -> Tensor:
+        return torch.autograd.grad(loss.loss(batch), params, allow_unused=True)[0]
+
+    def hooked() -> Tensor:
+        hooks.arm(n)
+        try:
+            out = torch.autograd.grad(loss.loss(batch), params, allow_unused=True)[0]
+        finally:
+            sq, _, problem = hooks.collect()
+        if problem is not None:
+            failed.append(problem)
+        return sq if sq is not None else out
+
+    def vmapped() -> Tensor:
+        return _per_example_stats(module, batch, loss=loss, chunk_size=chunk_size, per_layer=False, directions=None,
+                                  quiet=True).sq_norms
+
+    runs = {"plain": plain, "hooks": hooked, "vmap": vmapped}
+    best = dict.fromkeys(runs, math.inf)
+    with loss.isolated():
+        for name, fn in runs.items():  # warm-up
+            if name == "vmap" and layers == "norm":
+                continue
+            fn()
+            if failed:
+                return "vmap"
+        if layers == "norm":
+            return "hooks"
+        for _ in range(repeats):
+            for name, fn in runs.items():
+                best[name] = min(best[name], _timed(fn, device)[0])
+    if failed:
+        return "vmap"
+    return "hooks" if best["hooks"] - best["plain"] <= best["vmap"] else "vmap"
