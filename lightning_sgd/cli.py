@@ -1,39 +1,39 @@
 """The ``lightning-sgd`` command: LightningCLI's ``fit``/``validate``/``test`` plus project subcommands.
 
 ``fit``, ``validate`` and ``test`` are LightningCLI with ``subclass_mode`` for both model and data, so any recipe
-(or user) LightningModule / LightningDataModule is named by ``class_path`` in YAML or on the command line. Other
-subcommands (``sweep``, ``nqm``, ...) are registered in :data:`EXTRA_COMMANDS` as ``module:function`` entries that
-take the remaining arguments.
+(or user) LightningModule / LightningDataModule is named by ``class_path`` in YAML or on the command line
+(:mod:`lightning_sgd.fit_cli`). Other subcommands (``report``, ``sweep``, ``nqm``, ...) are registered in
+:data:`EXTRA_COMMANDS` as ``module:function`` entries that take the remaining arguments.
 
-Both Lightning packages: a Trainer fits only modules of its own package, and each package's LightningCLI checks
-``class_path`` values against its own base classes. So ``fit``/``validate``/``test`` look at the model's
-``class_path`` (from ``--config`` files, ``--model`` or ``--model.class_path``) before parsing: a subclass of
-``lightning.pytorch.LightningModule`` runs under ``lightning.pytorch``'s LightningCLI and Trainer, anything else
-under ``pytorch_lightning``'s. The datamodule, callbacks and loggers named in the config must then be of that same
-package (our callbacks are of both; the default loggers follow the model's package).
+This module imports nothing heavy: ``lightning-sgd --help``, ``--version`` and ``recipes`` answer at once, and a
+command imports what it needs when it runs.
+
+Two things happen to the arguments of ``fit``/``validate``/``test`` before LightningCLI sees them:
+
+- ``--config NAME`` with a packaged recipe's name (``mnist1d``, ``resnet32_cifar10``; see ``lightning-sgd recipes``)
+  and no such file is that recipe's YAML;
+- configs compose without losing callbacks: a later ``--config`` whose ``trainer.callbacks`` is a list *appends* it
+  to the callbacks of the earlier ones (LightningCLI alone would replace them). ``trainer: callbacks+:`` does the
+  same in any LightningCLI; and when the parsed configuration lacks a callback some config named (e.g.
+  ``--trainer.callbacks=[]``), the run warns.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
-from types import ModuleType
+from pathlib import Path
 from typing import Any
-
-import lightning.pytorch as lpt
-import pytorch_lightning as pl
-import yaml
-from lightning.pytorch.cli import LightningCLI as _LLightningCLI
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-
-from lightning_sgd.compat import PACKAGES
 
 #: name -> (``module:function`` taking ``argv``, one-line help). Add new subcommands here.
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    "report": ("lightning_sgd.report:main", "an offline HTML report of a run, with a batch-size recommendation"),
     "sweep": ("lightning_sgd.sweep.cli:main", "steps-to-target vs batch size with tuned learning rates (Optuna)"),
     "nqm": ("lightning_sgd.nqm.cli:main", "noisy quadratic model predictions and the paper's figures"),
+    "recipes": ("lightning_sgd.cli:list_recipes", "list the packaged recipes (use a name as --config NAME)"),
 }
 
 LIGHTNING_COMMANDS: dict[str, str] = {
@@ -42,91 +42,139 @@ LIGHTNING_COMMANDS: dict[str, str] = {
     "test": "run one evaluation epoch on the test set",
 }
 
+#: Names this module re-exports from :mod:`lightning_sgd.fit_cli` (imported on first use).
+_FIT_CLI_NAMES = ("LightningSGDCLI", "LightningSGDLightningCLI", "LightningSGDCLIMixin", "model_package",
+                  "default_loggers", "DEFAULT_LOGGERS", "print_run_summary", "SaveRunConfig",
+                  "LightningSaveRunConfig")
 
 
-def default_loggers(package: ModuleType = pl) -> list[dict[str, Any]]:
-    """Every recipe logs to W&B (offline unless credentials are present) and to CSV, under ``runs/``: the loggers
-    of ``package`` (``pytorch_lightning`` or ``lightning.pytorch``) as LightningCLI ``class_path`` entries."""
-    wandb = "WandbLogger" if package is pl else "LightningWandbLogger"
-    return [
-        {"class_path": f"lightning_sgd.loggers.{wandb}", "init_args": {"save_dir": "runs"}},  # project: $WANDB_PROJECT
-        {"class_path": f"{package.__name__}.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "csv"}},
-    ]
+def __getattr__(name: str) -> Any:
+    if name in _FIT_CLI_NAMES:
+        return getattr(importlib.import_module("lightning_sgd.fit_cli"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-#: The ``pytorch_lightning`` default loggers (:func:`default_loggers`).
-DEFAULT_LOGGERS: list[dict[str, Any]] = default_loggers(pl)
+def version() -> str:
+    from lightning_sgd import __version__
+
+    return __version__
 
 
-class LightningSGDCLIMixin:
-    """What ``lightning-sgd`` adds to a LightningCLI (the next base class): fit/validate/test only, W&B + CSV
-    logging, an optional test after fit and a run summary."""
-
-    @classmethod
-    def subcommands(cls) -> dict[str, set[str]]:
-        return {name: kwargs for name, kwargs in super().subcommands().items() if name in LIGHTNING_COMMANDS}
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument(
-            "--test_after_fit", type=bool, default=False,
-            help="fit only: after training, test the final model on the datamodule's test set and print the metrics.",
-        )
-
-    def after_fit(self) -> None:
-        metrics = _scalar_metrics(self.trainer)  # trainer.test replaces callback_metrics: keep fit's
-        if self.config["fit"].get("test_after_fit"):
-            self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-            metrics.update(_scalar_metrics(self.trainer))
-        print_run_summary(self.trainer, metrics)
-        _finish_loggers(self.trainer)
-
-    def after_validate(self) -> None:
-        _finish_loggers(self.trainer)
-
-    def after_test(self) -> None:
-        _finish_loggers(self.trainer)
+# ----------------------------------------------------------------------------------------------------- recipes
+def recipes_dir() -> Path:
+    """The folder of the packaged recipe YAMLs (``lightning_sgd/recipes``, or ``recipes/`` in a checkout)."""
+    spec = importlib.util.find_spec("lightning_sgd.recipes")
+    assert spec is not None and spec.submodule_search_locations
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
-class LightningSGDCLI(LightningSGDCLIMixin, LightningCLI):
-    """``lightning-sgd``'s LightningCLI for ``pytorch_lightning`` modules."""
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 
 
-class LightningSGDLightningCLI(LightningSGDCLIMixin, _LLightningCLI):
-    """``lightning-sgd``'s LightningCLI for ``lightning.pytorch`` modules (``import lightning as L``)."""
+def _first_comment(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
 
 
-def _finish_loggers(trainer: pl.Trainer) -> None:
-    """Close W&B runs so the offline run file is complete and a later run in this process starts a new one."""
-    for logger in trainer.loggers:
-        finish = getattr(logger, "finish", None)
-        if callable(finish):
-            finish()
+def list_recipes(argv: Sequence[str] = ()) -> list[str]:
+    """``lightning-sgd recipes``: each packaged recipe's name and the first line of its header."""
+    if argv:
+        raise SystemExit("lightning-sgd recipes takes no arguments.")
+    names = recipe_names()
+    width = max(map(len, names))
+    sweeps = [n for n in names if n.endswith("_sweep")]
+    for title, group in (("recipes (lightning-sgd fit --config NAME):", [n for n in names if n not in sweeps]),
+                         ("sweeps (lightning-sgd sweep --sweep <recipes folder>/NAME.yaml):", sweeps)):
+        if group:
+            print(title)
+        for name in group:
+            text = _first_comment(recipes_dir() / f"{name}.yaml")
+            text = text if len(text) <= 90 else text[:87].rstrip() + "..."
+            print(f"  {name:<{width}s}  {text}")
+    print(f"\nfolder: {recipes_dir()}")
+    return names
 
 
-def _scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+def resolve_config(value: str) -> str:
+    """A ``--config`` value: an existing file as is, else a packaged recipe's name (with or without ``.yaml``)."""
+    if os.path.exists(value) or "\n" in value or value.lstrip().startswith("{"):
+        return value  # a file, or a config given as YAML text
+    name = value.removeprefix("recipes/").removesuffix(".yaml")
+    candidate = recipes_dir() / f"{name}.yaml"
+    if "/" not in name and candidate.is_file():  # also `recipes/mnist1d.yaml` outside a checkout
+        return str(candidate)
+    return value  # LightningCLI reports the missing file
 
 
-def print_run_summary(trainer: pl.Trainer, metrics: dict[str, float] | None = None) -> None:
-    """Print the final metrics and where each logger wrote (rank 0 only)."""
-    if trainer.global_rank != 0:
-        return
-    metrics = _scalar_metrics(trainer) if metrics is None else metrics
-    keys = sorted(k for k in metrics if k.startswith(("val/", "val_ema/", "test/")))
-    print("\n== lightning-sgd run summary ==")
-    print(f"steps: {trainer.global_step}, epochs: {trainer.current_epoch}")
-    for key in keys:
-        print(f"{key:>24s}: {metrics[key]:.4f}")
-    csv_loggers = tuple(package.loggers.CSVLogger for package in PACKAGES)
-    for logger in trainer.loggers:
-        if isinstance(logger, csv_loggers):
-            print(f"CSV metrics: {os.path.join(logger.log_dir, 'metrics.csv')}")
-        elif hasattr(logger, "run_dir"):
-            run_dir = logger.run_dir()
-            if run_dir:
-                print(f"W&B run: {run_dir} (upload later with `wandb sync {run_dir}`)")
+# ------------------------------------------------------------------------------------------ config composition
+def _callbacks_of(config: Any) -> tuple[bool, list[str]]:
+    """Whether ``config`` (a parsed YAML) sets ``trainer.callbacks`` (or ``callbacks+``), and the class paths."""
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    if not isinstance(trainer, dict):
+        return False, []
+    paths: list[str] = []
+    sets = False
+    for key in ("callbacks", "callbacks+"):
+        if key not in trainer:
+            continue
+        sets = True
+        value = trainer[key]
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict) and isinstance(item.get("class_path"), str):
+                paths.append(item["class_path"])
+            elif isinstance(item, str):
+                paths.append(item)
+    return sets, paths
 
 
+def compose_configs(args: Sequence[str]) -> tuple[list[str], list[str], str | None]:
+    """Resolve recipe names in ``--config`` values and make later configs append to ``trainer.callbacks``.
+
+    Returns the new argument list, the class paths of every callback the configs name, and the first config's
+    recipe name (its file stem; for naming the W&B run).
+    """
+    import yaml
+
+    out: list[str] = []
+    expected: list[str] = []
+    recipe: str | None = None
+    seen_callbacks = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        key, eq, value = arg.partition("=")
+        if key != "--config":
+            out.append(arg)
+            i += 1
+            continue
+        if not eq:
+            i += 1
+            value = args[i] if i < len(args) else ""
+        value = resolve_config(value)
+        config = None
+        if os.path.isfile(value):
+            try:
+                config = yaml.safe_load(Path(value).read_text())
+                recipe = recipe or Path(value).stem
+            except (OSError, yaml.YAMLError):
+                config = None  # LightningCLI reports it
+        sets, paths = _callbacks_of(config)
+        trainer = config.get("trainer") if isinstance(config, dict) else None
+        callbacks = trainer.get("callbacks") if isinstance(trainer, dict) else None
+        if seen_callbacks and sets and callbacks and "callbacks+" not in trainer:  # type: ignore[operator]
+            trainer["callbacks+"] = trainer.pop("callbacks")  # type: ignore[index,union-attr]
+            value = yaml.safe_dump(config, sort_keys=False)  # LightningCLI takes a config as YAML text too
+        seen_callbacks = seen_callbacks or bool(paths)
+        expected += paths
+        out += ["--config", value]
+        i += 1
+    return out, expected, recipe
+
+
+# --------------------------------------------------------------------------------------------------------- main
 def _help_text() -> str:
     lines = [
         "usage: lightning-sgd <command> [options]",
@@ -139,10 +187,16 @@ def _help_text() -> str:
     lines += [f"  {name:<10s}{text}" for name, text in commands.items()]
     lines += [
         "",
+        "options:",
+        "  --version         print the version and exit",
+        "  -h, --help        this message; `lightning-sgd <command> --help` for a command's options",
+        "",
         "examples:",
-        "  lightning-sgd fit --config recipes/mnist1d.yaml",
-        "  lightning-sgd fit --help          (all options of a command)",
-        "  lightning-sgd fit --config recipes/mnist1d.yaml --print_config   (the resolved configuration)",
+        "  lightning-sgd fit --config mnist1d                 (a packaged recipe by name; `lightning-sgd recipes`)",
+        "  lightning-sgd fit --config mnist1d --threads 1     (one intra-op thread: fastest on a busy machine)",
+        "  lightning-sgd fit --config mnist1d --config growth.yaml   (growth.yaml's callbacks are added)",
+        "  lightning-sgd fit --config mnist1d --print_config  (the resolved configuration)",
+        "  lightning-sgd report runs/                         (report.html of the newest run)",
     ]
     return "\n".join(lines)
 
@@ -157,62 +211,6 @@ def _run_extra(name: str, argv: Sequence[str]) -> Any:
     return getattr(module, function_name)(list(argv))
 
 
-def _class_path(value: Any) -> str | None:
-    """The class path in a config value for ``model``: ``{"class_path": ...}`` or a plain string."""
-    if isinstance(value, dict):
-        value = value.get("class_path")
-    return value if isinstance(value, str) and value else None
-
-
-def _model_class_path(args: Sequence[str]) -> str | None:
-    """The model's ``class_path`` as LightningCLI will see it: the last one given by a ``--config`` file,
-    ``--model`` or ``--model.class_path`` (later arguments override earlier ones, as in LightningCLI)."""
-    found = None
-    i = 0
-    while i < len(args):
-        key, eq, value = args[i].partition("=")
-        if key in ("--config", "--model", "--model.class_path"):
-            if not eq:
-                i += 1
-                value = args[i] if i < len(args) else ""
-            try:
-                if key == "--config":
-                    with open(value) as f:
-                        config = yaml.safe_load(f)
-                    path = _class_path(config.get("model")) if isinstance(config, dict) else None
-                elif key == "--model" and os.path.isfile(value):  # --model model.yaml
-                    with open(value) as f:
-                        path = _class_path(yaml.safe_load(f))
-                else:
-                    path = _class_path(value if key == "--model.class_path" else yaml.safe_load(value))
-            except (OSError, yaml.YAMLError):
-                path = None  # LightningCLI reports the bad file or value itself
-            found = path or found
-        i += 1
-    return found
-
-
-def _subclasses(cls: type) -> list[type]:
-    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
-
-
-def model_package(args: Sequence[str]) -> ModuleType:
-    """``lightning.pytorch`` when the model named in ``args`` subclasses its ``LightningModule``, else
-    ``pytorch_lightning`` (also when it cannot tell: LightningCLI then reports any problem with the model)."""
-    path = _model_class_path(args)
-    if path is None:
-        return pl
-    module_name, _, name = path.rpartition(".")
-    if module_name:
-        try:
-            cls = getattr(importlib.import_module(module_name), name, None)
-        except Exception:  # noqa: BLE001 - LightningCLI imports it again and reports the error in its own words
-            return pl
-        return lpt if isinstance(cls, type) and issubclass(cls, lpt.LightningModule) else pl
-    # a short name: LightningCLI resolves it among the LightningModule subclasses imported so far
-    return lpt if any(c.__name__ == name for c in _subclasses(lpt.LightningModule)) else pl
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightning-sgd`` console script (returns nothing: a return value becomes the exit code)."""
     run(sys.argv[1:] if argv is None else argv)
@@ -224,21 +222,20 @@ def run(argv: Sequence[str]) -> Any:
     if not args or args[0] in ("-h", "--help"):
         print(_help_text())
         return None
+    if args[0] in ("-V", "--version"):
+        print(f"lightning-sgd {version()}")
+        return None
     if args[0] in EXTRA_COMMANDS:
         return _run_extra(args[0], args[1:])
     if args[0] not in LIGHTNING_COMMANDS:
         raise SystemExit(f"lightning-sgd: unknown command {args[0]!r}.\n\n{_help_text()}")
-    package = model_package(args[1:])
-    cli_class = LightningSGDLightningCLI if package is lpt else LightningSGDCLI
-    return cli_class(
-        model_class=package.LightningModule,
-        datamodule_class=package.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        trainer_defaults={"logger": default_loggers(package)},
-        save_config_kwargs={"overwrite": True},
-        args=None if args == sys.argv[1:] else args,  # LightningCLI warns when given sys.argv's own arguments
-    )
+    composed, expected, recipe = compose_configs(args[1:])
+    from lightning_sgd.console import quiet_console
+    from lightning_sgd.fit_cli import run_lightning
+
+    cli_args = None if [args[0], *composed] == sys.argv[1:] else [args[0], *composed]  # LightningCLI warns when
+    with quiet_console():                                                             # given sys.argv's own
+        return run_lightning(args[0], composed, cli_args, recipe, expected)
 
 
 if __name__ == "__main__":
