@@ -18,7 +18,7 @@ example) or the two T × T Gram matrices (T²·(d_in + d_out)). Closed forms exi
 - ``nn.Linear`` (any leading shape);
 - ``nn.Conv1d``/``2d``/``3d`` (any ``groups``, padding, ``padding='same'``/``'valid'`` and ``padding_mode``: the input
   is padded as the layer's own forward pads it) and ``nn.ConvTranspose1d``/``2d``/``3d``. Three exact forms, and per
-  layer and shape the one that ran fastest at its first call (each form timed twice): one weight-gradient
+  layer and shape the one that ran fastest at its first call (each form timed three times): one weight-gradient
   convolution with the batch folded into the groups (example i's input channels meet only example i's output
   gradient; no patches are materialized — the fastest on large feature maps), the per-example products of the
   input patches (``F.unfold``, or strided views) with the output gradients, and the Gram form over output
@@ -237,7 +237,7 @@ def _sq_norm_of_products(a: Tensor, d: Tensor, form: str = "auto") -> Tensor:
             out.append(torch.bmm(dc.transpose(1, 2), ac).square().sum((1, 2)))  # (c, d_out, d_in) -> (c,)
         else:
             out.append((torch.bmm(ac, ac.transpose(1, 2)) * torch.bmm(dc, dc.transpose(1, 2))).sum((1, 2)))
-    return torch.cat(out)
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def _conv_input(conv: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
@@ -332,7 +332,7 @@ def _conv_forms(conv: nn.Module, x: Tensor, d: Tensor) -> dict[str, Callable[[],
     if x.dim() != 4:
         forms["strided"] = lambda: product(False, "materialize")
     if positions * (width + c_out) <= 4 * width * c_out:
-        forms["gram"] = lambda: product(x.dim() <= 4, "gram")
+        forms["gram"] = lambda: product(x.dim() == 4, "gram")  # strided patches are faster on 1-d signals
     return forms
 
 
@@ -347,9 +347,10 @@ def _timed(fn: Callable[[], Tensor], device: torch.device) -> tuple[float, Tenso
 
 def _conv_weight_sq_norms(conv: nn.Module, x: Tensor, d: Tensor) -> Tensor:
     """(B,) per-example weight-gradient squared norms of one conv call, by the form that was fastest for this layer's
-    configuration and shapes: at its first call each form runs twice and the fastest (least time of two) is kept for
-    every later call with the same key. All forms are exact; which one wins depends on the shapes and the backend
-    (on CPU: the folded-batch convolution on large feature maps, the Gram form on small maps with many channels)."""
+    configuration and shapes: at its first call each form runs three times and the fastest (least time of three) is
+    kept for every later call with the same key. All forms are exact; which one wins depends on the shapes and the
+    backend (on CPU: the folded-batch convolution on large feature maps, the Gram form on small maps with many
+    channels)."""
     forms = _conv_forms(conv, x, d)
     key = (type(conv), tuple(x.shape), tuple(d.shape), tuple(conv.weight.shape), tuple(conv.stride),
            tuple(conv.padding) if not isinstance(conv.padding, str) else conv.padding, tuple(conv.dilation),
@@ -362,7 +363,7 @@ def _conv_weight_sq_norms(conv: nn.Module, x: Tensor, d: Tensor) -> Tensor:
         return next(iter(forms.values()))()
     best, result = math.inf, None
     for name, fn in forms.items():
-        seconds, out = min((_timed(fn, x.device) for _ in range(2)), key=lambda r: r[0])
+        seconds, out = min((_timed(fn, x.device) for _ in range(3)), key=lambda r: r[0])
         if seconds < best:
             best, result, _CONV_FORM[key] = seconds, out, name
     assert result is not None
@@ -376,17 +377,17 @@ def _layer_sq_norms(module: nn.Module, x: Tensor, d: Tensor) -> tuple[Tensor, Te
     bias = module.bias if getattr(module, "bias", None) is not None and module.bias.requires_grad else None
     d = _up(d)
     b = d.shape[0]
-    total = torch.zeros(b, dtype=d.dtype, device=d.device)
+    parts: list[Tensor] = []  # (B,) per parameter
     bias_grad = None  # (B, ...) per-example bias contributions
     if isinstance(module, nn.Linear):
         d3 = d.reshape(b, -1, d.shape[-1])  # (B, T, out)
         if weight is not None:
-            total += _sq_norm_of_products(_up(x).reshape(b, -1, x.shape[-1]), d3)
+            parts.append(_sq_norm_of_products(_up(x).reshape(b, -1, x.shape[-1]), d3))
         if bias is not None:
             bias_grad = d3.sum(1)
     elif isinstance(module, (*_CONVS, *_CONV_TRANSPOSES)):
         if weight is not None:
-            total += _conv_weight_sq_norms(module, _up(x), d)
+            parts.append(_conv_weight_sq_norms(module, _up(x), d))
         if bias is not None:
             bias_grad = d.reshape(b, d.shape[1], -1).sum(2)  # (B, out)
     elif isinstance(module, nn.Embedding):
@@ -395,22 +396,22 @@ def _layer_sq_norms(module: nn.Module, x: Tensor, d: Tensor) -> tuple[Tensor, Te
         if module.padding_idx is not None:
             d3 = d3 * (idx != module.padding_idx).unsqueeze(-1)
         if idx.shape[1] == 1:
-            total += _rows(d3).square().sum(1)
+            parts.append(_rows(d3).square().sum(1))
         else:  # positions holding the same token add up in one row: Σ_ts [x_t = x_s] d_t·d_s
             same = idx.unsqueeze(2) == idx.unsqueeze(1)  # (B, T, T)
-            total += (torch.bmm(d3, d3.transpose(1, 2)) * same).sum((1, 2))
+            parts.append((torch.bmm(d3, d3.transpose(1, 2)) * same).sum((1, 2)))
     elif isinstance(module, nn.LayerNorm):
         x_hat = F.layer_norm(_up(x), module.normalized_shape, eps=module.eps)
         width = math.prod(module.normalized_shape)
         if weight is not None:
-            total += (d * x_hat).reshape(b, -1, width).sum(1).square().sum(1)
+            parts.append((d * x_hat).reshape(b, -1, width).sum(1).square().sum(1))
         if bias is not None:
             bias_grad = d.reshape(b, -1, *module.normalized_shape).sum(1)  # (B, *normalized_shape)
     elif isinstance(module, nn.RMSNorm):
         x_hat = F.rms_norm(_up(x), module.normalized_shape, eps=module.eps)
         width = math.prod(module.normalized_shape)
         if weight is not None:
-            total += (d * x_hat).reshape(b, -1, width).sum(1).square().sum(1)
+            parts.append((d * x_hat).reshape(b, -1, width).sum(1).square().sum(1))
     elif isinstance(module, (nn.GroupNorm, *_BATCH_NORMS, *_INSTANCE_NORMS)):
         if isinstance(module, nn.GroupNorm):
             x_hat = F.group_norm(_up(x), module.num_groups, eps=module.eps)
@@ -423,14 +424,15 @@ def _layer_sq_norms(module: nn.Module, x: Tensor, d: Tensor) -> tuple[Tensor, Te
                                     use_input_stats=instance_stats, eps=module.eps)
         channels = x_hat.shape[1]
         if weight is not None:
-            total += (d * x_hat).reshape(b, channels, -1).sum(2).square().sum(1)  # Σ over positions
+            parts.append((d * x_hat).reshape(b, channels, -1).sum(2).square().sum(1))  # Σ over positions
         if bias is not None:
             bias_grad = d.reshape(b, channels, -1).sum(2)
     else:  # pragma: no cover - only closed-form units reach here (_closed_form_miss)
         raise TypeError(f"unsupported layer {type(module).__name__}")
-    if bias_grad is None:
-        return total, None
-    return total + _rows(bias_grad).square().sum(1), bias_grad.sum(0)
+    if bias_grad is not None:
+        parts.append(_rows(bias_grad).square().sum(1))
+    total = sum(parts[1:], parts[0]) if parts else torch.zeros(b, dtype=d.dtype, device=d.device)
+    return total, None if bias_grad is None else bias_grad.sum(0)
 
 
 class _NotPerExample(Exception):
@@ -636,8 +638,7 @@ class PerExampleNormHooks:
         self._reset()
 
     def _reset(self) -> None:
-        self.sq_norms: Tensor | None = None  # (B,) float64 contributions' squared norms, summed over layers
-        self.layer_sq_norms: dict[str, Tensor] = {}
+        self._sq: dict[str, list[Tensor]] = {}  # layer -> its (B,) squared norms of contributions, one per call part
         self._grad_sums: dict[str, Tensor] = {}  # parameter name -> batch sum of its per-example contributions
         self.problem: str | None = None  # why this step's norms cannot be trusted
         self._calls: dict[str, int] = {}
@@ -788,22 +789,27 @@ class PerExampleNormHooks:
             self._grad_sums[unit.full[k]] = g.sum(0)
 
     def _add(self, layer: str, sq: Tensor) -> None:
-        sq = sq.double()
-        self.sq_norms = sq if self.sq_norms is None else self.sq_norms + sq
-        if self.layer_names:
-            self.layer_sq_norms[layer] = sq + self.layer_sq_norms[layer] if layer in self.layer_sq_norms else sq
+        self._sq.setdefault(layer, []).append(sq)  # summed in float64 once, at collect (fewer small kernels)
 
     def collect(self) -> tuple[Tensor | None, dict[str, Tensor], str | None]:
-        """Stop capturing; return (sq_norms (B,), per-layer sq_norms, problem or ``None``)."""
+        """Stop capturing; return (sq_norms (B,) float64, per-layer sq_norms (with ``layer_names``), problem or
+        ``None``)."""
         self.disarm()
         problem = self.problem
         if problem is None and self._pending:
             problem = f"{self._pending} layer output(s) got no gradient in this backward"
-        if problem is None and self.sq_norms is None:
+        if problem is None and not self._sq:
             problem = "no layer with trainable parameters ran forward and backward while armed"
-        out = (self.sq_norms, dict(self.layer_sq_norms), problem)
+        sq_norms, layers = None, {}
+        if self._sq:
+            names = list(self._sq)
+            rows = torch.stack([t.double() for name in names for t in self._sq[name]])  # (parts, B)
+            sq_norms = rows.sum(0)
+            if self.layer_names:
+                sizes = [len(self._sq[name]) for name in names]
+                layers = {name: part.sum(0) for name, part in zip(names, rows.split(sizes))}
         self._reset()
-        return out
+        return sq_norms, layers, problem
 
     def check_bias_sums(self, scale: float, rtol: float = 1e-2) -> str | None:
         """Compare the summed per-example contributions of the last :meth:`collect`-ed step with ``.grad``, for every
