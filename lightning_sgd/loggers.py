@@ -70,6 +70,19 @@ class _NullExperiment:
         return False
 
 
+class _DeferredRun:
+    """Stands for a W&B run that has not started: any use starts it (:meth:`NeverFatalWandbMixin.start`)."""
+
+    def __init__(self, logger: NeverFatalWandbMixin) -> None:
+        self._logger = logger
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._logger.start(), name)
+
+    def __bool__(self) -> bool:
+        return True
+
+
 class NeverFatalWandbMixin:
     """A Lightning ``WandbLogger`` (the next base class), offline by default without credentials, and never fatal.
 
@@ -99,7 +112,8 @@ class NeverFatalWandbMixin:
             del self._wandb_init["anonymous"]
         self._failed = False
         self.last_run_dir: str | None = None
-        self._pending_config: list[dict[str, Any]] = []  # applied when the run starts
+        self._pending_hparams: list[Any] = []  # log_hyperparams before the run started
+        self._pending_config: list[dict[str, Any]] = []  # set_run_config before the run started
         self._config_text: str | None = None
         self._defined: set[str] = set()
         self._curves: dict[str, dict[str, dict[int, float]]] = {}  # chart -> line name -> step -> value
@@ -111,6 +125,17 @@ class NeverFatalWandbMixin:
 
     @property
     def experiment(self) -> Any:
+        """The W&B run; until something uses it (logs, reads an attribute), a stand-in that starts it on first use.
+        Lightning touches ``experiment`` before the setup hooks, so a run that fails in setup would otherwise leave
+        an empty W&B run."""
+        if self._failed:
+            return _NullExperiment()
+        if self._experiment is None:
+            return _DeferredRun(self)
+        return self.start()
+
+    def start(self) -> Any:
+        """Start the W&B run now (if it has not started) and return it; a no-op object when W&B cannot start."""
         if self._failed:
             return _NullExperiment()
         started = self._experiment is not None
@@ -130,6 +155,9 @@ class NeverFatalWandbMixin:
 
     def _on_start(self, experiment: Any) -> None:
         """Apply what was logged before the run started: hyper-parameters, the resolved config and its file."""
+        hparams, self._pending_hparams = self._pending_hparams, []
+        for params in hparams:
+            super().log_hyperparams(params)  # type: ignore[misc]
         for params in self._pending_config:
             experiment.config.update(params, allow_val_change=True)
         self._pending_config = []
@@ -148,15 +176,13 @@ class NeverFatalWandbMixin:
         file ``config.yaml``; applied when the run starts if it has not yet."""
         self._config_text = text
         params = _sanitize(dict(config))
+        self._pending_config.append(params)
         if self.started:
-            self._pending_config.append(params)
-            self._on_start(self.experiment)
-        else:
-            self._pending_config.append(params)
+            self._on_start(self._experiment)
 
     @rank_zero_only
     def log_metrics(self, metrics: Any, step: int | None = None) -> None:
-        if self.experiment:
+        if self.start():
             self._define_metrics(metrics)
             super().log_metrics(metrics, step)
             self._record_curves(metrics, step)
@@ -166,9 +192,7 @@ class NeverFatalWandbMixin:
         if self._failed:
             return
         if not self.started:  # do not start the W&B run for hyper-parameters alone
-            params = self._convert_params(params)
-            params = self._sanitize_callable_params(self._flatten_dict(params))
-            self._pending_config.append(dict(params))
+            self._pending_hparams.append(params)
             return
         super().log_hyperparams(params)
 
