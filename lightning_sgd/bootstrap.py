@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset, default_collate
 
+from lightning_sgd._extras import require
 from lightning_sgd.batches import batch_size, slice_batch
 from lightning_sgd.module_loss import ModuleLoss
 
@@ -304,8 +305,8 @@ def plot_bootstrap(
     When no history holds an error (a module without the protocol, or not a classifier) the losses are drawn instead.
     Uses matplotlib's object API, so it never changes the global backend.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "the deep-bootstrap plot").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "the deep-bootstrap plot").Figure
 
     histories = list(runs.values())
     metric = "error" if any(f"bootstrap/real_{split}_error" in h for hs in histories for h in hs) else "loss"

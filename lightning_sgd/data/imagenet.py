@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from lightning_sgd._extras import require
 from lightning_sgd.data.errors import bad_file, redownload
+
+Image = require("PIL.Image", "the ImageNet folder reader (lightning_sgd.data.imagenet)")
 
 EXTENSIONS = (".jpeg", ".jpg", ".png", ".ppm", ".bmp", ".webp")
 SOURCE = "https://image-net.org/download-images.php (ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar)"

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mnist1d.data import get_dataset_args, get_templates
-from mnist1d.data import transform as _transform
 
+from lightning_sgd._extras import require
 from lightning_sgd.data.errors import bad_file, delete_cache
+
+_mnist1d = require("mnist1d.data", "MNIST-1D data (lightning_sgd.data.mnist1d)")
+get_dataset_args, get_templates, _transform = _mnist1d.get_dataset_args, _mnist1d.get_templates, _mnist1d.transform
 
 SEQUENCE_LENGTH = 40  # mnist1d default final_seq_length
 NUM_CLASSES = 10

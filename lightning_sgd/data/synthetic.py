@@ -13,8 +13,8 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from lightning_sgd._extras import require
 from lightning_sgd.data.cifar import FOLDER, TEST_BATCHES, TRAIN_BATCHES, write_cifar_batch
 from lightning_sgd.data.idx import IDX_FILES, write_idx
 from lightning_sgd.data.text import LM1B_HELDOUT, LM1B_TRAIN, PTB_FILES
@@ -86,7 +86,8 @@ def write_imagenet(root: str | Path, classes: int = 2, per_class: int = 3, size:
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
                 pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"n{c:08d}_{i}.JPEG", format="JPEG")
+                image = require("PIL.Image", "writing a synthetic ImageNet folder").fromarray(pixels)
+                image.save(folder / f"n{c:08d}_{i}.JPEG", format="JPEG")
     return root
 
 

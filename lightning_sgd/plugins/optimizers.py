@@ -22,8 +22,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import pytorch_optimizer
 from torch import Tensor
+
+from lightning_sgd._extras import require
+
+pytorch_optimizer = require("pytorch_optimizer", "LARS and LAMB (lightning_sgd.plugins.optimizers)")
 
 __all__ = ["LAMB", "LARS", "split_trust_ratio_groups"]
 
