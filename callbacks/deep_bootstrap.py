@@ -8,11 +8,10 @@ helpers (fresh-sample streams, pools, metrics, plot) live in :mod:`lightning_sgd
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import pytorch_lightning as pl
@@ -33,6 +32,7 @@ from lightning_sgd.bootstrap import (
 from lightning_sgd.compat import PACKAGES, Callback, import_from
 from lightning_sgd.module_loss import ModuleLoss, muted_logging
 from lightning_sgd.schedules import LogSpaced, Schedule, as_schedule
+from lightning_sgd.twin import Twin
 
 try:  # Lightning >= 2.1 marks hooks with typing_extensions.override; keep working without it
     from typing_extensions import override
@@ -138,13 +138,37 @@ class DeepBootstrap(Callback):
         self.split, self.seed, self.online, self.plot = split, seed, online, plot
         self.max_eval_examples, self.max_train_eval_examples = max_eval_examples, max_train_eval_examples
         self.history: list[dict[str, float]] = []
-        self.twin: pl.LightningModule | None = None
+        self.world: Twin | None = None  # the ideal world (lightning_sgd.twin.Twin), from on_fit_start
         self._loss: ModuleLoss | None = None  # the real world's loss
-        self._twin_loss: ModuleLoss | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.schedulers: list[Any] = []
         self.plot_path: str | None = None
         self._reset_run_state()
+
+    # --------------------------------------------------------------------------------------------- public values
+    @property
+    def twin(self) -> pl.LightningModule | None:
+        """The ideal world's model (``None`` before the fit starts)."""
+        return None if self.world is None else self.world.module  # type: ignore[return-value]
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The ideal world's optimizer."""
+        return None if self.world is None else self.world.optimizer
+
+    @property
+    def twin_steps(self) -> int:
+        """Optimizer steps the ideal world has taken."""
+        return 0 if self.world is None else self.world.steps
+
+    @property
+    def fresh_position(self) -> int:
+        """Examples of the fresh-sample stream consumed so far (all ranks together)."""
+        return self._fresh_pos
+
+    @property
+    def stopped(self) -> str | None:
+        """Why the ideal world stopped (``"diverged at step t"``, ``"fresh pool exhausted ..."``), ``None`` while it
+        runs; the same on every rank."""
+        return self._stopped
 
     def _reset_run_state(self) -> None:
         self._source: Any = None  # (start, size) -> CPU batch
@@ -155,7 +179,6 @@ class DeepBootstrap(Callback):
         self._rng: PrivateRNG | None = None
         self._pending: dict[str, Any] | None = None
         self._fresh_pos = 0  # examples of the fresh stream consumed (all ranks together)
-        self._twin_steps = 0
         self._last_step = 0  # the real world's global_step the twin has caught up with
         self._micro_sizes: list[int] = []  # real micro-batch sizes since the last optimizer step
         self._sched_clock: list[int] = []  # the real schedulers' clocks when the current real step began
@@ -208,23 +231,16 @@ class DeepBootstrap(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cuda":  # the strategy has moved the model: keep CUDA draws private too
             self._rng = PrivateRNG(self.seed, pl_module.device)
+        def configure(twin: pl.LightningModule) -> Any:
+            with _attached(twin, trainer):  # configure_optimizers may read trainer.estimated_stepping_batches
+                return twin.configure_optimizers()
+
         with self._rng:
-            self.twin = copy.deepcopy(pl_module)  # LightningModule drops its trainer reference when copied
-            self._twin_loss = ModuleLoss(self.twin, "DeepBootstrap")
-            with _attached(self.twin, trainer):  # configure_optimizers may read trainer.estimated_stepping_batches
-                optim_conf = self.twin.configure_optimizers()
-        optimizers, schedulers = _optimizers_and_schedulers(optim_conf)
-        if len(optimizers) != 1:
-            raise MisconfigurationException(
-                f"DeepBootstrap supports exactly one optimizer; configure_optimizers returned {len(optimizers)}."
-            )
-        if any(_reduces_on_plateau(s) for s in schedulers):
-            raise MisconfigurationException(
-                "DeepBootstrap cannot clone a ReduceLROnPlateau schedule: the twin would follow the real world's "
-                "metric. Use a fixed schedule (StepLR, CosineAnnealingLR, OneCycleLR, ...)."
-            )
-        self.optimizer = optimizers[0]
-        self.schedulers = [s["scheduler"] if isinstance(s, Mapping) else s for s in schedulers]
+            try:  # the copy drops the LightningModule's trainer reference
+                self.world = Twin.clone(pl_module, configure)
+            except ValueError as err:
+                raise MisconfigurationException(f"DeepBootstrap: {err}") from err
+        self.world.loss = ModuleLoss(self.world.module, "DeepBootstrap")
         self._last_step = trainer.global_step
         if self._pending is not None:
             self._apply_state(self._pending)
@@ -233,10 +249,11 @@ class DeepBootstrap(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         real_configs = trainer.lr_scheduler_configs
-        if len(real_configs) != len(self.schedulers):
+        assert self.world is not None
+        if len(real_configs) != len(self.world.schedulers):
             raise MisconfigurationException(
-                f"DeepBootstrap: the twin got {len(self.schedulers)} LR schedulers from configure_optimizers but the "
-                f"real run has {len(real_configs)}; configure_optimizers must build the same schedule every call."
+                f"DeepBootstrap: the twin got {len(self.world.schedulers)} LR schedulers from configure_optimizers but "
+                f"the real run has {len(real_configs)}; configure_optimizers must build the same schedule every call."
             )
         loader = trainer.train_dataloader
         dataset = getattr(loader, "dataset", None)
@@ -254,7 +271,7 @@ class DeepBootstrap(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if not self._micro_sizes:  # a new real optimizer step begins: remember the schedulers' clocks
-            self._sched_clock = [config.scheduler.last_epoch for config in trainer.lr_scheduler_configs]
+            self._sched_clock = _clocks(trainer)
         size = batch_size(batch, "DeepBootstrap")
         self._micro_sizes.append(size)
         if self.online and trainer.current_epoch == 0:
@@ -277,8 +294,8 @@ class DeepBootstrap(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._stopped is None:  # an epoch-interval scheduler may have stepped after the last step
-            self._sync_schedulers([config.scheduler.last_epoch for config in trainer.lr_scheduler_configs])
+        if self._stopped is None and self.world is not None:  # an epoch-interval scheduler may have stepped after
+            self.world.sync_schedulers(_clocks(trainer))  # the last step
         if self._measured_at != trainer.global_step:  # decided alike on every rank: _measure synchronizes
             self._measure(trainer, pl_module)  # the curves always end at the last step
         if self.plot:
@@ -287,15 +304,16 @@ class DeepBootstrap(Callback):
     # ------------------------------------------------------------------------------------------------ checkpoint
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self.twin is None or self.optimizer is None or self._rng is None:
+        if self.world is None or self._rng is None:
             return {}
-        return {
-            "twin": self.twin.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedulers": [scheduler.state_dict() for scheduler in self.schedulers],
+        world = self.world.state_dict()
+        return {  # the layout of earlier versions (twin, optimizer, schedulers, twin_steps at the top level)
+            "twin": world["module"],
+            "optimizer": world["optimizer"],
+            "schedulers": world["schedulers"],
             "rng": self._rng.state_dict(),
             "fresh_pos": self._fresh_pos,
-            "twin_steps": self._twin_steps,
+            "twin_steps": world["steps"],
             "stopped": self._stopped,
             "history": [dict(h) for h in self.history],
             "online": dict(self._online),
@@ -306,19 +324,17 @@ class DeepBootstrap(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
-        if self.twin is None:
+        if self.world is None:
             self._pending = state_dict  # restored before on_fit_start: applied once the twin exists
         else:
             self._apply_state(state_dict)
 
     def _apply_state(self, state: dict[str, Any]) -> None:
-        assert self.twin is not None and self.optimizer is not None and self._rng is not None
-        self.twin.load_state_dict(state["twin"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        for scheduler, scheduler_state in zip(self.schedulers, state["schedulers"]):
-            scheduler.load_state_dict(scheduler_state)
+        assert self.world is not None and self._rng is not None
+        self.world.load_state_dict({"module": state["twin"], "optimizer": state["optimizer"],
+                                    "schedulers": state["schedulers"], "steps": state["twin_steps"]})
         self._rng.load_state_dict(state["rng"])
-        self._fresh_pos, self._twin_steps, self._stopped = state["fresh_pos"], state["twin_steps"], state["stopped"]
+        self._fresh_pos, self._stopped = state["fresh_pos"], state["stopped"]
         self.history = [dict(h) for h in state["history"]]
         self._measured_at = int(self.history[-1]["step"]) if self.history else None  # rank 0's history, on all ranks
         self._online, self._twin_online = dict(state["online"]), dict(state["twin_online"])
@@ -345,13 +361,12 @@ class DeepBootstrap(Callback):
 
     def _twin_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """One optimizer step of the twin on fresh examples, mirroring the real step that just happened."""
-        if self._stopped is not None or self.twin is None or self.optimizer is None:
+        if self._stopped is not None or self.world is None:
             return
-        twin, world, rank = self.twin, trainer.world_size, trainer.global_rank
-        assert self._twin_loss is not None
+        world, twin, size_of_world, rank = self.world, self.world.module, trainer.world_size, trainer.global_rank
         for real_m, twin_m in zip(pl_module.modules(), twin.modules()):  # same train/eval mode, submodule by submodule
             twin_m.training = real_m.training
-        self._sync_schedulers(self._sched_clock)  # epoch-interval schedulers stepped between the real steps
+        world.sync_schedulers(self._sched_clock)  # epoch-interval schedulers stepped between the real steps
         # This step's fresh micro-batches first: a rank whose share is past the end of a finite pool must not stop
         # alone (the others would wait for it in the gradient all-reduce), so the ranks agree before any work.
         batches, position = [], self._fresh_pos
@@ -360,49 +375,28 @@ class DeepBootstrap(Callback):
                 batches.append(self._source(position + rank * size, size))
             except IndexError:
                 break
-            position += world * size
+            position += size_of_world * size
         if self._agree(trainer, len(batches) < len(self._micro_sizes)):
             self._stop_pool_exhausted(trainer, sum(self._micro_sizes))
             return
-        self.optimizer.zero_grad(set_to_none=True)
-        total, count = torch.zeros((), device=twin.device), 0
-        for batch in batches:
-            batch = trainer.strategy.batch_to_device(batch)
-            n = batch_size(batch, "DeepBootstrap")
+        distributed = size_of_world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+        @contextlib.contextmanager
+        def context() -> Iterator[None]:
             with _attached(twin, trainer), torch.enable_grad(), trainer.precision_plugin.train_step_context():
-                loss = self._twin_loss.loss(batch)
-            (loss / trainer.accumulate_grad_batches).backward()
-            total, count = total + loss.detach().float() * n, count + n
+                yield
+
+        mean_loss, count = world.step(
+            batches, accumulate=trainer.accumulate_grad_batches, clip_val=trainer.gradient_clip_val,
+            clip_algorithm=trainer.gradient_clip_algorithm or "norm", to_device=trainer.strategy.batch_to_device,
+            context=context, all_reduce=torch.distributed.all_reduce if distributed else None,
+            world_size=size_of_world)
         self._fresh_pos = position
-        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            for p in twin.parameters():
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
-            torch.distributed.all_reduce(total)  # every rank takes the same stop decision
-            count *= world
-        mean_loss = float(total) / max(count, 1)
-        if not math.isfinite(mean_loss):
+        if not math.isfinite(mean_loss):  # the same on every rank: the loss sum is part of the all-reduce
             self._stop_diverged(trainer)
             return
         _accumulate(self._twin_online, {"loss": mean_loss}, count)
-        if trainer.gradient_clip_val:
-            params = [p for p in twin.parameters() if p.grad is not None]
-            if trainer.gradient_clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(params, trainer.gradient_clip_val)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, trainer.gradient_clip_val)
-        self.optimizer.step()
-        self._twin_steps += 1
-        self._sync_schedulers([config.scheduler.last_epoch for config in trainer.lr_scheduler_configs])
-
-    def _sync_schedulers(self, clocks: list[int]) -> None:
-        """Step each twin scheduler until its clock (``last_epoch``) matches the real scheduler's."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")  # before the twin's first step
-            for scheduler, clock in zip(self.schedulers, clocks):
-                while scheduler.last_epoch < clock:
-                    scheduler.step()
+        world.sync_schedulers(_clocks(trainer))
 
     @staticmethod
     def _agree(trainer: pl.Trainer, stop: bool) -> bool:
@@ -421,14 +415,14 @@ class DeepBootstrap(Callback):
         self._log(trainer, {"bootstrap/twin_diverged": 1.0})
 
     def _stop_pool_exhausted(self, trainer: pl.Trainer, batch_size: int) -> None:
-        self._stopped = f"fresh pool exhausted after {self._twin_steps} steps"
+        self._stopped = f"fresh pool exhausted after {self.twin_steps} steps"
         max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         need = f" this run's {max_steps} steps need >= {max_steps * batch_size * trainer.world_size}." if max_steps \
             else ""
         warnings.warn(
-            f"DeepBootstrap: the fresh-sample pool ({self._pool_size} examples) ran out after {self._twin_steps} twin "
+            f"DeepBootstrap: the fresh-sample pool ({self._pool_size} examples) ran out after {self.twin_steps} twin "
             f"steps of batch size {batch_size} (x {trainer.world_size} ranks); the ideal world stops at step "
-            f"{self._twin_steps} instead of reusing examples. Give fresh_pool() more examples:{need}",
+            f"{self.twin_steps} instead of reusing examples. Give fresh_pool() more examples:{need}",
             RuntimeWarning, stacklevel=2,
         )
 
@@ -440,7 +434,7 @@ class DeepBootstrap(Callback):
         online, twin_online = self._online, self._twin_online
         self._online, self._twin_online = {}, {}
         self._measured_at = trainer.global_step
-        twin_active = self.twin is not None and self._twin_loss is not None and self._stopped is None
+        twin_active = self.world is not None and self._stopped is None
         metrics: dict[str, float] = {}
         diverged = False
         if trainer.global_rank == 0:
@@ -469,9 +463,9 @@ class DeepBootstrap(Callback):
                 metrics.update({f"bootstrap/real_train_{k}": v for k, v in train.items()})
             if not twin_active:
                 return metrics, False
-            assert self.twin is not None and self._twin_loss is not None
-            with _attached(self.twin, trainer):
-                ideal = evaluate(self._twin_loss, self._eval_loader, to_device, self.max_eval_examples)
+            assert self.world is not None
+            with _attached(self.world.module, trainer):
+                ideal = evaluate(self.world.loss, self._eval_loader, to_device, self.max_eval_examples)
         if not math.isfinite(ideal["loss"]):
             return metrics, True
         metrics.update({f"bootstrap/ideal_{split}_{k}": v for k, v in ideal.items()})
@@ -524,37 +518,9 @@ def _attached(twin: pl.LightningModule, trainer: pl.Trainer) -> Iterator[None]:
         twin._trainer = None
 
 
-def _is_optimizer(obj: Any) -> bool:
-    return isinstance(obj, torch.optim.Optimizer) or all(hasattr(obj, a) for a in ("param_groups", "step", "zero_grad"))
-
-
-def _optimizers_and_schedulers(conf: Any) -> tuple[list[Any], list[Any]]:
-    """The optimizers and LR schedulers (scheduler objects or Lightning's scheduler config dicts) of a
-    ``configure_optimizers`` return, in Lightning's order, for the forms Lightning accepts: an optimizer, a list of
-    them, ``([optimizers], [schedulers])``, ``{"optimizer": ..., "lr_scheduler": ...}`` or a list of such dicts."""
-    if conf is None:
-        return [], []
-    if _is_optimizer(conf):
-        return [conf], []
-    if isinstance(conf, Mapping):
-        return [conf["optimizer"]], [conf["lr_scheduler"]] if "lr_scheduler" in conf else []
-    if isinstance(conf, (list, tuple)):
-        if len(conf) == 2 and isinstance(conf[0], list) and all(_is_optimizer(o) for o in conf[0]):
-            return list(conf[0]), list(conf[1]) if isinstance(conf[1], list) else [conf[1]]
-        if all(isinstance(c, Mapping) for c in conf):
-            return [c["optimizer"] for c in conf], [c["lr_scheduler"] for c in conf if "lr_scheduler" in c]
-        if all(_is_optimizer(o) for o in conf):
-            return list(conf), []
-    raise MisconfigurationException(
-        f"DeepBootstrap could not read the optimizer from configure_optimizers' {type(conf).__name__}; return an "
-        "optimizer, ([optimizer], [scheduler]) or {'optimizer': ..., 'lr_scheduler': ...}.")
-
-
-def _reduces_on_plateau(scheduler: Any) -> bool:
-    """A ``ReduceLROnPlateau`` (or a scheduler config flagged ``reduce_on_plateau``): it follows a metric."""
-    if isinstance(scheduler, Mapping):
-        return bool(scheduler.get("reduce_on_plateau")) or _reduces_on_plateau(scheduler.get("scheduler"))
-    return isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+def _clocks(trainer: pl.Trainer) -> list[int]:
+    """The real world's LR schedulers' clocks (``last_epoch``)."""
+    return [config.scheduler.last_epoch for config in trainer.lr_scheduler_configs]
 
 
 def _accumulate(sums: dict[str, float], values: dict[str, float], n: int) -> None:

@@ -20,7 +20,7 @@ def bootstrap_twin(outdir: Path, steps: int = 4, per_rank_batch: int = 8) -> Non
     trainer = pl.Trainer(**ddp_trainer_kwargs(max_steps=steps, callbacks=[cb]))
     trainer.fit(mlp_module(momentum=0.9), datamodule=TeacherData(n_train=128, batch_size=per_rank_batch))
     twin = torch.cat([p.detach().flatten() for p in cb.twin.parameters()])
-    dump(outdir, trainer.global_rank, {"twin": twin.tolist(), "fresh_pos": cb._fresh_pos, "steps": cb._twin_steps,
+    dump(outdir, trainer.global_rank, {"twin": twin.tolist(), "fresh_pos": cb.fresh_position, "steps": cb.twin_steps,
                                        "history": cb.history})
 
 
@@ -40,7 +40,7 @@ def _stopping_fit(outdir: Path, dm: pl.LightningDataModule, steps: int, schedule
     trainer.fit(mlp_module(), datamodule=dm)
     twin = torch.cat([p.detach().flatten() for p in cb.twin.parameters()])
     dump(outdir, trainer.global_rank, {
-        "stopped": cb._stopped, "twin_steps": cb._twin_steps, "fresh_pos": cb._fresh_pos,
+        "stopped": cb.stopped, "twin_steps": cb.twin_steps, "fresh_pos": cb.fresh_position,
         "global_step": trainer.global_step, "twin": twin.tolist(), "measured": [h["step"] for h in cb.history],
         "ideal": [h["step"] for h in cb.history if "bootstrap/ideal_test_loss" in h]})
 
@@ -76,6 +76,6 @@ def dropin_under_lightning(outdir: Path, steps: int = 4, per_rank_batch: int = 8
     trainer.fit(module, datamodule=DATA["lightning"]("autoencoder", n=64, batch_size=per_rank_batch))
     twin = torch.cat([p.detach().flatten() for p in boot.twin.parameters()])
     dump(outdir, trainer.global_rank, {
-        "twin": twin.tolist(), "fresh_pos": boot._fresh_pos, "history": boot.history,
+        "twin": twin.tolist(), "fresh_pos": boot.fresh_position, "history": boot.history,
         "ema_state": {k: v.tolist() for k, v in module.state_dict().items()},
         "val_ema_loss": float(trainer.callback_metrics["val_ema/loss"]), "num_updates": ema.num_updates})

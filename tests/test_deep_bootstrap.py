@@ -233,7 +233,7 @@ def test_twin_on_replayed_training_data_is_bit_identical_to_the_real_world(inter
     module = mlp_module(scheduler=True, momentum=0.9, interval=interval)
     cb = DeepBootstrap(schedule=1, online=False, plot=False)
     trainer = fit(module, dm, [cb], max_steps=12, accumulate_grad_batches=2, gradient_clip_val=0.5)
-    assert cb._twin_steps == trainer.global_step == 12 and cb._fresh_pos == 12 * 2 * 8
+    assert cb.twin_steps == trainer.global_step == 12 and cb.fresh_position == 12 * 2 * 8
     assert same(params(cb.twin), params(module))
     lr = 0.1 * 0.5**scheduler_steps
     assert cb.optimizer.param_groups[0]["lr"] == trainer.optimizers[0].param_groups[0]["lr"] == lr
@@ -320,7 +320,7 @@ def test_resume_restores_both_worlds(tmp_path):
     # the twin's continuation depends only on its own state (weights, momentum, LR schedule, private RNG for its
     # dropout, stream position), so it ends bit-identical to the uninterrupted run. (The real world's dropout uses
     # the global RNG, which Lightning does not checkpoint, so its continuation is not compared.)
-    assert resumed._twin_steps == 16 and resumed._fresh_pos == full._fresh_pos == 16 * 8
+    assert resumed.twin_steps == 16 and resumed.fresh_position == full.fresh_position == 16 * 8
     assert same(params(resumed.twin), params(full.twin))
     assert resumed.optimizer.param_groups[0]["lr"] == full.optimizer.param_groups[0]["lr"] == 0.1 * 0.5**5
     assert resumed.history[:3] == full.history[:3]  # the measurements before the checkpoint came back too
@@ -355,7 +355,7 @@ def test_diverging_twin_is_logged_and_stopped_while_the_real_run_goes_on(tmp_pat
     with pytest.warns(RuntimeWarning, match="non-finite at step 4"):
         fit(real, NaNAfter(n_train=128, bad_from=48), [cb], max_steps=8, logger=logger)  # batch 16: step 4 is bad
     assert same(params(real), params(plain))
-    assert cb._stopped == "diverged at step 4" and cb._twin_steps == 3
+    assert cb.stopped == "diverged at step 4" and cb.twin_steps == 3
     assert "bootstrap/ideal_test_error" in cb.history[3] and "bootstrap/ideal_test_error" not in cb.history[4]
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
