@@ -81,6 +81,7 @@ statistics. Not caught: a training loss that is not a mean over examples (caller
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import time
 import warnings
@@ -300,6 +301,35 @@ def _grouped_conv_sq_norms(conv: nn.Module, x: Tensor, d: Tensor, padding: Seque
     return torch.cat(out)
 
 
+def _pixel_gram_sq_norms(conv: nn.Module, x: Tensor, d: Tensor, padding: Sequence[int]) -> Tensor:
+    """(B,) per-example weight-gradient squared norms of a ``groups=1`` conv through the Gram form without patches.
+
+    The patches' Gram matrix is a sum of shifted copies of the padded input's pixel Gram matrix
+    P[u, v] = Σ_c x[c, u]·x[c, v]: (A Aᵀ)[t, t'] = Σ_{offsets o} P[s·t + dil·o, s·t' + dil·o] (stride s, dilation
+    dil), which costs Π(padded size)²·C_in instead of L²·C_in·Πk; then Σ_{t,t'} (A Aᵀ)[t,t']·(D Dᵀ)[t,t']."""
+    if any(padding):
+        x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
+    b, channels, spatial, out = x.shape[0], x.shape[1], tuple(x.shape[2:]), tuple(d.shape[2:])
+    pixels, positions = math.prod(spatial), math.prod(out)
+    chunk = max(1, _MAX_BLOCK // (pixels * pixels))
+    result = []
+    for start in range(0, b, chunk):
+        xc, dc = x[start:start + chunk].reshape(-1, channels, pixels), d[start:start + chunk]
+        c = xc.shape[0]
+        grams = torch.bmm(xc.transpose(1, 2), xc).view(c, *spatial, *spatial)  # (c, *S, *S) pixel Gram
+        gram_a = None
+        for offset in itertools.product(*(range(k) for k in conv.kernel_size)):
+            window = tuple(slice(o * dil, o * dil + s * (n - 1) + 1, s)
+                           for o, dil, s, n in zip(offset, conv.dilation, conv.stride, out))
+            shifted = grams[(slice(None), *window, *window)]  # (c, *out, *out)
+            gram_a = shifted.clone() if gram_a is None else gram_a.add_(shifted)
+        assert gram_a is not None
+        d3 = dc.reshape(c, dc.shape[1], positions)  # (c, C_out, L)
+        gram_d = torch.bmm(d3.transpose(1, 2), d3)  # (c, L, L)
+        result.append((gram_a.reshape(c, positions, positions) * gram_d).sum((1, 2)))
+    return result[0] if len(result) == 1 else torch.cat(result)
+
+
 #: Conv layer + shapes -> the fastest form, timed once (:func:`_conv_weight_sq_norms`).
 _CONV_FORM: dict[tuple, str] = {}
 
@@ -311,7 +341,10 @@ def _conv_forms(conv: nn.Module, x: Tensor, d: Tensor) -> dict[str, Callable[[],
     - ``"unfold"`` / ``"strided"``: the per-example gradients as batched products of the output gradients and the
       input patches, unfolded by ``F.unfold`` (1-D, 2-D) or by strided views (1-D, 3-D);
     - ``"gram"``: through the two L × L Gram matrices of patches and output gradients, where L (output positions) is
-      small enough for it to possibly pay (L·(C_in·Πk + C_out) <= 4·C_in·Πk·C_out).
+      small enough for it to possibly pay (L·(C_in·Πk + C_out) <= 4·C_in·Πk·C_out);
+    - ``"pixel_gram"``: the same with the patches' Gram matrix summed from shifted copies of the input's pixel Gram
+      (:func:`_pixel_gram_sq_norms`), where that costs at most twice the products' multiply-adds (small maps with
+      many channels: Πk times fewer than ``"gram"``).
     """
     if isinstance(conv, _CONV_TRANSPOSES):
         padding = tuple(conv.padding)
@@ -333,6 +366,9 @@ def _conv_forms(conv: nn.Module, x: Tensor, d: Tensor) -> dict[str, Callable[[],
         forms["strided"] = lambda: product(False, "materialize")
     if positions * (width + c_out) <= 4 * width * c_out:
         forms["gram"] = lambda: product(x.dim() == 4, "gram")  # strided patches are faster on 1-d signals
+    pixels = math.prod(n + 2 * p for n, p in zip(x.shape[2:], padding))
+    if pixels * pixels * x.shape[1] + positions * positions * c_out <= 2 * positions * width * c_out:
+        forms["pixel_gram"] = lambda: _pixel_gram_sq_norms(conv, x, d, padding)
     return forms
 
 

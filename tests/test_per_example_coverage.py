@@ -113,10 +113,13 @@ def test_a_transposed_convolution_with_output_size_reads_its_output_padding_per_
 
 
 @pytest.mark.parametrize("case", ["conv1d_ints", "conv2d_replicate_asym", "conv2d_grouped_strided", "convT1d",
-                                  "conv3d_strided_dilated"])
+                                  "conv3d_strided_dilated", "conv2d_small_map", "conv2d_strided_dilated"])
 def test_every_convolution_form_is_exact(case):
-    # The hooks time the forms once per layer and shape and keep the fastest: each must be exact on its own.
-    layer, shape = _conv_cases()[case]
+    # The hooks time the forms once per layer and shape and keep the fastest: each must be exact on its own, the
+    # pixel-Gram form also where its cost filter would not offer it.
+    cases = {**_conv_cases(), "conv2d_small_map": (nn.Conv2d(8, 8, 3, padding=1), (8, 3, 3)),
+             "conv2d_strided_dilated": (nn.Conv2d(4, 5, 2, stride=2, dilation=2, padding=1), (4, 5, 6))}
+    layer, shape = cases[case]
     layer = layer.double()
     x = _randn(B, *shape)
     d = _randn(*layer(x).shape, seed=1)
@@ -125,6 +128,10 @@ def test_every_convolution_form_is_exact(case):
     forms = engine._conv_forms(layer, x, d)
     patches = layer.groups == 1 and not isinstance(layer, nn.ConvTranspose1d)
     assert "conv" in forms and patches == bool({"unfold", "strided"} & set(forms))
+    assert ("pixel_gram" in forms) == (case == "conv2d_small_map")
+    if patches:
+        padded, padding = engine._conv_input(layer, x)
+        forms["pixel_gram"] = lambda: engine._pixel_gram_sq_norms(layer, padded, d, padding)
     for name, form in forms.items():
         torch.testing.assert_close(form(), truth, rtol=1e-10, atol=0, msg=name)
 
