@@ -42,6 +42,7 @@ def gns_ddp(outdir: Path, configs: list[list[Any]], max_steps: int = 3) -> None:
     from pytorch_lightning.strategies import DDPStrategy
 
     from lightning_sgd.callbacks import GradientNoiseScale
+    from lightning_sgd.gns_sources import StrategyRecordSource
     from lightning_sgd.plugins.grad_stats_ddp import GradStatsDDPStrategy
 
     results = {}
@@ -59,6 +60,7 @@ def gns_ddp(outdir: Path, configs: list[list[Any]], max_steps: int = 3) -> None:
         rank = trainer.global_rank
         results["-".join([str(accumulate), str(int(record)), *variant])] = {
             "steps": recorder.steps, "b_simple": gns.b_simple, "measured": gns.measured,
-            "used_record": gns._use_record, "differencing": gns._differencing}
+            "used_record": isinstance(gns.active_source, StrategyRecordSource),
+            "differencing": getattr(gns.active_source, "differencing", False)}
     dump(outdir, rank, results)
     torch.distributed.barrier() if torch.distributed.is_initialized() else None

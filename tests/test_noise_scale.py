@@ -15,7 +15,9 @@ from pytorch_lightning.plugins import MixedPrecision
 from torch import nn
 
 from lightning_sgd.callbacks import GradientNoiseScale
+from lightning_sgd.gns_sources import BNoiseEstimator, GradDifferences, ParamLayout, Skip, StrategyRecordSource
 from lightning_sgd.grad_stats import AllReduceGradStats
+from lightning_sgd.module_loss import ModuleLoss
 from lightning_sgd.noise_scale import (
     NoiseScaleEMA,
     NoiseScaleSample,
@@ -183,14 +185,13 @@ def test_b_noise_hvp_estimate_converges_to_linear_regression_closed_form():
     # standard errors.
     w, _, draw, truth = regression_problem(seed=4)
     module = LinearRegression(w)
-    cb = GradientNoiseScale(b_noise_schedule=1, b_noise_groups=4, beta=0.0)
+    estimator, loss = BNoiseEstimator(groups=4, beta=0.0), ModuleLoss(module, "test")
     gen = torch.Generator().manual_seed(5)
     ghg, trace_h = [], []
     for _ in range(150):
-        cb._batch = draw(64, gen)
-        cb._measure_b_noise(module)
-        ghg.append(cb.b_noise_ema.grad_sq_norm)  # beta = 0: the EMA is the last sample
-        trace_h.append(cb.b_noise_ema.trace_cov)
+        estimator.measure(module, loss, draw(64, gen))
+        ghg.append(estimator.ema.grad_sq_norm)  # beta = 0: the EMA is the last sample
+        trace_h.append(estimator.ema.trace_cov)
     _within(ghg, truth["gHg"])
     _within(trace_h, truth["trace_h"])
 
@@ -317,17 +318,18 @@ def test_ddp_source_matches_per_rank_brute_force(tmp_path):
 
 
 def test_strategy_record_is_used_only_for_the_current_step():
-    cb = GradientNoiseScale(source="ddp")
+    source = StrategyRecordSource()
     record = AllReduceGradStats(step=7, local_sq_norms=torch.tensor([3.0, 5.0]), global_sq_norm=2.5,
                                 local_batch_size=8, global_batch_size=16)
-    trainer = SimpleNamespace(strategy=SimpleNamespace(latest_grad_stats=record), global_step=7)
-    samples = cb._record_samples(trainer)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(latest_grad_stats=record), global_step=7, world_size=2)
+    source.setup(trainer, tiny_module(), ParamLayout.of(tiny_module()), None)
+    samples = source.samples(trainer, None, None)
     expected = two_batch_estimate(4.0, 8, 2.5, 16)
-    assert samples[""] == expected
+    assert samples == {"": expected}
     trainer.global_step = 8  # a record from the previous step must never be paired with this one
-    with pytest.warns(UserWarning, match="record"):
-        assert cb._record_samples(trainer) is None
-    assert cb.skipped["stale"] == 1
+    with pytest.warns(UserWarning, match="record"), pytest.raises(Skip) as skip:
+        source.samples(trainer, None, None)
+    assert skip.value.reason == "stale"  # counted in GradientNoiseScale.skipped["stale"]
 
 
 class NaNAtStep(ClassificationModule):
@@ -461,14 +463,12 @@ def test_accumulation_differencing_handles_parameters_that_get_grad_late():
     # The accumulation source on one process reads micro-batch k's gradient as .grad_k - .grad_{k-1}. A parameter
     # that first gets a gradient in micro-batch 2 (a branch not used before) must count as 0 before, and a new step
     # must not reuse the previous step's buffers. Exact arithmetic on small integers: equality.
-    gns = GradientNoiseScale(source="accumulation", per_layer=True)
     a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
-    gns._param_list, gns._layers = [a, b], ["x", "y"]
-    gns._assign = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]], dtype=torch.float64)
+    layout = ParamLayout({"x.a": a, "y.b": b}, per_layer=True)  # columns: total, layer x, layer y
+    differences = GradDifferences(layout.params)
 
     def micro(first, last):
-        gns._micro = [gns._difference_norms(first, last)]
-        return gns._micro_matrix()[0].tolist()
+        return layout.reduce(differences.record(first, last)).tolist()
 
     a.grad = torch.tensor([1.0, 2.0, 2.0])  # micro-batch 1: only a
     assert micro(True, False) == [9.0, 9.0, 0.0]
