@@ -14,35 +14,23 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils._pytree import tree_map
 from typing_extensions import override
 
 from lightning_sgd.batches import batch_size, flatten_batch
 from lightning_sgd.checks import check_bool, check_choice, check_float, check_int, missing_state_keys
 from lightning_sgd.compat import Callback
+from lightning_sgd.core import log_metrics, per_example_engine
 from lightning_sgd.diversity import batch_size_bound, diversity_from_stats
 from lightning_sgd.module_loss import ModuleLoss
 from lightning_sgd.per_example import per_example_gradient_stats, trainable_parameters
-from lightning_sgd.per_example_hooks import hook_gradient_stats, unsupported_layers, validate
+from lightning_sgd.per_example_hooks import hook_gradient_stats, validate
 from lightning_sgd.schedules import Schedule, as_schedule
 
 __all__ = ["GradientDiversity"]
 
 _WHO = "GradientDiversity"
-
-
-def _num_examples(batch: Any) -> int:
-    try:
-        return batch_size(batch, _WHO)
-    except TypeError:  # no tensor with a batch dimension: n = 0, a counted skip
-        return 0
-
-
-def _hook_problems(module: nn.Module) -> list[str]:
-    """Why the layer-hook engine cannot serve this model (unsupported layers, BatchNorm); empty when it can."""
-    return unsupported_layers(module) + [f"{name}: BatchNorm" for name, m in module.named_modules()
-                                         if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 class GradientDiversity(Callback):
@@ -133,10 +121,7 @@ class GradientDiversity(Callback):
             self._loss = ModuleLoss(pl_module, _WHO)
             self._loss.check_usable()  # every measurement re-runs the module's loss
             self._use_hooks, self._off = None, False
-            problems = _hook_problems(pl_module)
-            if problems and self.engine == "hooks":
-                raise ValueError(f"GradientDiversity(engine='hooks') cannot use layer hooks for: {'; '.join(problems)}"
-                                 ". Use engine='vmap' (or 'auto', which picks it).")
+            per_example_engine(pl_module, self.engine, _WHO)  # engine='hooks' on a model they cannot serve: raise
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -157,7 +142,7 @@ class GradientDiversity(Callback):
         with torch.random.fork_rng(devices=[]):
             for batch in loader:
                 batches.append(batch)
-                count += _num_examples(batch)
+                count += batch_size(batch, _WHO)
                 if count >= self.probe_size:
                     break
         for g, state in zip(generators, states):
@@ -183,16 +168,15 @@ class GradientDiversity(Callback):
             return  # with gradient accumulation, measure once per optimizer step
         self._last_step = step
         metrics = self.measure(pl_module, self.probe if self.probe is not None else batch)
-        if trainer.is_global_zero and metrics:
+        if metrics:
             self.last_metrics = metrics
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+            log_metrics(trainer, metrics, step)
 
     def measure(self, pl_module: pl.LightningModule, batch: Any) -> dict[str, float]:
         """Compute Δ on ``batch`` now; update ``diversity`` and return the metrics (only ``skipped`` if undefined)."""
         if self._off:
             return self._skip("failed")
-        n = _num_examples(batch)
+        n = batch_size(batch, _WHO)
         if n < 2:
             return self._skip("too_few")
         if self._loss is None or self._loss.module is not pl_module:
@@ -246,7 +230,7 @@ class GradientDiversity(Callback):
     def _hooks_apply(self, pl_module: pl.LightningModule, batch: Any) -> bool:
         """Whether the layer-hook engine serves this module: supported layers, no BatchNorm, and per-example norms
         equal to vmap's on a few examples of ``batch`` (a one-time check)."""
-        if self.engine == "vmap" or _hook_problems(pl_module):
+        if per_example_engine(pl_module, self.engine, _WHO)[0] != "hooks":
             return False
         loss = self._loss
         assert loss is not None
@@ -288,7 +272,7 @@ class GradientDiversity(Callback):
         self.measured = int(state_dict["measured"])
         self.skipped = {**self.skipped, **state_dict.get("skipped", {})}
         probe = state_dict.get("probe")
-        saved_size = state_dict.get("probe_size", None if probe is None else _num_examples(probe))
+        saved_size = state_dict.get("probe_size", None if probe is None else batch_size(probe, _WHO))
         if saved_size == self.probe_size:
             self.probe = probe  # a resumed run keeps measuring on the same probe examples
             return

@@ -19,6 +19,7 @@ import math
 import torch  # noqa: F401  (the doctests use it)
 from torch import Tensor
 
+from lightning_sgd.core import sq_norms
 from lightning_sgd.per_example import PerExampleStats, layer_of
 
 __all__ = ["gradient_diversity", "batch_size_bound", "diversity_from_stats"]
@@ -70,12 +71,13 @@ def diversity_from_stats(
     Returns:
         ``(delta, {layer: delta_layer})``; the dict is empty unless the stats have per-layer norms and names are given.
     """
-    mean_sq = sum(float(g.double().pow(2).sum()) for g in stats.mean_grad)
+    per_param = sq_norms(stats.mean_grad, precise=True).cpu().tolist()
+    mean_sq = sum(per_param)
     layers: dict[str, float] = {}
     if stats.layer_sq_norms is not None and param_names is not None:
         layer_mean_sq: dict[str, float] = {}
-        for name, g in zip(param_names, stats.mean_grad):
+        for name, value in zip(param_names, per_param):
             layer = layer_of(name)
-            layer_mean_sq[layer] = layer_mean_sq.get(layer, 0.0) + float(g.double().pow(2).sum())
+            layer_mean_sq[layer] = layer_mean_sq.get(layer, 0.0) + value
         layers = {layer: gradient_diversity(sq, layer_mean_sq[layer]) for layer, sq in stats.layer_sq_norms.items()}
     return gradient_diversity(stats.sq_norms, mean_sq), layers

@@ -58,11 +58,8 @@ Semantics (all norms are of mean-loss gradients as they reach the optimizer):
   measured steps; GradientNoiseScale skips stale records.
 
 Cost per measured step (default path): two memory passes over the gradient (|g_r|² and |ḡ|²), one W-float
-all-reduce, and a few small tensor ops; nothing on ``no_sync`` micro-batches or unmeasured steps. On the shared
-2-core CPU with 2 gloo processes and a 2.4 M-parameter MLP (``benchmarks/ddp_overhead.py``, load ~2) that is
-~1 ms of CPU per step: ratio ~1.03-1.07 at batch 64/process and ~1.00-1.04 at 256, down from 1.11-1.12 and
-~1.05 with the earlier all-Python comm hook. The passes cost ~0.2-0.5 ms each there (memory-bound, both ranks
-at once) and a tiny gloo all-reduce 0.2-0.6 ms of CPU. Breakdown: ``benchmarks/results/ddp_overhead_profile.md``.
+all-reduce, and a few small tensor ops; nothing on ``no_sync`` micro-batches or unmeasured steps. Measured overhead:
+BENCHMARKS.md (``benchmarks/ddp_overhead.py``; breakdown in ``benchmarks/results/ddp_overhead_profile.md``).
 """
 
 from __future__ import annotations
@@ -85,6 +82,7 @@ from typing_extensions import override
 
 from lightning_sgd import compat
 from lightning_sgd.batches import batch_size
+from lightning_sgd.core import amp_scale, at_backward_end, sq_norms
 from lightning_sgd.grad_stats import AllReduceGradStats
 
 __all__ = ["GradStatsDDPMixin", "GradStatsDDPStrategy", "LightningGradStatsDDPStrategy", "grad_stats_ddp_strategy"]
@@ -96,29 +94,6 @@ _MEAN_PRESERVING_HOOKS = {
     "bf16_compress_hook",
 }
 _SUPPORTED_BACKENDS = ("gloo", "nccl")
-
-
-def _sq_norm(t: Tensor) -> Tensor:
-    """|t|² as a 0-dim fp32/fp64 tensor (one dot product; half-precision buffers are upcast first)."""
-    t = t.detach().reshape(-1)
-    if t.dtype not in (torch.float32, torch.float64):
-        t = t.float()
-    return torch.dot(t, t)
-
-
-def _grads_sq_norm(grads: list[Tensor]) -> Tensor:
-    """Σ |g|² over a list of gradients as a 0-dim fp64 tensor: one fused ``_foreach_norm`` (one memory pass)."""
-    full, half = [], []
-    for g in grads:
-        if g.is_sparse:
-            g = g.coalesce().values()
-        (full if g.dtype in (torch.float32, torch.float64) else half).append(g)
-    norms = list(torch._foreach_norm(full)) if full else []
-    if half:  # fp16/bf16 gradients: accumulate and return the norms in fp32
-        norms += torch._foreach_norm(half, dtype=torch.float32)
-    if not norms:
-        return torch.zeros((), dtype=torch.float64)
-    return torch.stack(norms).double().square().sum()
 
 
 def _hook_name(hook: Callable | None) -> str:
@@ -160,9 +135,8 @@ class _NormRecorder:
 class _BackwardEndRecorder(_NormRecorder):
     """No comm hook: DDP keeps its C++ all-reduce (and its division fused into the bucket copy).
 
-    A hook on the loss queues an autograd-engine callback when a synced backward starts. Callbacks run in the
-    order they were queued, and DDP queues its own (which copies the averaged buckets into ``.grad``) only when the
-    last bucket becomes ready, later in the same backward: so ours sees every parameter's *local* ``.grad`` (all
+    :func:`lightning_sgd.core.at_backward_end` runs our callback at the end of a synced backward, before DDP's own
+    (which copies the averaged buckets into ``.grad``): so it sees every parameter's *local* ``.grad`` (all
     buckets already launched), takes |g_r|² in one fused pass and launches the W-float all-reduce of the local
     norms, which runs while DDP waits for the last bucket. After backward, ``.grad`` is the average: one more pass
     gives |ḡ|² (:meth:`collect`). Only used without gradient_as_bucket_view (then ``.grad`` is the bucket itself,
@@ -178,19 +152,16 @@ class _BackwardEndRecorder(_NormRecorder):
 
     def arm(self, loss: Tensor) -> None:
         """Measure the backward that is about to start from ``loss`` (a synced one, on a measured step)."""
-        loss.register_hook(self._on_loss_grad)
-
-    def _on_loss_grad(self, grad: Tensor) -> None:
-        torch.autograd.Variable._execution_engine.queue_callback(self._at_backward_end)
+        at_backward_end(loss, self._at_backward_end)
 
     def _at_backward_end(self) -> None:
-        self._launch_rank_norms(_grads_sq_norm(self._grads()))
+        self._launch_rank_norms(sq_norms(self._grads()).sum())
         self.synced = True
 
     def collect(self) -> tuple[Tensor, Tensor]:
         """After a synced backward: (every rank's local |g_r|² (W,), global |ḡ|²), fp64 on the CPU."""
         self.synced = False
-        global_sq = _grads_sq_norm(self._grads()).cpu()
+        global_sq = sq_norms(self._grads()).sum().cpu()
         return self._rank_norms(), global_sq
 
 
@@ -207,7 +178,7 @@ class _BucketNormRecorder(_NormRecorder):
         buffer = bucket.buffer()
         if bucket.index() == 0:  # the reducer launches buckets in index order: a new synced backward begins
             self.local_parts, self.global_parts, self._slots_work = [], [], None
-        self.local_parts.append(_sq_norm(buffer))
+        self.local_parts.append(sq_norms([buffer])[0])
         return buffer
 
     def plain(self, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
@@ -239,7 +210,7 @@ class _BucketNormRecorder(_NormRecorder):
         def record(fut: torch.futures.Future) -> Tensor:
             value = fut.value()
             out = value[0] if isinstance(value, (list, tuple)) else value
-            self.global_parts.append(_sq_norm(out))
+            self.global_parts.append(sq_norms([out])[0])
             return out
 
         if last:
@@ -313,7 +284,6 @@ class GradStatsDDPMixin:
         self.latest_grad_stats: AllReduceGradStats | None = None
         self._recorder: _BackwardEndRecorder | _BucketNormRecorder | None = None
         self._counted_step, self._step_examples = -1, 0  # examples training_step saw for this optimizer step
-        self._warned_batch_size = False
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -378,14 +348,9 @@ class GradStatsDDPMixin:
         return super().training_step(*args, **kwargs)
 
     def _count_examples(self, batch: Any) -> int:
-        try:
-            return batch_size(batch, type(self).__name__)
-        except TypeError as err:  # a batch with no tensor of examples
-            if not self._warned_batch_size:
-                self._warned_batch_size = True
-                rank_zero_warn(f"{err} The gradient stats' local_batch_size counts 0 for such batches, so "
-                               "GradientNoiseScale(source='ddp') cannot use them.")
-            return 0
+        """Examples of a micro-batch (a ``TypeError`` naming the strategy for a batch without a tensor of
+        examples: the record's batch sizes would be meaningless)."""
+        return batch_size(batch, type(self).__name__)
 
     @override
     def pre_backward(self, closure_loss: Tensor) -> None:
@@ -402,10 +367,8 @@ class GradStatsDDPMixin:
         if recorder is None or not recorder.synced:
             return  # a no_sync micro-batch, or no hook
         local, global_sq = recorder.collect()  # (W,), () fp64 on the CPU
-        scaler = getattr(self.precision_plugin, "scaler", None)
-        if scaler is not None:  # GradScaler: the hook saw scaled gradients
-            inv = float(scaler.get_scale()) ** -2
-            local, global_sq = local * inv, global_sq * inv
+        inv = amp_scale(self.precision_plugin) ** -2  # a GradScaler's scale: the norms are of scaled gradients
+        local, global_sq = local * inv, global_sq * inv
         global_value = float(global_sq)
         if not (math.isfinite(global_value) and bool(torch.isfinite(local).all())):
             return  # overflow: the scaler skips this step, so do not publish it
