@@ -21,6 +21,17 @@ def by_hand(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
                    steps=2, batch_size=8)
 
 
+def assert_record_matches(record: dict, step: int, grads: list[torch.Tensor]) -> None:
+    """A rank's published record at ``step`` against the two ranks' local gradients ``grads`` computed by hand:
+    local squared norms, the all-reduced gradient (their mean) and its squared norm (float32 norms: 1e-5)."""
+    assert record["stats_step"] == record["step"] == step
+    torch.testing.assert_close(torch.tensor(record["local_sq_norms"], dtype=torch.float64),
+                               torch.stack([g @ g for g in grads]), rtol=1e-5, atol=0)
+    reduced = torch.tensor(record["reduced_grad"], dtype=torch.float64)
+    torch.testing.assert_close(reduced, (grads[0] + grads[1]) / 2, rtol=1e-5, atol=1e-7)
+    assert record["global_sq_norm"] == pytest.approx(float(reduced @ reduced), rel=1e-5)
+
+
 def _local_grads(ranks: list[dict], config: str, step: int, micro: int) -> list[torch.Tensor]:
     """Each rank's mean-loss gradient of optimizer step ``step``: the mean of its micro-batch gradients (Lightning
     divides the loss by accumulate_grad_batches, so the accumulated .grad is that mean)."""
@@ -174,13 +185,7 @@ def test_plugins_and_measurement_callbacks_run_under_the_strategy(tmp_path) -> N
     for t in range(steps):
         grads = [torch.tensor(r["local"][t], dtype=torch.float64) for r in ranks]
         for r in ranks:
-            record = r["steps"][t]
-            assert record["stats_step"] == record["step"] == t
-            torch.testing.assert_close(torch.tensor(record["local_sq_norms"], dtype=torch.float64),
-                                       torch.stack([g @ g for g in grads]), rtol=1e-5, atol=0)
-            reduced = torch.tensor(record["reduced_grad"], dtype=torch.float64)
-            torch.testing.assert_close(reduced, (grads[0] + grads[1]) / 2, rtol=1e-5, atol=1e-7)
-            assert record["global_sq_norm"] == pytest.approx(float(reduced @ reduced), rel=1e-5)
+            assert_record_matches(r["steps"][t], t, grads)
     assert ranks[0]["final_weights"] == ranks[1]["final_weights"]  # EMA weights, copied in at the end of fit
     assert ranks[0]["gns_measured"] == ranks[1]["gns_measured"] == steps
     assert ranks[0]["gns_b_simple"] == ranks[1]["gns_b_simple"]
