@@ -151,12 +151,10 @@ def recommend(run: RunLog) -> Recommendation | None:
     se = run.at(key + "_se", step)
     batch = max(1, round(b_crit))
     lr = run_lr(run)
-    last_simple = run.last("gns/b_simple")  # the regime is log2(B / B_simple), as gns/regime logs it
-    ref = last_simple[1] if last_simple and _usable(last_simple[1]) else b_crit
-    ratio = batch_size / ref
-    regime = ("noise-dominated (a larger batch still cuts steps almost linearly)" if ratio < 0.5 else
-              "curvature-dominated (a larger batch buys few steps)" if ratio > 2.0 else
-              "near the critical batch")
+    ratio = batch_size / b_crit  # against the same estimate the recommendation uses
+    regime = (f"below {source}: noise-dominated (a larger batch still cuts steps almost linearly)" if ratio < 0.5
+              else f"above {source}: curvature-dominated (a larger batch buys few steps)" if ratio > 2.0
+              else f"near {source}, the critical batch")
     return Recommendation(
         source=source, batch_size=batch_size, step=step, b_crit=b_crit, b_crit_se=se,
         b_crit_start=good[0][1] if len(good) > 1 else None, step_start=good[0][0] if len(good) > 1 else None,
@@ -397,7 +395,7 @@ def _diversity_panel(run: RunLog) -> Panel | None:
     plt, fig, ax = _figure()
     ax.plot(run.steps("diversity/n_delta"), run.values("diversity/n_delta"), marker=".", label="n·Δ")
     if "diversity/batch_bound" in run:
-        ax.plot(run.steps("diversity/batch_bound"), run.values("diversity/batch_bound"), ls=":",
+        ax.plot(run.steps("diversity/batch_bound"), run.values("diversity/batch_bound"), ls=":", marker="x",
                 label="batch bound δ·n·Δ + 1")
     if "gns/batch_size" in run:
         ax.step(run.steps("gns/batch_size"), run.values("gns/batch_size"), where="post", color="k", ls="--",
@@ -513,10 +511,40 @@ def render_html(run: RunLog, panels: list[Panel], rec: Recommendation | None, mi
     return "\n".join(parts)
 
 
+def write_sheet(path: str | Path, run: RunLog, panels: list[Panel], rec: Recommendation | None,
+                columns: int = 2) -> Path:
+    """One PNG with the headline, the recommendation and every panel in a grid: the page at a glance (a picture
+    of the report for a README or a slide, drawn by matplotlib, not a browser screenshot)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    rows = max(1, math.ceil(len(panels) / columns))
+    text = headline(run) + ([""] + rec.lines() if rec is not None else [])
+    top = 0.9 + 0.22 * len(text)
+    fig = plt.figure(figsize=(7.0 * columns, top + 3.9 * rows), dpi=80)
+    fig.text(0.01, 1 - 0.25 / fig.get_figheight(), "lightning-sgd report", fontsize=16, weight="bold", va="top")
+    for i, line in enumerate(text):
+        fig.text(0.01, 1 - (0.6 + 0.22 * i) / fig.get_figheight(), line, fontsize=10, va="top")
+    for i, panel in enumerate(panels):
+        ax = fig.add_axes((
+            (i % columns) / columns, (rows - 1 - i // columns) * 3.9 / fig.get_figheight(),
+            1 / columns, 3.6 / fig.get_figheight()))
+        ax.imshow(mpimg.imread(io.BytesIO(panel.png), format="png"))
+        ax.set_title(panel.title, fontsize=11)
+        ax.axis("off")
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_report(run: RunLog | str | Path, out: str | Path | None = None,
-                 metrics: dict[str, float] | None = None) -> Path:
+                 metrics: dict[str, float] | None = None, sheet: bool = False) -> Path:
     """Write ``report.html`` (self-contained) and ``report_<panel>.png`` beside it into ``out`` (default: the run's
-    own folder); return the HTML path."""
+    own folder), and with ``sheet`` the one-picture summary ``report_sheet.png``; return the HTML path."""
     if not isinstance(run, RunLog):
         run = load_run(run)
     out_dir = Path(out) if out is not None else run.folder
@@ -524,6 +552,8 @@ def write_report(run: RunLog | str | Path, out: str | Path | None = None,
     panels, rec, missing = build_panels(run)
     for panel in panels:
         (out_dir / f"report_{panel.key}.png").write_bytes(panel.png)
+    if sheet:
+        write_sheet(out_dir / "report_sheet.png", run, panels, rec)
     path = out_dir / "report.html"
     path.write_text(render_html(run, panels, rec, missing, metrics), encoding="utf-8")
     return path
@@ -538,12 +568,14 @@ def main(argv: Sequence[str]) -> Path:
     parser.add_argument("run", help="a run folder (runs/: its newest CSV log), a CSV log folder or its metrics.csv, "
                                     "or a W&B offline run folder (runs/wandb/offline-run-...)")
     parser.add_argument("--out", default=None, help="folder for report.html and its PNGs (default: the run's folder)")
+    parser.add_argument("--sheet", action="store_true",
+                        help="also write report_sheet.png: the headline, recommendation and panels in one picture")
     args = parser.parse_args(list(argv))
     try:
         run = load_run(args.run)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"lightning-sgd report: {err}") from None
-    path = write_report(run, args.out)
+    path = write_report(run, args.out, sheet=args.sheet)
     for line in headline(run):
         print(line)
     rec = recommend(run)

@@ -66,7 +66,7 @@ def test_recommendation_from_a_csv_with_standard_errors(tmp_path):
     assert rec.lr_sqrt == pytest.approx(0.05 * math.sqrt(180 / 64))
     assert rec.steps_ratio == pytest.approx((1 + 180 / 180) / (1 + 180 / 64))  # 2 S_min vs 3.81 S_min
     assert rec.examples_ratio == pytest.approx((1 + 180 / 180) / (1 + 64 / 180))
-    assert rec.regime.startswith("noise-dominated")  # 64 / B_simple 250 < 1/2
+    assert rec.regime.startswith("below B_noise: noise-dominated")  # 64 / 180 < 1/2
     text = " ".join(rec.lines())
     assert "180 ± 20" in text and "48% fewer steps" in text and "0.141 (linear rule)" in text
     lines = headline(run)
