@@ -57,12 +57,11 @@ from lightning_sgd.compat import (
     train_dataloaders,
     train_fetcher,
 )
-from lightning_sgd.plugins.lr_warmup_scaling import RULES, LRWarmupScaling, _WarmupScheduler, scale_factor
+from lightning_sgd.plugins.lr_warmup_scaling import RULES, LRWarmupScaling, rescale_learning_rates, scale_factor
 from lightning_sgd.resumable import EpochSampler, ResizableDataLoader
 
 __all__ = ["AdaptiveBatchSize", "BatchSizeSchedule"]
 
-_SCALED_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 _INTERVALS = ("step", "epoch")
 
 
@@ -266,20 +265,9 @@ class _BatchSizeController(Callback):
     def _rescale_lr(self, trainer: pl.Trainer, ratio: float) -> None:
         if ratio == 1.0:
             return
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                for key in _SCALED_KEYS:
-                    if isinstance(group.get(key), (int, float)) and not isinstance(group.get(key), bool):
-                        group[key] = group[key] * ratio
-        for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            if isinstance(scheduler, _WarmupScheduler):
-                scheduler = scheduler.scheduler
-            for attribute in ("base_lrs", "max_lrs", "_last_lr"):
-                values = getattr(scheduler, attribute, None)
-                if isinstance(values, list):
-                    setattr(scheduler, attribute, [lr * ratio for lr in values])
-        for callback in trainer.callbacks:
+        rescale_learning_rates(trainer.optimizers, [config.scheduler for config in trainer.lr_scheduler_configs],
+                               ratio)
+        for callback in trainer.callbacks:  # LRWarmupScaling's un-warmed LRs follow too
             if isinstance(callback, LRWarmupScaling) and callback.raw_lrs:
                 callback.raw_lrs = [[lr * ratio for lr in lrs] for lrs in callback.raw_lrs]
 

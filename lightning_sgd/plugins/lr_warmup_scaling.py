@@ -28,6 +28,7 @@ the same learning rates.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -38,7 +39,7 @@ from typing_extensions import override
 from lightning_sgd.checks import check_choice, check_float, check_int, missing_state_keys
 from lightning_sgd.compat import Callback
 
-__all__ = ["LRWarmupScaling", "scale_factor", "warmup_factor"]
+__all__ = ["LRWarmupScaling", "rescale_learning_rates", "scale_factor", "warmup_factor"]
 
 RULES = ("linear", "sqrt", "none")
 _SCALED_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
@@ -48,6 +49,27 @@ def scale_factor(rule: str, batch_size: int, reference_batch_size: int) -> float
     """The LR multiplier ``s`` of ``rule`` for global batch ``batch_size`` relative to ``reference_batch_size``."""
     ratio = batch_size / reference_batch_size
     return {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
+
+
+def rescale_learning_rates(optimizers: Iterable[Optimizer], schedulers: Iterable[Any], ratio: float) -> None:
+    """Multiply the learning rates of ``optimizers`` and ``schedulers`` by ``ratio``, in every place they live: each
+    param group's ``lr`` (and ``initial_lr``, ``max_lr``, ``min_lr`` when present) and each scheduler's
+    ``base_lrs`` (CyclicLR's ``max_lrs``, the ``_last_lr`` it reports), so a scheduler keeps running on top."""
+    if ratio == 1.0:
+        return
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            for key in _SCALED_KEYS:
+                value = group.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    group[key] = value * ratio
+    for scheduler in schedulers:
+        if isinstance(scheduler, _WarmupScheduler):
+            scheduler = scheduler.scheduler
+        for attribute in ("base_lrs", "max_lrs", "_last_lr"):
+            values = getattr(scheduler, attribute, None)
+            if isinstance(values, list):
+                setattr(scheduler, attribute, [lr * ratio for lr in values])
 
 
 def warmup_factor(step: int, warmup_steps: int, start_factor: float) -> float:
@@ -235,17 +257,7 @@ class LRWarmupScaling(Callback):
         raise RuntimeError("LRWarmupScaling: a scheduler's optimizer is not among trainer.optimizers.")
 
     def _scale_optimizers(self, trainer: pl.Trainer, scale: float) -> None:
-        for optimizer in self._optimizers:
-            for group in optimizer.param_groups:
-                for key in _SCALED_KEYS:
-                    if isinstance(group.get(key), (int, float)):
-                        group[key] = group[key] * scale
-        for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            for attribute in ("base_lrs", "max_lrs", "_last_lr"):  # max_lrs: CyclicLR's peaks
-                values = getattr(scheduler, attribute, None)
-                if isinstance(values, list):
-                    setattr(scheduler, attribute, [lr * scale for lr in values])
+        rescale_learning_rates(self._optimizers, [config.scheduler for config in trainer.lr_scheduler_configs], scale)
 
     def _per_device_batch(self, trainer: pl.Trainer) -> int:
         if self.batch_size is not None:
