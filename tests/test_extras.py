@@ -104,3 +104,12 @@ def test_a_missing_extra_names_it(tmp_path):
         print("OK")
     """, tmp_path)
     assert result.returncode == 0 and "OK" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def test_one_version_string():
+    import lightning_sgd
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "lightning_sgd.__version__"}
+    assert lightning_sgd.__version__ in (ROOT / "CHANGELOG.md").read_text()
