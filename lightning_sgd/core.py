@@ -32,28 +32,24 @@ def sq_norms(tensors: Sequence[Tensor | None], precise: bool = False) -> Tensor:
     >>> sq_norms([torch.tensor([3.0, 4.0]), None, torch.ones(4, dtype=torch.float16)]).tolist()
     [25.0, 0.0, 4.0]
     """
-    present, full, half = [], [], []
+    groups: dict[torch.dtype, list[tuple[int, Tensor]]] = {}  # one fused call per dtype
     for i, t in enumerate(tensors):
-        if t is None:
-            continue
-        t = t.detach()
-        if t.is_sparse:
-            t = t.coalesce().values()
-        present.append(i)
-        (full if t.dtype in _FULL else half).append((len(present) - 1, t))
-    if not present:
+        if t is not None:
+            t = t.coalesce().values() if t.is_sparse else t
+            groups.setdefault(t.dtype, []).append((i, t))
+    if not groups:
         return torch.zeros(len(tensors), dtype=torch.float64)
-    norms: list[Tensor | None] = [None] * len(present)
-    wide = {"dtype": torch.float64} if precise else {}
-    for group, kwargs in ((full, wide), (half, wide or {"dtype": torch.float32})):
-        if group:
-            for (j, _), n in zip(group, torch._foreach_norm([t for _, t in group], **kwargs)):
-                norms[j] = n
-    values = torch.stack([n.double() for n in norms]).square()  # type: ignore[union-attr]
-    if len(present) == len(tensors):
+    order, parts = [], []
+    with torch.no_grad():
+        for dtype, group in groups.items():
+            kwargs = {"dtype": torch.float64} if precise else {} if dtype in _FULL else {"dtype": torch.float32}
+            parts.append(torch.stack(torch._foreach_norm([t for _, t in group], **kwargs)).double())
+            order += [i for i, _ in group]
+        values = torch.cat(parts).square() if len(parts) > 1 else parts[0].square()
+    if order == list(range(len(tensors))):
         return values
     out = torch.zeros(len(tensors), dtype=torch.float64, device=values.device)
-    out[torch.tensor(present, device=values.device)] = values
+    out[torch.tensor(order, device=values.device)] = values
     return out
 
 
