@@ -741,7 +741,8 @@ class PerExampleNormHooks:
                        "the examples; per-example gradients are defined with its running statistics (eval mode)")
             return
         unit = self._units.get(module)
-        if unit is None or not any(isinstance(t, Tensor) and t.requires_grad for t in tree_flatten(output)[0]):
+        if unit is None or not (output.requires_grad if isinstance(output, Tensor) else  # the common case, fast
+                                any(isinstance(t, Tensor) and t.requires_grad for t in tree_flatten(output)[0])):
             return
         self._calls[name] = self._calls.get(name, 0) + 1
         if self._calls[name] > 1:
