@@ -29,6 +29,7 @@ from lightning_sgd.bootstrap import (
     evaluate,
     plot_bootstrap,
 )
+from lightning_sgd.checks import check_bool, check_choice, check_int
 from lightning_sgd.compat import PACKAGES, Callback, import_from
 from lightning_sgd.module_loss import ModuleLoss, muted_logging
 from lightning_sgd.schedules import LogSpaced, Schedule, as_schedule
@@ -128,14 +129,14 @@ class DeepBootstrap(Callback):
         seed: int = 0,
         plot: bool = True,
     ) -> None:
-        if split not in ("test", "val"):
-            raise ValueError(f"DeepBootstrap: split must be 'test' or 'val', got {split!r}.")
-        for name, value in (("max_eval_examples", max_eval_examples),
-                            ("max_train_eval_examples", max_train_eval_examples)):
-            if value is not None and value < 1:
-                raise ValueError(f"DeepBootstrap: {name} must be >= 1 or None, got {value}.")
-        self.schedule = as_schedule(schedule if schedule is not None else LogSpaced(0, 10**7, per_decade=10))
-        self.split, self.seed, self.online, self.plot = split, seed, online, plot
+        who = "DeepBootstrap"
+        check_choice(who, "split", split, ("test", "val"))
+        check_int(who, "max_eval_examples", max_eval_examples, minimum=1, optional=True)
+        check_int(who, "max_train_eval_examples", max_train_eval_examples, minimum=1, optional=True)
+        self.schedule = as_schedule(schedule if schedule is not None else LogSpaced(0, 10**7, per_decade=10), who,
+                                    "schedule")
+        self.split, self.seed = split, check_int(who, "seed", seed)
+        self.online, self.plot = check_bool(who, "online", online), check_bool(who, "plot", plot)
         self.max_eval_examples, self.max_train_eval_examples = max_eval_examples, max_train_eval_examples
         self.history: list[dict[str, float]] = []
         self.world: Twin | None = None  # the ideal world (lightning_sgd.twin.Twin), from on_fit_start

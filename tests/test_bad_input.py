@@ -14,8 +14,9 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 
-from lightning_sgd.callbacks import CurvatureSpectrum, GradientDiversity, GradientNoiseScale
+from lightning_sgd.callbacks import CurvatureSpectrum, DeepBootstrap, GradientDiversity, GradientNoiseScale
 from lightning_sgd.cli import run as cli_run
+from lightning_sgd.plugins import AdaptiveBatchSize, BatchSizeSchedule, GhostBatchNorm, GhostBatchNormCallback
 from lightning_sgd.plugins.ema_weights import EMAWeights
 from lightning_sgd.plugins.lr_warmup_scaling import LRWarmupScaling
 from lightning_sgd.schedules import EveryNSteps, LogSpaced, as_schedule
@@ -111,6 +112,58 @@ CASES = [
     (LRWarmupScaling, {"warmup_start_factor": 2.0}, V, "warmup_start_factor"),
     (LRWarmupScaling, {"batch_size": 0}, V, "batch_size"),
     (LRWarmupScaling, {"batch_size": 16.5}, T, "batch_size"),
+    # DeepBootstrap
+    (DeepBootstrap, {"split": "train"}, V, "split"),
+    (DeepBootstrap, {"max_eval_examples": 2.5}, T, "max_eval_examples"),
+    (DeepBootstrap, {"max_eval_examples": 0}, V, "max_eval_examples"),
+    (DeepBootstrap, {"max_train_eval_examples": -1}, V, "max_train_eval_examples"),
+    (DeepBootstrap, {"max_train_eval_examples": "all"}, T, "max_train_eval_examples"),
+    (DeepBootstrap, {"online": "yes"}, T, "online"),
+    (DeepBootstrap, {"seed": 1.5}, T, "seed"),
+    (DeepBootstrap, {"plot": 1}, T, "plot"),
+    (DeepBootstrap, {"schedule": 0}, V, "schedule"),
+    (DeepBootstrap, {"schedule": NAN}, T, "schedule"),
+    # ghost batch norm (a wrong type of ghost_batch_size is a ValueError: the layer's contract since 0.1.0)
+    (GhostBatchNorm, {"num_features": 4, "ghost_batch_size": 2.5}, V, "ghost_batch_size"),
+    (GhostBatchNorm, {"num_features": 4, "ghost_batch_size": -8}, V, "ghost_batch_size"),
+    (GhostBatchNorm, {"num_features": 0}, V, "num_features"),
+    (GhostBatchNorm, {"num_features": 4.0}, T, "num_features"),
+    (GhostBatchNorm, {"num_features": 4, "eps": -1e-5}, V, "eps"),
+    (GhostBatchNorm, {"num_features": 4, "eps": INF}, V, "eps"),
+    (GhostBatchNorm, {"num_features": 4, "momentum": 1.5}, V, "momentum"),
+    (GhostBatchNorm, {"num_features": 4, "momentum": NAN}, V, "momentum"),
+    (GhostBatchNormCallback, {"ghost_batch_size": True}, V, "ghost_batch_size"),
+    (GhostBatchNormCallback, {"ghost_batch_size": 0}, V, "ghost_batch_size"),
+    (GhostBatchNormCallback, {"ghost_batch_size": 8, "include_sync_batchnorm": "no"}, T, "include_sync_batchnorm"),
+    # BatchSizeSchedule / AdaptiveBatchSize
+    (BatchSizeSchedule, {"milestones": 3}, T, "milestones"),
+    (BatchSizeSchedule, {"milestones": [2.5]}, T, "milestone"),
+    (BatchSizeSchedule, {"milestones": [-1]}, V, "milestone"),
+    (BatchSizeSchedule, {"milestones": [3, 2]}, V, "milestones"),
+    (BatchSizeSchedule, {"milestones": [3], "factors": NAN}, V, "factor"),
+    (BatchSizeSchedule, {"milestones": [3], "factors": INF}, V, "factor"),
+    (BatchSizeSchedule, {"milestones": [3], "factors": -2.0}, V, "factor"),
+    (BatchSizeSchedule, {"milestones": [3], "factors": "2"}, T, "factors"),
+    (BatchSizeSchedule, {"milestones": [3], "factors": [2.0, 3.0]}, V, "factors"),
+    (BatchSizeSchedule, {"milestones": [3], "interval": "batch"}, V, "interval"),
+    (BatchSizeSchedule, {"milestones": [3], "lr_rule": "cube"}, V, "lr_rule"),
+    (AdaptiveBatchSize, {"max_batch_size": 0}, V, "max_batch_size"),
+    (AdaptiveBatchSize, {"max_batch_size": 2.5}, T, "max_batch_size"),
+    (AdaptiveBatchSize, {"max_batch_size": 64, "every_n_steps": 2.5}, T, "every_n_steps"),
+    (AdaptiveBatchSize, {"max_batch_size": 64, "start_step": -1}, V, "start_step"),
+    (AdaptiveBatchSize, {"max_batch_size": 64, "target_ratio": NAN}, V, "target_ratio"),
+    (AdaptiveBatchSize, {"max_batch_size": 64, "target_ratio": 0}, V, "target_ratio"),
+    (AdaptiveBatchSize, {"max_batch_size": 64, "hysteresis": -0.1}, V, "hysteresis"),
+    (AdaptiveBatchSize, {"max_batch_size": 64, "hysteresis": INF}, V, "hysteresis"),
+    (AdaptiveBatchSize, {"max_batch_size": 64, "max_per_device_batch_size": 0}, V, "max_per_device_batch_size"),
+    (AdaptiveBatchSize, {"max_batch_size": 64, "accumulate": "yes"}, T, "accumulate"),
+    (AdaptiveBatchSize, {"max_batch_size": 64, "accumulate": True}, V, "max_per_device_batch_size"),
+    (AdaptiveBatchSize, {"max_batch_size": 64, "multiple_of": 0}, V, "multiple_of"),
+    (AdaptiveBatchSize, {"max_batch_size": 64, "min_measurements": 1.5}, T, "min_measurements"),
+    (AdaptiveBatchSize, {"max_batch_size": 64, "max_growth": 1.0}, V, "max_growth"),
+    (AdaptiveBatchSize, {"max_batch_size": 64, "max_growth": NAN}, V, "max_growth"),
+    (AdaptiveBatchSize, {"max_batch_size": 64, "lr_rule": "cube"}, V, "lr_rule"),
+    (AdaptiveBatchSize, {"max_batch_size": 64, "noise_scale": 3}, T, "noise_scale"),
     # schedules
     (EveryNSteps, {"interval": 2.5}, T, "interval"),
     (EveryNSteps, {"interval": 0}, V, "interval"),

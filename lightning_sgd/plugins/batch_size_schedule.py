@@ -49,7 +49,7 @@ from torch.utils.data import BatchSampler, DataLoader
 from typing_extensions import override
 
 from lightning_sgd.batch_size import ResizableBatchSampler, milestone_multiplier, split_global_batch
-from lightning_sgd.checks import check_int
+from lightning_sgd.checks import check_bool, check_float, check_int
 from lightning_sgd.compat import (
     Callback,
     replace_train_dataloader,
@@ -316,6 +316,9 @@ class BatchSizeSchedule(_BatchSizeController):
     def __init__(self, milestones: Sequence[int], factors: float | Sequence[float] = 2.0, interval: str = "epoch",
                  lr_rule: str = "none") -> None:
         super().__init__(lr_rule)
+        if isinstance(milestones, (str, bytes)) or not isinstance(milestones, Sequence):
+            raise TypeError(f"BatchSizeSchedule: milestones must be a list of ints (steps or epochs), got "
+                            f"{milestones!r} ({type(milestones).__name__}); e.g. milestones=[{milestones!r}].")
         milestones = list(milestones)
         if not milestones:
             raise ValueError("BatchSizeSchedule: give at least one milestone.")
@@ -323,9 +326,12 @@ class BatchSizeSchedule(_BatchSizeController):
             check_int("BatchSizeSchedule", "each milestone", milestone, minimum=0)
         if any(b <= a for a, b in zip(milestones, milestones[1:])):
             raise ValueError(f"BatchSizeSchedule: milestones must be strictly increasing, got {milestones}.")
-        if isinstance(factors, (int, float)):
+        if isinstance(factors, (int, float)) and not isinstance(factors, bool):
             factors = [factors] * len(milestones)
-        factors = [float(f) for f in factors]
+        if isinstance(factors, (str, bytes)) or not isinstance(factors, Sequence):
+            raise TypeError(f"BatchSizeSchedule: factors must be a number or a list of numbers, got {factors!r} "
+                            f"({type(factors).__name__}).")
+        factors = [check_float("BatchSizeSchedule", "each factor", f, low=0.0, low_open=True) for f in factors]
         if len(factors) != len(milestones):
             raise ValueError(f"BatchSizeSchedule: {len(factors)} factors for {len(milestones)} milestones; give one "
                              f"per milestone or a single number.")
@@ -407,10 +413,9 @@ class AdaptiveBatchSize(_BatchSizeController):
         check_int("AdaptiveBatchSize", "multiple_of", multiple_of, minimum=1)
         check_int("AdaptiveBatchSize", "min_measurements", min_measurements, minimum=1,
                   hint="(GNS measurements before the first decision)")
-        if not (target_ratio > 0 and math.isfinite(target_ratio)):
-            raise ValueError(f"AdaptiveBatchSize: target_ratio must be finite and > 0, got {target_ratio}.")
-        if not (hysteresis >= 0 and math.isfinite(hysteresis)):
-            raise ValueError(f"AdaptiveBatchSize: hysteresis must be finite and >= 0, got {hysteresis}.")
+        check_float("AdaptiveBatchSize", "target_ratio", target_ratio, low=0.0, low_open=True)
+        check_float("AdaptiveBatchSize", "hysteresis", hysteresis, low=0.0)
+        check_bool("AdaptiveBatchSize", "accumulate", accumulate)
         if isinstance(max_growth, bool) or not isinstance(max_growth, (int, float)) or not max_growth > 1:
             raise ValueError(f"AdaptiveBatchSize: max_growth (largest growth factor of the global batch per decision) "
                              f"must be a number > 1, e.g. 2.0 (math.inf: no cap), got {max_growth!r}.")

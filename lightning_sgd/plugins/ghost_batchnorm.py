@@ -41,14 +41,17 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
+from lightning_sgd.checks import check_bool, check_float, check_int
 from lightning_sgd.compat import Callback
 
 __all__ = ["GhostBatchNorm", "GhostBatchNormCallback", "convert_to_ghost_batchnorm"]
 
 
-def _check_ghost_batch_size(ghost_batch_size: int) -> int:
+def _check_ghost_batch_size(ghost_batch_size: int, who: str) -> int:
+    # A ValueError also for a float or bool (the layer's documented contract since 0.1.0; other arguments follow
+    # lightning_sgd.checks: TypeError for a wrong type).
     if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size <= 0:
-        raise ValueError(f"ghost_batch_size must be a positive integer (examples per ghost batch), got "
+        raise ValueError(f"{who}: ghost_batch_size must be a positive integer (examples per ghost batch), got "
                          f"{ghost_batch_size!r}.")
     return ghost_batch_size
 
@@ -103,8 +106,13 @@ class GhostBatchNorm(_BatchNorm):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
+        who = type(self).__name__
+        check_int(who, "num_features", num_features, minimum=1)
+        check_float(who, "eps", eps, low=0.0, low_open=True)
+        check_float(who, "momentum", momentum, low=0.0, high=1.0, optional=True,
+                    hint="(None: a cumulative average of the running statistics)")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self.ghost_batch_size = _check_ghost_batch_size(ghost_batch_size)
+        self.ghost_batch_size = _check_ghost_batch_size(ghost_batch_size, who)
         self._seen_training_batch = False
 
     @classmethod
@@ -220,7 +228,7 @@ def convert_to_ghost_batchnorm(
     The ``state_dict`` keys do not change, so checkpoints of the original model load into the converted one and
     back. A model without any BatchNorm triggers a warning (not an error) and is returned unchanged.
     """
-    _check_ghost_batch_size(ghost_batch_size)
+    _check_ghost_batch_size(ghost_batch_size, "convert_to_ghost_batchnorm")
     counts = {"converted": 0}
 
     def convert(child: nn.Module) -> nn.Module:
@@ -262,8 +270,9 @@ class GhostBatchNormCallback(Callback):
     """
 
     def __init__(self, ghost_batch_size: int, include_sync_batchnorm: bool = False) -> None:
-        self.ghost_batch_size = _check_ghost_batch_size(ghost_batch_size)
-        self.include_sync_batchnorm = include_sync_batchnorm
+        self.ghost_batch_size = _check_ghost_batch_size(ghost_batch_size, "GhostBatchNormCallback")
+        self.include_sync_batchnorm = check_bool("GhostBatchNormCallback", "include_sync_batchnorm",
+                                                 include_sync_batchnorm)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
