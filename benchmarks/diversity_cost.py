@@ -5,13 +5,16 @@ Models: the MNIST-1D recipe's CNN (batch 100, ~5k parameters) and a small Transf
 
 - a plain PyTorch training step (forward, backward, SGD step) and one GradientDiversity measurement on the same
   batch with each engine: "auto" (layer hooks where the model allows: the CNN; the Transformer LM's tied output
-  layer sends it to vmap) and "vmap" at the default chunk size (64); median process CPU time over repeats (one
-  torch thread), and their ratios;
+  layer sends it to vmap) and "vmap" at the default chunk size (64); process CPU time (one torch thread), the ratio
+  to the training step taken per rotated round and its median reported (benchmarks/_harness.py);
 - per chunk size, in a fresh subprocess (Linux): the rise of the peak resident memory (VmHWM, reset before each
   measurement through /proc/self/clear_refs; big buffers mmap'ed so frees return memory) caused by one measurement,
   next to the size of one chunk of per-example gradients (chunk × #params × 4 bytes).
 
     python benchmarks/diversity_cost.py          # ~1 min on 2 CPU cores
+    python benchmarks/diversity_cost.py --quick  # smoke test: 1 round, chunk 4, results to a temporary directory
+
+Writes benchmarks/results/diversity_cost.json.
 """
 
 from __future__ import annotations
@@ -19,11 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 import warnings
+from typing import Any
 
 import torch
 
@@ -31,6 +33,9 @@ from lightning_sgd.callbacks import GradientDiversity
 from lightning_sgd.recipes import MNIST1DCNN, ClassificationModule
 from lightning_sgd.recipes.language import TransformerLM
 from lightning_sgd.recipes.modules import LanguageModelModule
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _harness import add_output_options, compare, save_results, summary_row  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -49,7 +54,7 @@ def build(model: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor
     return module, batch
 
 
-def timing(model: str, repeats: int) -> dict[str, float]:
+def timing(model: str, rounds: int, repeats: int) -> dict[str, Any]:
     module, batch = build(model)
     optimizer = torch.optim.SGD(module.parameters(), lr=0.01)
     callbacks = {"auto": GradientDiversity(schedule=1), "vmap": GradientDiversity(schedule=1, engine="vmap")}
@@ -60,15 +65,8 @@ def timing(model: str, repeats: int) -> dict[str, float]:
         optimizer.step()
 
     fns = {"step": train_step} | {name: (lambda cb=cb: cb.measure(module, batch)) for name, cb in callbacks.items()}
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():  # warm-up (and the auto engine's one-time check against vmap)
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.process_time()  # CPU time: robust to other jobs on a shared machine (1 torch thread)
-            fn()
-            times[name].append(time.process_time() - start)
-    out = {k: statistics.median(v) for k, v in times.items()}
+    # the warm-up call also runs the auto engine's one-time check against vmap
+    out: dict[str, Any] = {"timing": compare(fns, "step", rounds=rounds, repeats=repeats, warmup=1)}
     out["params"] = sum(p.numel() for p in module.parameters())
     out["delta"] = callbacks["auto"].diversity
     out["hooks"] = callbacks["auto"].engine_in_use == "hooks"
@@ -101,23 +99,32 @@ def memory_worker(model: str, chunks: list[int]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=5, help="rotated rounds")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration per round (median)")
+    parser.add_argument("--models", nargs="+", default=["cnn", "transformer"], choices=["cnn", "transformer"])
     parser.add_argument("--chunks", type=int, nargs="+", default=[4, 16, 64])
     parser.add_argument("--memory-worker", nargs="+", default=None, help=argparse.SUPPRESS)
+    add_output_options(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.memory_worker:
         memory_worker(args.memory_worker[0], [int(c) for c in args.memory_worker[1:]])
         return
-    print(f"torch={torch.__version__} threads=1 repeats={args.repeats}")
-    for model in ("cnn", "transformer"):
-        t = timing(model, args.repeats)
+    if args.quick:
+        args.rounds, args.repeats, args.chunks = 1, 1, [4]
+    print(f"torch={torch.__version__} threads=1 rounds={args.rounds} repeats={args.repeats}")
+    figures: dict[str, Any] = {"config": vars(args)}
+    rows = []
+    for model in args.models:
+        t = timing(model, args.rounds, args.repeats)
+        step, auto, vmap = (t["timing"][k] for k in ("step", "auto", "vmap"))
+        engine = "layer hooks" if t["hooks"] else "fell back to vmap"
         batch = 100 if model == "cnn" else 32
         print(f"\n{model}: {t['params']:,} params, batch {batch}, delta={t['delta']:.4f}")
-        print(f"  train step {1e3 * t['step']:.2f} ms; one measurement: auto engine "
-              f"({'layer hooks' if t['hooks'] else 'fell back to vmap'}) {1e3 * t['auto']:.2f} ms, ratio "
-              f"{t['auto'] / t['step']:.2f}x; vmap (chunk 64) {1e3 * t['vmap']:.2f} ms, ratio "
-              f"{t['vmap'] / t['step']:.2f}x")
+        print(f"  train step {1e3 * step['cpu_s']:.2f} ms; one measurement: auto engine ({engine}) "
+              f"{1e3 * auto['cpu_s']:.2f} ms, ratio {auto['ratio']:.2f}x (rounds "
+              f"{' '.join(f'{r:.2f}' for r in auto['ratios'])}); vmap (chunk 64) {1e3 * vmap['cpu_s']:.2f} ms, ratio "
+              f"{vmap['ratio']:.2f}x")
         chunks = [c for c in args.chunks if c < batch] + [batch]
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         proc = subprocess.run([sys.executable, __file__, "--memory-worker", model, *map(str, chunks)],
@@ -125,8 +132,22 @@ def main() -> None:
         rises = json.loads(proc.stdout.strip().splitlines()[-1])
         print("  vmap engine, peak memory of one measurement per chunk size:")
         print(f"  {'chunk':>6s} {'peak RSS rise (MB)':>20s} {'chunk x params x 4B (MB)':>26s}")
+        memory = {}
         for chunk in chunks:
-            print(f"  {chunk:6d} {rises[str(chunk)]:20.1f} {chunk * t['params'] * 4 / 2**20:26.1f}")
+            memory[chunk] = {"peak_rss_rise_mb": rises[str(chunk)],
+                             "chunk_gradients_mb": chunk * t["params"] * 4 / 2**20}
+            print(f"  {chunk:6d} {rises[str(chunk)]:20.1f} {memory[chunk]['chunk_gradients_mb']:26.1f}")
+        figures[model] = {"params": t["params"], "batch": batch, "diversity": t["delta"], "auto_engine": engine,
+                          "timing": t["timing"], "memory": memory}
+        label = "MNIST-1D CNN, batch 100" if model == "cnn" else "Transformer LM, batch 32"
+        for name, what in (("auto", f"auto engine ({engine})"), ("vmap", "vmap engine, chunk 64")):
+            x = t["timing"][name]
+            rows.append(summary_row(f"gradient diversity, one measurement / one training step, {label}",
+                                    f"{what}, {1e3 * x['cpu_s']:.3g} ms",
+                                    f"training step, {1e3 * step['cpu_s']:.3g} ms",
+                                    x["ratio"], "(figures only)", spread=x["spread"]))
+    path = save_results("diversity_cost", figures, args, summary=rows)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
