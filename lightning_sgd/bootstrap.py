@@ -36,8 +36,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,7 +46,7 @@ from torch.utils.data import Dataset, Subset, default_collate
 
 from lightning_sgd._extras import require
 from lightning_sgd.batches import batch_size, slice_batch
-from lightning_sgd.module_loss import ModuleLoss
+from lightning_sgd.module_loss import ModuleLoss, module_eval
 
 FRESH_BATCH_METHOD = "fresh_batch"
 FRESH_POOL_METHOD = "fresh_pool"
@@ -59,7 +58,6 @@ __all__ = [
     "PoolSampler",
     "PrivateRNG",
     "batch_metrics",
-    "eval_mode",
     "evaluate",
     "first_fit_step",
     "plot_bootstrap",
@@ -208,19 +206,6 @@ class PrivateRNG:
             self.cuda_state = state["cuda"].clone()
 
 
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Put ``module`` in eval mode under ``torch.no_grad`` and restore every submodule's own train/eval flag after."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 # ------------------------------------------------------------------------------------------------------ metrics
 def batch_metrics(outputs: Tensor, targets: Tensor) -> dict[str, Tensor] | None:
     """Summed error and soft error of a classification batch; ``None`` when outputs are not ``(B, C)`` logits.
@@ -260,7 +245,7 @@ def evaluate(
     net = loss_fn.module
     totals: dict[str, float] = {}
     count = 0
-    with loss_fn.isolated(), eval_mode(net):
+    with loss_fn.isolated(), module_eval(net), torch.no_grad():
         for batch in batches:
             batch = to_device(batch)
             n = batch_size(batch, loss_fn.who)
