@@ -17,12 +17,13 @@ example) or the two T × T Gram matrices (T²·(d_in + d_out)). Closed forms exi
 
 - ``nn.Linear`` (any leading shape);
 - ``nn.Conv1d``/``2d``/``3d`` (any ``groups``, padding, ``padding='same'``/``'valid'`` and ``padding_mode``: the input
-  is padded as the layer's own forward pads it) and ``nn.ConvTranspose1d``/``2d``/``3d``. Three exact forms, and per
-  layer and shape the one that ran fastest at its first call (each form timed three times): one weight-gradient
-  convolution with the batch folded into the groups (example i's input channels meet only example i's output
-  gradient; no patches are materialized — the fastest on large feature maps), the per-example products of the
-  input patches (``F.unfold``, or strided views) with the output gradients, and the Gram form over output
-  positions (small maps with many channels);
+  is padded as the layer's own forward pads it) and ``nn.ConvTranspose1d``/``2d``/``3d``. Three kinds of exact form;
+  per layer a fixed rule of its shapes picks one (the same in every process, so resumed runs are exact): one
+  weight-gradient convolution with the batch folded into the groups (example i's input channels meet only example
+  i's output gradient; no patches are materialized — the fastest on large feature maps on CPU), the per-example
+  products of the input patches (``F.unfold``, or strided views) with the output gradients, and a Gram form over
+  output positions whose patch Gram matrix is summed from shifted copies of the input's pixel Gram matrix (small
+  maps with many channels);
 - ``nn.Embedding`` (positions holding the same token share a row; ``padding_idx`` rows get no gradient);
 - the affine normalization layers, whose per-example weight gradient is Σ over positions of ``D ⊙ x̂`` with the
   normalized input x̂ recomputed from the input: ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``,
@@ -330,21 +331,15 @@ def _pixel_gram_sq_norms(conv: nn.Module, x: Tensor, d: Tensor, padding: Sequenc
     return result[0] if len(result) == 1 else torch.cat(result)
 
 
-#: Conv layer + shapes -> the fastest form, timed once (:func:`_conv_weight_sq_norms`).
-_CONV_FORM: dict[tuple, str] = {}
-
-
 def _conv_forms(conv: nn.Module, x: Tensor, d: Tensor) -> dict[str, Callable[[], Tensor]]:
-    """The exact forms of a conv's (B,) per-example weight-gradient squared norms worth trying for these shapes.
+    """The exact forms of a conv's (B,) per-example weight-gradient squared norms available for this layer:
 
     - ``"conv"``: one weight-gradient convolution with the batch folded into the groups (any conv);
-    - ``"unfold"`` / ``"strided"``: the per-example gradients as batched products of the output gradients and the
-      input patches, unfolded by ``F.unfold`` (1-D, 2-D) or by strided views (1-D, 3-D);
-    - ``"gram"``: through the two L × L Gram matrices of patches and output gradients, where L (output positions) is
-      small enough for it to possibly pay (L·(C_in·Πk + C_out) <= 4·C_in·Πk·C_out);
-    - ``"pixel_gram"``: the same with the patches' Gram matrix summed from shifted copies of the input's pixel Gram
-      (:func:`_pixel_gram_sq_norms`), where that costs at most twice the products' multiply-adds (small maps with
-      many channels: Πk times fewer than ``"gram"``).
+    - ``"unfold"`` / ``"strided"`` (``groups=1``): the per-example gradients as batched products of the output
+      gradients and the input patches, unfolded by ``F.unfold`` (1-D, 2-D) or by strided views (any dimension);
+    - ``"pixel_gram"`` (``groups=1``): Σ_{t,t'} (A Aᵀ)[t,t']·(D Dᵀ)[t,t'] with the patches' Gram matrix A Aᵀ summed
+      from shifted copies of the input's pixel Gram matrix (:func:`_pixel_gram_sq_norms`): Πk times fewer
+      multiply-adds than a Gram matrix of the patches, and no patches.
     """
     if isinstance(conv, _CONV_TRANSPOSES):
         padding = tuple(conv.padding)
@@ -354,56 +349,53 @@ def _conv_forms(conv: nn.Module, x: Tensor, d: Tensor) -> dict[str, Callable[[],
     if isinstance(conv, _CONV_TRANSPOSES) or conv.groups != 1:
         return forms
     b, c_out = d.shape[:2]
-    positions, width = math.prod(d.shape[2:]), conv.weight[0].numel()
-    d3 = d.reshape(b, c_out, positions).transpose(1, 2)  # (B, L, C_out)
+    d3 = d.reshape(b, c_out, -1).transpose(1, 2)  # (B, L, C_out)
 
-    def product(native: bool, form: str) -> Tensor:
-        return _sq_norm_of_products(_patches(conv, x, padding, native).transpose(1, 2), d3, form)
+    def product(native: bool) -> Tensor:
+        return _sq_norm_of_products(_patches(conv, x, padding, native).transpose(1, 2), d3, "materialize")
 
     if x.dim() <= 4:
-        forms["unfold"] = lambda: product(True, "materialize")
-    if x.dim() != 4:
-        forms["strided"] = lambda: product(False, "materialize")
-    if positions * (width + c_out) <= 4 * width * c_out:
-        forms["gram"] = lambda: product(x.dim() == 4, "gram")  # strided patches are faster on 1-d signals
-    pixels = math.prod(n + 2 * p for n, p in zip(x.shape[2:], padding))
-    if pixels * pixels * x.shape[1] + positions * positions * c_out <= 2 * positions * width * c_out:
-        forms["pixel_gram"] = lambda: _pixel_gram_sq_norms(conv, x, d, padding)
+        forms["unfold"] = lambda: product(True)
+    forms["strided"] = lambda: product(False)
+    forms["pixel_gram"] = lambda: _pixel_gram_sq_norms(conv, x, d, padding)
     return forms
 
 
-def _timed(fn: Callable[[], Tensor], device: torch.device) -> tuple[float, Tensor]:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    out = fn()
-    sync()
-    return time.perf_counter() - start, out
+def _conv_form(conv: nn.Module, x: Tensor, d: Tensor) -> str:
+    """The form :func:`_conv_weight_sq_norms` uses: a fixed rule of the layer's shapes and the device type, so every
+    process computes the same numbers (a resumed run equals the uninterrupted one bit for bit). The rule follows
+    side-by-side timings of every form on CPU (one thread; ResNet-8 and the MNIST-1D CNN):
+
+    - grouped and transposed convolutions: ``"conv"`` (the only form);
+    - ``"pixel_gram"`` where its multiply-adds, P²·C_in for the P padded input pixels plus L²·C_out for the L output
+      positions, are at most twice those of the per-example products, L·C_in·Πk·C_out: small maps with many
+      channels (ResNet-8's 8×8×64 layers, 2× faster than any other form; the MNIST-1D CNN's later layers);
+    - else, with few input channels (<= 4: image stems, one-channel signals), the patches and per-example products
+      (``"unfold"``; ``"strided"`` in 3-D): the patch matrix is small, and the folded-batch convolution pays a fixed
+      cost per group;
+    - else ``"strided"`` for 1-D signals (faster than the other forms on short ones), and ``"conv"`` for 2-D and
+      3-D (no patches: 5-7× faster than ``F.unfold`` on 32×32 maps on CPU; on GPU, where cuDNN's grouped
+      convolutions with thousands of groups were not timed here, 2-D layers use ``"unfold"``, Opacus' GPU path).
+    """
+    if isinstance(conv, _CONV_TRANSPOSES) or conv.groups != 1:
+        return "conv"
+    dims = x.dim() - 2
+    pads = conv._reversed_padding_repeated_twice  # last dim first, (left, right) each: what forward pads
+    pixels = math.prod(n + pads[2 * (dims - 1 - i)] + pads[2 * (dims - 1 - i) + 1] for i, n in enumerate(x.shape[2:]))
+    positions, width, c_in, c_out = math.prod(d.shape[2:]), conv.weight[0].numel(), x.shape[1], d.shape[1]
+    if pixels * pixels * c_in + positions * positions * c_out <= 2 * positions * width * c_out:
+        return "pixel_gram"
+    if c_in <= 4:
+        return "unfold" if dims <= 2 else "strided"
+    if dims == 1:
+        return "strided"
+    return "unfold" if dims == 2 and x.device.type != "cpu" else "conv"
 
 
 def _conv_weight_sq_norms(conv: nn.Module, x: Tensor, d: Tensor) -> Tensor:
-    """(B,) per-example weight-gradient squared norms of one conv call, by the form that was fastest for this layer's
-    configuration and shapes: at its first call each form runs three times and the fastest (least time of three) is
-    kept for every later call with the same key. All forms are exact; which one wins depends on the shapes and the
-    backend (on CPU: the folded-batch convolution on large feature maps, the Gram form on small maps with many
-    channels)."""
-    forms = _conv_forms(conv, x, d)
-    key = (type(conv), tuple(x.shape), tuple(d.shape), tuple(conv.weight.shape), tuple(conv.stride),
-           tuple(conv.padding) if not isinstance(conv.padding, str) else conv.padding, tuple(conv.dilation),
-           conv.groups, conv.padding_mode, x.dtype, x.device)
-    form = _CONV_FORM.get(key)
-    if form is not None:
-        return forms[form]()
-    if len(forms) == 1:
-        _CONV_FORM[key] = next(iter(forms))
-        return next(iter(forms.values()))()
-    best, result = math.inf, None
-    for name, fn in forms.items():
-        seconds, out = min((_timed(fn, x.device) for _ in range(3)), key=lambda r: r[0])
-        if seconds < best:
-            best, result, _CONV_FORM[key] = seconds, out, name
-    assert result is not None
-    return result
+    """(B,) per-example weight-gradient squared norms of one conv call (every form is exact: :func:`_conv_forms`;
+    which one runs: :func:`_conv_form`)."""
+    return _conv_forms(conv, x, d)[_conv_form(conv, x, d)]()
 
 
 def _layer_sq_norms(module: nn.Module, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -960,6 +952,16 @@ def hook_gradient_stats(module: nn.Module, batch: Any, *, loss: ModuleLoss | Non
                            n=n)
 
 
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """(wall seconds, result) of one call, CUDA work included."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - start, out
+
+
 def choose_engine(module: nn.Module, batch: Any, *, loss: ModuleLoss | None = None, layers: str = "all",
                   chunk_size: int | None = 64, repeats: int = 2) -> str:
     """``"hooks"`` or ``"vmap"``: the per-example engine that adds less time to a training step on this model and
@@ -967,8 +969,9 @@ def choose_engine(module: nn.Module, batch: Any, *, loss: ModuleLoss | None = No
 
     In training the forward and backward run anyway: the hooks cost what they add to them (hooked forward+backward
     minus a plain one), the ``vmap`` engine a whole extra pass (:func:`lightning_sgd.per_example.
-    per_example_gradient_stats` with ``chunk_size``). Each of the three runs once to warm up (the hooks pick their
-    convolution forms there), then ``repeats`` interleaved rounds; the least time of each is compared. Returns
+    per_example_gradient_stats` with ``chunk_size``). Each of the three runs once to warm up, then ``repeats``
+    interleaved rounds; the least time of each is compared. The answer is a timing: on a busy machine two calls may
+    differ where the engines cost about the same (callers keep the first answer, and should checkpoint it). Returns
     ``"vmap"`` without timing when the hooks cannot measure the model (:func:`unsupported_layers`, BatchNorm in train
     mode, anything the hooks report on this batch), and ``"hooks"`` for ``layers="norm"`` (the vmap engine has no
     such mode). Runs inside :meth:`ModuleLoss.isolated`: ``.grad``, buffers, the RNG and the module's mode are kept;

@@ -115,8 +115,7 @@ def test_a_transposed_convolution_with_output_size_reads_its_output_padding_per_
 @pytest.mark.parametrize("case", ["conv1d_ints", "conv2d_replicate_asym", "conv2d_grouped_strided", "convT1d",
                                   "conv3d_strided_dilated", "conv2d_small_map", "conv2d_strided_dilated"])
 def test_every_convolution_form_is_exact(case):
-    # The hooks time the forms once per layer and shape and keep the fastest: each must be exact on its own, the
-    # pixel-Gram form also where its cost filter would not offer it.
+    # Which form runs depends on the shapes (test below): each must be exact on its own, wherever it could run.
     cases = {**_conv_cases(), "conv2d_small_map": (nn.Conv2d(8, 8, 3, padding=1), (8, 3, 3)),
              "conv2d_strided_dilated": (nn.Conv2d(4, 5, 2, stride=2, dilation=2, padding=1), (4, 5, 6))}
     layer, shape = cases[case]
@@ -127,13 +126,25 @@ def test_every_convolution_form_is_exact(case):
     truth = per_example.flatten(1).square().sum(1)
     forms = engine._conv_forms(layer, x, d)
     patches = layer.groups == 1 and not isinstance(layer, nn.ConvTranspose1d)
-    assert "conv" in forms and patches == bool({"unfold", "strided"} & set(forms))
-    assert ("pixel_gram" in forms) == (case == "conv2d_small_map")
-    if patches:
-        padded, padding = engine._conv_input(layer, x)
-        forms["pixel_gram"] = lambda: engine._pixel_gram_sq_norms(layer, padded, d, padding)
+    assert set(forms) == ({"conv", "strided", "pixel_gram"} | ({"unfold"} if x.dim() <= 4 else set())
+                          if patches else {"conv"})
     for name, form in forms.items():
         torch.testing.assert_close(form(), truth, rtol=1e-10, atol=0, msg=name)
+
+
+def test_the_convolution_form_is_a_fixed_rule_of_the_shapes():
+    # A rule, not a timing: every process computes the same numbers, so a resumed run equals the uninterrupted one.
+    def form(conv, *shape):
+        x = torch.zeros(2, *shape)
+        return engine._conv_form(conv, x, conv(x))
+
+    assert form(nn.Conv2d(64, 64, 3, padding=1), 64, 8, 8) == "pixel_gram"  # small map, many channels
+    assert form(nn.Conv1d(25, 25, 3, stride=2, padding=1), 25, 19) == "pixel_gram"
+    assert form(nn.Conv2d(3, 16, 3, padding=1), 3, 32, 32) == "unfold"  # an image stem
+    assert form(nn.Conv1d(1, 25, 5, stride=2, padding=1), 1, 40) == "unfold"
+    assert form(nn.Conv2d(16, 16, 3, padding=1), 16, 32, 32) == "conv"  # a large map: no patches
+    assert form(nn.Conv1d(16, 16, 3, padding=1), 16, 200) == "strided"
+    assert form(nn.Conv2d(16, 16, 3, padding=1, groups=4), 16, 8, 8) == "conv"  # the only form for groups > 1
 
 
 def _norm_cases():
