@@ -14,7 +14,12 @@ ResNet-8 with batch norm for 32×32×3 inputs (lightning_sgd.recipes.CifarResNet
 CIFAR-shaped data: no download is possible here; the timing depends on shapes, not pixel values).
 
     python benchmarks/curvature_topk.py            # both workloads (a few minutes on 2 free CPU cores)
-    python benchmarks/curvature_topk.py --workloads mnist1d --lanczos-steps 40
+    python benchmarks/curvature_topk.py --workloads mnist1d_cnn --lanczos-steps 40
+    python benchmarks/curvature_topk.py --quick    # smoke test: the CNN, k=3, short runs, results to a temp dir
+
+Timing: benchmarks/_harness.py, ``--rounds`` rotated rounds of one run each, the speed-up taken per round and its
+median reported (wall time with several threads, process CPU time with ``--threads 1``). Writes
+benchmarks/results/curvature_topk.json.
 
 Needs PyHessian (``pip install --no-deps pyhessian``: it requires only numpy and torch, any version).
 """
@@ -22,8 +27,7 @@ Needs PyHessian (``pip install --no-deps pyhessian``: it requires only numpy and
 from __future__ import annotations
 
 import argparse
-import platform
-import time
+import sys
 from collections.abc import Callable
 
 import torch
@@ -31,6 +35,9 @@ from torch import Tensor, nn
 
 from lightning_sgd.curvature import make_operator, top_eigenvalues
 from lightning_sgd.recipes.classification import ClassificationModule
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _harness import add_output_options, compare, save_results, summary_row  # noqa: E402
 
 
 def _train(module: ClassificationModule, x: Tensor, y: Tensor, steps: int, lr: float, batch: int) -> None:
@@ -90,10 +97,9 @@ def _accuracy(op, values: Tensor, vectors: Tensor, reference: Tensor) -> tuple[f
 
 
 def run_ours(module: ClassificationModule, batch, k: int, steps: int):
-    start = time.perf_counter()
     op = make_operator(module, [batch], "hessian")
     values, vectors, _, _, iterations = top_eigenvalues(op, k, max_iter=steps, which="LM", seed=0)
-    return time.perf_counter() - start, values, vectors, iterations
+    return values, vectors, iterations
 
 
 def run_pyhessian(module: ClassificationModule, batch, k: int, max_iter: int, tol: float):
@@ -110,16 +116,26 @@ def run_pyhessian(module: ClassificationModule, batch, k: int, max_iter: int, to
 
     ph.hessian_vector_product = counted
     try:
-        start = time.perf_counter()
         h = ph.hessian(module.network, nn.CrossEntropyLoss(), data=batch, cuda=False)
         values, vectors = h.eigenvalues(top_n=k, maxIter=max_iter, tol=tol)
-        seconds = time.perf_counter() - start
     finally:
         ph.hessian_vector_product = original
         for p in module.parameters():
             p.grad = None  # PyHessian leaves a create_graph gradient in .grad
     flat = torch.stack([torch.cat([t.flatten() for t in v]) for v in vectors])
-    return seconds, torch.tensor(values), flat, calls["n"]
+    return torch.tensor(values), flat, calls["n"]
+
+
+def time_both(module: ClassificationModule, batch, args: argparse.Namespace, clock: str):
+    """The harness's figures for (ours, PyHessian) and each method's last eigenpairs and HVP count (every run is
+    deterministic)."""
+    outputs = {}
+    configs = {
+        "ours": lambda: outputs.__setitem__("ours", run_ours(module, batch, args.k, args.lanczos_steps)),
+        "PyHessian": lambda: outputs.__setitem__("PyHessian", run_pyhessian(
+            module, batch, args.k, args.pyhessian_max_iter, args.pyhessian_tol)),
+    }
+    return compare(configs, "PyHessian", rounds=args.rounds, repeats=1, warmup=0, clock=clock), outputs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,37 +147,47 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pyhessian-max-iter", type=int, default=100)
     parser.add_argument("--pyhessian-tol", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="rotated rounds of (ours, PyHessian), one run each")
+    add_output_options(parser)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.workloads, args.k, args.lanczos_steps, args.reference_steps = ["mnist1d_cnn"], 3, 10, 20
+        args.pyhessian_max_iter, args.rounds = 10, 1
     torch.set_num_threads(args.threads)
+    clock = "cpu" if args.threads == 1 else "wall"  # CPU time of several threads counts their spinning
 
-    print(f"# top-{args.k} Hessian eigenvalues, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, {args.threads} threads, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"# top-{args.k} Hessian eigenvalues, torch {torch.__version__}, {args.threads} threads, {args.rounds} "
+          f"rotated rounds, {clock} clock")
     header = ("workload", "params", "probe", "method", "HVPs", "seconds", "max rel eig err", "max rel residual")
-    rows = []
+    rows, summary, figures = [], [], {"config": vars(args), "clock": clock}
     for name in args.workloads:
-        t0 = time.perf_counter()
         module, batch = WORKLOADS[name]()
-        print(f"{name}: set up in {time.perf_counter() - t0:.1f}s", flush=True)
         module.eval()
         params = sum(p.numel() for p in module.parameters())
         op = make_operator(module, [batch], "hessian")
         ref_values, _, _, _, _ = top_eigenvalues(op, args.k, max_iter=args.reference_steps, which="LM", seed=1)
         reference = ref_values[ref_values.abs().argsort(descending=True)]
-        print(f"{name}: reference ({args.reference_steps} Lanczos steps) in {time.perf_counter() - t0:.1f}s",
-              flush=True)
-
-        t_ours, values, vectors, iterations = run_ours(module, batch, args.k, args.lanczos_steps)
-        ours = _accuracy(op, values, vectors, reference)
-        t_ph, ph_values, ph_vectors, ph_hvps = run_pyhessian(module, batch, args.k, args.pyhessian_max_iter,
-                                                            args.pyhessian_tol)
-        theirs = _accuracy(op, ph_values, ph_vectors, reference)
-        rows.append((name, params, len(batch[1]), "lightning_sgd (Lanczos)", iterations, t_ours, *ours))
-        rows.append((name, params, len(batch[1]), "PyHessian (power it.)", ph_hvps, t_ph, *theirs))
-        for row in rows[-2:]:
-            print("row:", row, flush=True)
+        timing, outputs = time_both(module, batch, args, clock)
+        ours, theirs = (_accuracy(op, *outputs[m][:2], reference) for m in ("ours", "PyHessian"))
+        t_ours, t_ph = timing["ours"][clock + "_s"], timing["PyHessian"][clock + "_s"]
+        speedups = [1 / r for r in timing["ours"]["ratios"]]
+        speedup = 1 / timing["ours"]["ratio"]
+        rows.append((name, params, len(batch[1]), "lightning_sgd (Lanczos)", outputs["ours"][2], t_ours, *ours))
+        rows.append((name, params, len(batch[1]), "PyHessian (power it.)", outputs["PyHessian"][2], t_ph, *theirs))
         print(f"{name}: reference top-{args.k}: {[round(v, 4) for v in reference.tolist()]}")
-        print(f"{name}: speed-up {t_ph / t_ours:.1f}x (PyHessian {t_ph:.2f}s / ours {t_ours:.2f}s); "
-              f"max rel eig error ours {ours[0]:.1e} vs PyHessian {theirs[0]:.1e}", flush=True)
+        print(f"{name}: speed-up {speedup:.1f}x per-round {' '.join(f'{x:.1f}' for x in speedups)} (PyHessian "
+              f"{t_ph:.2f}s / ours {t_ours:.2f}s); max rel eig error ours {ours[0]:.1e} vs PyHessian {theirs[0]:.1e}",
+              flush=True)
+        figures[name] = {"params": params, "probe": len(batch[1]), "reference": reference.tolist(),
+                         "ours": {"hvps": outputs["ours"][2], "max_rel_eig_err": ours[0], "max_rel_residual": ours[1]},
+                         "pyhessian": {"hvps": outputs["PyHessian"][2], "max_rel_eig_err": theirs[0],
+                                       "max_rel_residual": theirs[1]},
+                         "speedup": speedup, "timing": timing}
+        summary.append(summary_row(
+            f"top-{args.k} Hessian eigenvalues, {name} ({params} params, probe {len(batch[1])}); speed-up "
+            "(anchor time / ours)", f"Lanczos, {t_ours:.3g} s, max rel. error {ours[0]:.1e}",
+            f"PyHessian, {t_ph:.3g} s, max rel. error {theirs[0]:.1e}", speedup, "≥ 2×",
+            spread=[min(speedups), max(speedups)]))
 
     print()
     print("| " + " | ".join(header) + " |")
@@ -169,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         name, params, probe, method, hvps, seconds, err, res = row
         print(f"| {name} | {params} | {probe} | {method} | {hvps} | {seconds:.2f} | {err:.1e} | {res:.1e} |")
+    path = save_results("curvature_topk", figures, args, summary=summary, packages=("pyhessian",))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
