@@ -1,7 +1,8 @@
 """DeepBootstrap: the real world and its fresh-data twin in one training job (Nakkiran et al., ICLR 2021).
 
 Draws on Nakkiran, Neyshabur & Sedghi, "The Deep Bootstrap Framework: Good Online Learners are Good Offline
-Generalizers" (ICLR 2021) and preetum/deep-bootstrap-code, where the two worlds are two hand-launched runs. Pure
+Generalizers" (ICLR 2021), where the two worlds are two separate training runs; here they run in one job, the ideal
+world being a :class:`lightning_sgd.twin.Twin` the callback drives. The decomposition: docs/theory.md §6. Pure
 helpers (fresh-sample streams, pools, metrics, plot) live in :mod:`lightning_sgd.bootstrap`.
 """
 

@@ -2,8 +2,9 @@
 
 In training mode every chunk of ``ghost_batch_size`` consecutive examples is normalized with its own mean and
 variance, as if the batch had been fed to :class:`torch.nn.BatchNorm` chunk by chunk; evaluation uses the running
-statistics exactly like plain batch norm. Large-batch training keeps the small-batch regularization of BN this way
-(ghost sizes in the sources: 32 for ResNet32/VGG11, 64 for Wide-ResNet, 256 for ResNet-50).
+statistics exactly like plain batch norm. Hoffer et al. argue that large-batch training keeps the small-batch
+regularization of BN this way (ghost batch sizes used in the literature: 32 for ResNet-32 and VGG-11 in Zhang et al.
+2019, 64 for Wide-ResNet and 256 for ResNet-50 in Smith, Elsen & De 2020). Formulas: docs/theory.md §7.
 
 - :class:`GhostBatchNorm`: one layer for 1d/2d/3d inputs (``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ...). Its
   parameters and buffers are those of ``nn.BatchNorm*`` (same names), so ``state_dict`` loads both ways.
@@ -265,7 +266,8 @@ class GhostBatchNormCallback(Callback):
     layers' (shared, unchanged) parameters. The ghost size is a number of examples per device.
 
     Args:
-        ghost_batch_size: examples per ghost batch (the sources use 32, 64 or 256).
+        ghost_batch_size: examples per ghost batch, per device (Zhang et al. 2019 use 32; Smith, Elsen & De
+            2020 use 64 and 256).
         include_sync_batchnorm: also convert ``SyncBatchNorm`` layers (into local ghost BN).
     """
 
