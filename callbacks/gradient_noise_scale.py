@@ -68,8 +68,9 @@ class GradientNoiseScale(Callback):
     :class:`lightning_sgd.gns_sources.NoiseScaleSource` object of your own. ``"auto"`` (default): ``"ddp"`` with
     more than one process, else ``"accumulation"`` when accumulating, else ``"per_example"``, and ``"split"``
     instead of per_example for models with BatchNorm (per-example gradients in train mode are ill-defined). On one
-    device per-example is preferred: b = 1 is the largest gap between the two batch sizes (1.8-5.6× lower variance
-    of the tr Σ samples than a 4-part split, at most 1.7× on B_simple), and the hook engine needs no second pass.
+    device per-example is preferred: with the hook engine it needs no second pass, and b = 1 is the largest gap
+    between the two batch sizes (its tr Σ samples are far less noisy than a 4-part split's, its |G|² samples about
+    as noisy, and those dominate B_simple's error when B_simple ≫ the batch: BENCHMARKS.md).
     Override :meth:`resolve_source` to choose differently and :meth:`fallback_source` to change what happens when a
     source cannot run the model (default: per_example -> split -> stop measuring, each switch with one warning;
     ``skipped["failed"]`` counts the measurements not taken). Skips are counted, never raised mid-run:
