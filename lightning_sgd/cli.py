@@ -12,10 +12,10 @@ Two things happen to the arguments of ``fit``/``validate``/``test`` before Light
 
 - ``--config NAME`` with a packaged recipe's name (``mnist1d``, ``resnet32_cifar10``; see ``lightning-sgd recipes``)
   and no such file is that recipe's YAML;
-- configs compose without losing callbacks: a later ``--config`` whose ``trainer.callbacks`` is a list *appends* it
-  to the callbacks of the earlier ones (LightningCLI alone would replace them). ``trainer: callbacks+:`` does the
-  same in any LightningCLI; and when the parsed configuration lacks a callback some config named (e.g.
-  ``--trainer.callbacks=[]``), the run warns.
+- configs compose without losing callbacks: a later ``--config``'s ``trainer.callbacks`` is *merged* into those of
+  the earlier ones (:func:`merge_callbacks`: a new class is appended, a class already there is updated in place),
+  where LightningCLI alone would replace the whole list. When the parsed configuration lacks a callback some config
+  asked for (a later ``callbacks: []``, or ``--trainer.callbacks=[]``), the run warns.
 """
 
 from __future__ import annotations
@@ -110,38 +110,57 @@ def resolve_config(value: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ config composition
-def _callbacks_of(config: Any) -> tuple[bool, list[str]]:
-    """Whether ``config`` (a parsed YAML) sets ``trainer.callbacks`` (or ``callbacks+``), and the class paths."""
-    trainer = config.get("trainer") if isinstance(config, dict) else None
-    if not isinstance(trainer, dict):
-        return False, []
-    paths: list[str] = []
-    sets = False
-    for key in ("callbacks", "callbacks+"):
-        if key not in trainer:
-            continue
-        sets = True
-        value = trainer[key]
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, dict) and isinstance(item.get("class_path"), str):
-                paths.append(item["class_path"])
-            elif isinstance(item, str):
-                paths.append(item)
-    return sets, paths
+def _class_path_of(item: Any) -> str | None:
+    if isinstance(item, dict) and isinstance(item.get("class_path"), str):
+        return item["class_path"]
+    return item if isinstance(item, str) else None
+
+
+def _as_list(value: Any) -> list[Any]:
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+
+def merge_callbacks(earlier: list[Any], later: list[Any]) -> list[Any]:
+    """``earlier`` with ``later`` merged in: a later callback of a class already configured replaces the first such
+    entry not yet replaced (in place: a config re-declares a callback to change its arguments), any other is
+    appended.
+
+    >>> merge_callbacks([{"class_path": "a.A", "init_args": {"k": 5}}, "b.B"], [{"class_path": "a.A"}, "c.C"])
+    [{'class_path': 'a.A'}, 'b.B', 'c.C']
+    """
+    merged, replaced = list(earlier), set()
+    for item in later:
+        path = _class_path_of(item)
+        index = next((i for i, old in enumerate(earlier) if i not in replaced and path is not None
+                      and _class_path_of(old) == path), None)
+        if index is None:
+            merged.append(item)
+        else:
+            merged[index] = item
+            replaced.add(index)
+    return merged
 
 
 def compose_configs(args: Sequence[str]) -> tuple[list[str], list[str], str | None]:
-    """Resolve recipe names in ``--config`` values and make later configs append to ``trainer.callbacks``.
+    """Resolve recipe names in ``--config`` values and merge ``trainer.callbacks`` across the config files.
 
-    Returns the new argument list, the class paths of every callback the configs name, and the first config's
-    recipe name (its file stem; for naming the W&B run).
+    LightningCLI alone lets a later config's ``trainer.callbacks`` replace the earlier list, so a config adding one
+    callback silently drops the recipe's measurement callbacks. Here a later list is merged in
+    (:func:`merge_callbacks`: new classes appended, re-declared classes updated in place) and the config is passed
+    on as YAML text with the merged list; ``callbacks: []`` or ``callbacks: null`` in a later config clears the list
+    (and the run warns, naming what is gone).
+
+    Returns the new argument list, the class paths of the callbacks the configs ask for (those a later config
+    cleared included, so that the run warns about them), and the first config's recipe name (its file stem; it names
+    the W&B run).
     """
     import yaml
 
     out: list[str] = []
     expected: list[str] = []
+    cleared: list[str] = []
+    merged: list[Any] | None = None  # the callbacks of the configs so far; None until one sets them
     recipe: str | None = None
-    seen_callbacks = False
     i = 0
     while i < len(args):
         arg = args[i]
@@ -161,16 +180,24 @@ def compose_configs(args: Sequence[str]) -> tuple[list[str], list[str], str | No
                 recipe = recipe or Path(value).stem
             except (OSError, yaml.YAMLError):
                 config = None  # LightningCLI reports it
-        sets, paths = _callbacks_of(config)
         trainer = config.get("trainer") if isinstance(config, dict) else None
-        callbacks = trainer.get("callbacks") if isinstance(trainer, dict) else None
-        if seen_callbacks and sets and callbacks and "callbacks+" not in trainer:  # type: ignore[operator]
-            trainer["callbacks+"] = trainer.pop("callbacks")  # type: ignore[index,union-attr]
-            value = yaml.safe_dump(config, sort_keys=False)  # LightningCLI takes a config as YAML text too
-        seen_callbacks = seen_callbacks or bool(paths)
-        expected += paths
+        if isinstance(trainer, dict) and ("callbacks" in trainer or "callbacks+" in trainer):
+            given = "callbacks" in trainer
+            plain, appended = _as_list(trainer.get("callbacks")), _as_list(trainer.get("callbacks+"))
+            if merged is None:  # the first config with callbacks: as it is
+                merged = plain + appended
+            else:
+                if given and not plain:  # callbacks: [] or null in a later config clears the list
+                    cleared += [p for p in map(_class_path_of, merged) if p]
+                    merged = appended
+                else:
+                    merged = merge_callbacks(merged, plain + appended)
+                trainer.pop("callbacks+", None)
+                trainer["callbacks"] = merged
+                value = yaml.safe_dump(config, sort_keys=False)  # LightningCLI takes a config as YAML text too
         out += ["--config", value]
         i += 1
+    expected = [p for p in map(_class_path_of, merged or []) if p] + cleared
     return out, expected, recipe
 
 
@@ -194,7 +221,7 @@ def _help_text() -> str:
         "examples:",
         "  lightning-sgd fit --config mnist1d                 (a packaged recipe by name; `lightning-sgd recipes`)",
         "  lightning-sgd fit --config mnist1d --threads 1     (one intra-op thread: fastest on a busy machine)",
-        "  lightning-sgd fit --config mnist1d --config growth.yaml   (growth.yaml's callbacks are added)",
+        "  lightning-sgd fit --config mnist1d --config growth.yaml   (growth.yaml's callbacks are merged in)",
         "  lightning-sgd fit --config mnist1d --print_config  (the resolved configuration)",
         "  lightning-sgd report runs/                         (report.html of the newest run)",
     ]

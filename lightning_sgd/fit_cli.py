@@ -123,8 +123,9 @@ class LightningSGDCLIMixin:
     logging, ``--threads``, an optional test after fit, the run summary and the report.
 
     Args:
-        expected_callbacks: class paths of the callbacks the ``--config`` files name; a warning lists those the
-            parsed configuration no longer has (a later config or argument replaced ``trainer.callbacks``).
+        expected_callbacks: class paths of the callbacks the ``--config`` files ask for; a warning lists those the
+            parsed configuration does not have (a later config cleared ``trainer.callbacks`` or an argument
+            replaced it).
     """
 
     def __init__(self, *args: Any, expected_callbacks: Sequence[str] = (), **kwargs: Any) -> None:
@@ -169,9 +170,9 @@ class LightningSGDCLIMixin:
         if dropped:
             names = ", ".join(p.rsplit(".", 1)[-1] for p in dropped)
             rank_zero_warn(f"lightning-sgd: the final configuration has no {names}, which a --config file named: a "
-                           "later --config or --trainer.callbacks argument replaced trainer.callbacks. To add "
-                           "callbacks, write them in a later config under `trainer: callbacks:` (lightning-sgd "
-                           "appends those) or use `--trainer.callbacks+=...`.")
+                           "later config (`callbacks: []`) or a --trainer.callbacks argument removed them. To add "
+                           "callbacks, list them in a later config under `trainer: callbacks:` (lightning-sgd merges "
+                           "those into the earlier ones) or use `--trainer.callbacks+=...`.")
 
     def after_instantiate_classes(self) -> None:
         trainer = self.trainer  # type: ignore[attr-defined]
