@@ -8,6 +8,9 @@ batch at ``--batch`` and divides the LR by ``--factor`` at each epoch milestone 
 and optimizer steps of each run and their ratio, and plots validation accuracy against epochs and against steps.
 
     python benchmarks/batch_growth_vs_lr_decay.py --out docs/img/batch_growth_mnist1d.png
+    python benchmarks/batch_growth_vs_lr_decay.py --quick    # smoke test: 2 epochs, results to a temporary directory
+
+Writes benchmarks/results/batch_growth_vs_lr_decay.json (every run's curve, steps, accuracies and wall time).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
+import statistics
+import sys
 from datetime import datetime, timezone
 
 import pytorch_lightning as pl
@@ -23,6 +27,9 @@ import torch
 
 from lightning_sgd.plugins import BatchSizeSchedule
 from lightning_sgd.recipes import MNIST1DCNN, MNIST1DMLP, ClassificationModule, MNIST1DDataModule
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _harness import add_output_options, save_results, summary_row, time_once  # noqa: E402
 
 
 class _Curve(pl.Callback):
@@ -61,9 +68,7 @@ def run(mode: str, args: argparse.Namespace, seed: int) -> dict:
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, callbacks=callbacks)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    wall = time.perf_counter() - start
+    _, wall = time_once(lambda: trainer.fit(module, datamodule=data))
     test = trainer.test(module, datamodule=data, verbose=False)[0]
     return {"mode": mode, "seed": seed, "steps": trainer.global_step, "test_acc": test["test/acc"],
             "final_val_acc": curve.points[-1]["val_acc"], "wall_s": wall, "curve": curve.points}
@@ -110,8 +115,12 @@ def main() -> None:
     parser.add_argument("--num-train", type=int, default=4000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", default=None, help="PNG path for the figure")
-    parser.add_argument("--json", default=None, help="write all results here")
+    parser.add_argument("--json", default=None, help="also write all results here (they always go to "
+                        "benchmarks/results/batch_growth_vs_lr_decay.json)")
+    add_output_options(parser)
     args = parser.parse_args()
+    if args.quick:
+        args.epochs, args.milestones, args.num_train, args.seeds = 2, [1], 400, args.seeds[:1]
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
     results = [run(mode, args, seed) for seed in args.seeds for mode in ("lr_decay", "batch_growth")]
@@ -119,21 +128,33 @@ def main() -> None:
     for r in results:
         print(f"{r['mode']:>13} {r['seed']:>4} {r['steps']:>6} {r['final_val_acc']:>8.4f} {r['test_acc']:>8.4f} "
               f"{r['wall_s']:>7.1f}")
+    pairs = []
     for seed in args.seeds:
         decay, growth = (next(r for r in results if r["mode"] == m and r["seed"] == seed)
                          for m in ("lr_decay", "batch_growth"))
+        pairs.append((decay, growth))
         print(f"seed {seed}: steps growth/decay = {growth['steps'] / decay['steps']:.3f}, test acc growth - decay = "
               f"{growth['test_acc'] - decay['test_acc']:+.4f}, wall growth/decay = "
               f"{growth['wall_s'] / decay['wall_s']:.2f}")
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = (f"MNIST-1D {args.model.upper()}, {args.epochs} epochs, batch {args.batch}, LR {args.lr}, "
-             f"x{args.factor:g} at epochs {args.milestones}; {platform.processor() or platform.machine()}, {stamp}")
+             f"x{args.factor:g} at epochs {args.milestones}")
     if args.out:
-        plot(results, args.out, title)
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        plot(results, args.out, f"{title}; {platform.processor() or platform.machine()}, {stamp}")
         print(f"figure: {args.out}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results, "date": stamp}, f, indent=1)
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
+    acc = {m: statistics.fmean(p[i]["test_acc"] for p in pairs) for i, m in enumerate(("lr_decay", "batch_growth"))}
+    steps = {m: statistics.median(p[i]["steps"] for p in pairs) for i, m in enumerate(("lr_decay", "batch_growth"))}
+    ratios = [g["steps"] / d["steps"] for d, g in pairs]
+    row = summary_row(f"{title}, {len(pairs)} seed(s): optimizer steps, batch growth / LR decay",
+                      f"batch growth, test acc {acc['batch_growth']:.4f}, {steps['batch_growth']:g} steps",
+                      f"LR decay, test acc {acc['lr_decay']:.4f}, {steps['lr_decay']:g} steps",
+                      statistics.median(ratios), "fewer steps, same accuracy (Smith et al. 2018)",
+                      spread=[min(ratios), max(ratios)])
+    path = save_results("batch_growth_vs_lr_decay", {"config": vars(args), "results": results}, args, summary=[row])
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
