@@ -8,7 +8,8 @@ each row a dict with
 - ``what``: what was measured, in a few words (``"step time, per-example GNS every step"``);
 - ``ours``: our figure with its unit (``"4.41 ms"``), or the configuration measured;
 - ``anchor``: what it is compared with and its figure (``"no callback, 3.02 ms"``, ``"PyHessian, 1.41 s"``);
-- ``ratio``: a number (rendered with 3 significant digits and ``×``) or a string, or null;
+- ``ratio``: a number (rendered with 3 significant digits and ``×``) or a string, or null; ``what`` says which way
+  it points ("time ratio ours / anchor" for an overhead, "speed-up (anchor time / ours)" for a speed-up);
 - ``target``: the target from the issue or design card (``"≤ 1.6×"``), or ``""``;
 - optional ``spread``: ``[min, max]`` of the per-round ratios, shown next to the ratio.
 
