@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -120,8 +121,10 @@ def test_write_results_and_save_results_record_provenance(tmp_path, monkeypatch)
     parser = argparse.ArgumentParser()
     harness.add_output_options(parser)
     row = harness.summary_row("step time", "2 ms", "none, 1 ms", 2.0, "≤ 3×", spread=[1.5, 2.5])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     quick = harness.save_results("demo", {"y": 2}, parser.parse_args(["--quick"]), summary=[row])
-    assert quick.parent != tmp_path / "results" and quick.parent != harness.RESULTS  # a temporary directory
+    assert quick.parent.parent == tmp_path / "tmp"  # --quick alone: a fresh temporary directory
     chosen = harness.save_results("demo", {"y": 2}, parser.parse_args(["--results-dir", str(tmp_path / "r")]),
                                   summary=[row])
     payload = json.loads(chosen.read_text())
