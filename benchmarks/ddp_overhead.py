@@ -213,10 +213,11 @@ def main() -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        out = os.path.join(tempfile.mkdtemp(prefix="ddp_breakdown_"), "rank0.json")
-        mp.spawn(_breakdown_worker, args=(args, port, out), nprocs=2)
-        with open(out) as f:
-            steps = json.load(f)
+        with tempfile.TemporaryDirectory(prefix="ddp_breakdown_") as tmp:
+            out = os.path.join(tmp, "rank0.json")
+            mp.spawn(_breakdown_worker, args=(args, port, out), nprocs=2)
+            with open(out) as f:
+                steps = json.load(f)
         path = save_results("ddp_overhead_breakdown", {"config": vars(args), "model": model, "passes": passes,
                                                        "steps": steps}, args)
         print(f"wrote {path}")

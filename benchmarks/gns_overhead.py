@@ -159,12 +159,13 @@ def main() -> None:
     print(f"{'configuration':45s} {'cpu ms/step':>11s} {'ratio':>7s}   per-round ratios (median of rounds shown)")
     _print(result)
     if args.ddp:
-        out = os.path.join(tempfile.mkdtemp(prefix="gns_overhead_"), "ddp_times.json")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--model", args.model, "--steps", str(args.steps),
-                        "--rounds", str(args.rounds), "--ddp-worker", out], check=True, env=env)
-        with open(out) as f:
-            ddp = json.load(f)
+        with tempfile.TemporaryDirectory(prefix="gns_overhead_") as tmp:
+            out = os.path.join(tmp, "ddp_times.json")
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--model", args.model, "--steps",
+                            str(args.steps), "--rounds", str(args.rounds), "--ddp-worker", out], check=True, env=env)
+            with open(out) as f:
+                ddp = json.load(f)
         _print(ddp)
         result.update(ddp)
     label = {"cnn": "MNIST-1D CNN", "cnn-wide": "MNIST-1D CNN, 128 channels", "mlp": "MNIST-1D MLP"}[args.model]
