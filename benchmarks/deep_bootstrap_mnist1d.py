@@ -86,7 +86,8 @@ def main() -> None:
               f"{last['bootstrap/ideal_test_error']:11.3f} {last['bootstrap/gap']:10.3f} {timings[label]:7.0f}")
         rows.append(summary_row(
             f"deep bootstrap, MNIST-1D CNN, n={n}, {args.max_steps} steps: final test error, real / ideal world",
-            f"real world {last['bootstrap/real_test_error']:.3f} (fit at step {fitted})",
+            f"real world {last['bootstrap/real_test_error']:.3f} "
+            f"({'never fit' if fitted is None else f'fit at step {fitted}'})",
             f"ideal world {last['bootstrap/ideal_test_error']:.3f}",
             last["bootstrap/real_test_error"] / last["bootstrap/ideal_test_error"],
             "(figures only)"))
