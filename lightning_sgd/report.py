@@ -347,7 +347,7 @@ def _curvature_panels(run: RunLog) -> list[Panel]:
                 ax2.legend(fontsize=8, loc="lower right")
             ax.set_xlabel("step")
             ax.legend(fontsize=8, loc="upper left")
-            panels.append(Panel(f"trace_{op}", "Trace and ‖H‖_F·η/√B",
+            panels.append(Panel(f"trace_{op}", "Trace and ‖H‖_F·η/√B" if prefix + "frobenius_bound" in run else "Trace",
                                 "Total curvature; SGD's noise only lets it settle where ‖H‖_F·η/√B stays O(1) "
                                 "(Wu et al. 2018).", _png(plt, fig)))
         curv_keys = sorted(run.matching(prefix + "alignment/curvature_"), key=lambda k: int(k.rsplit("_", 1)[1]))
@@ -457,6 +457,12 @@ MISSING: dict[str, str] = {
 }
 
 
+#: panel key prefix -> the measurement of :data:`MISSING` it shows
+_MEASUREMENT = {"noise": "noise_scale", "regime": "noise_scale", "recommendation": "noise_scale",
+                "eigenvalues": "curvature", "trace": "curvature", "alignment": "alignment", "diversity": "diversity",
+                "bootstrap": "bootstrap", "ema": "ema"}
+
+
 def build_panels(run: RunLog) -> tuple[list[Panel], Recommendation | None, list[str]]:
     """Every panel the run's measurements allow, the recommendation, and a line for each absent measurement."""
     rec = recommend(run)
@@ -465,12 +471,9 @@ def build_panels(run: RunLog) -> tuple[list[Panel], Recommendation | None, list[
         panels.append(_recommendation_panel(rec))
     panels += _curvature_panels(run)
     panels += [p for p in (_diversity_panel(run), _bootstrap_panel(run), _ema_panel(run)) if p is not None]
-    have = {p.key.split("_")[0] for p in panels} | ({"noise"} if rec else set())
-    missing = []
-    for key, text in MISSING.items():
-        stem = key.split("_")[0]
-        if stem not in have and not (stem == "alignment" and "eigenvalues" not in have):
-            missing.append(f"Not measured in this run: {text}.")
+    measured = {_MEASUREMENT.get(p.key.split("_")[0], p.key) for p in panels}
+    missing = [f"Not measured in this run: {text}." for key, text in MISSING.items() if key not in measured
+               and not (key == "alignment" and "curvature" not in measured)]  # no curvature: one line says it
     return panels, rec, missing
 
 

@@ -119,6 +119,9 @@ def test_report_of_a_tiny_real_run_has_every_panel_and_the_logged_numbers(tmp_pa
             "diversity"} <= pngs
     html = path.read_text()
     assert "Not measured in this run: deep bootstrap" in html and "EMA vs raw" in html
+    assert "Not measured in this run: curvature" not in html and "Not measured in this run: C ≈ H" not in html
+    assert "Not measured in this run: gradient noise" not in html and "gradient diversity" not in html.split(
+        "Not measured")[-1]
 
     # the recommendation, recomputed by hand from the CSV the callbacks wrote
     with open(Path(logger.log_dir) / "metrics.csv") as f:
