@@ -99,7 +99,7 @@ from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unfla
 
 from lightning_sgd.batches import batch_size, slice_batch
 from lightning_sgd.module_loss import ModuleLoss, module_eval
-from lightning_sgd.per_example import PerExampleStats, _per_example_stats, layer_of, trainable_parameters
+from lightning_sgd.per_example import _NO_VMAP, PerExampleStats, _per_example_stats, layer_of, trainable_parameters
 
 __all__ = ["PerExampleNormHooks", "unsupported_layers", "validate", "module_eval", "hook_gradient_stats",
            "is_norm_layer", "choose_engine"]
@@ -974,8 +974,9 @@ def choose_engine(module: nn.Module, batch: Any, *, loss: ModuleLoss | None = No
     differ where the engines cost about the same (callers keep the first answer, and should checkpoint it). Returns
     ``"vmap"`` without timing when the hooks cannot measure the model (:func:`unsupported_layers`, BatchNorm in train
     mode, anything the hooks report on this batch), and ``"hooks"`` for ``layers="norm"`` (the vmap engine has no
-    such mode). Runs inside :meth:`ModuleLoss.isolated`: ``.grad``, buffers, the RNG and the module's mode are kept;
-    costs about ``repeats + 1`` times (two forward-backwards and a vmap pass).
+    such mode), and ``"hooks"`` when ``vmap`` cannot run the model (tried on two examples; its engine would loop
+    over the examples). Runs inside :meth:`ModuleLoss.isolated`: ``.grad``, buffers, the RNG and the module's mode
+    are kept; costs about ``repeats + 1`` times (two forward-backwards and a vmap pass).
     """
     _check_layers(layers, "choose_engine")
     if repeats < 1:
@@ -1009,14 +1010,19 @@ def choose_engine(module: nn.Module, batch: Any, *, loss: ModuleLoss | None = No
     runs = {"plain": plain, "hooks": hooked, "vmap": vmapped}
     best = dict.fromkeys(runs, math.inf)
     with loss.isolated():
-        for name, fn in runs.items():  # warm-up
-            if name == "vmap" and layers == "norm":
-                continue
-            fn()
-            if failed:
-                return "vmap"
+        plain()  # warm-up
+        hooked()
+        if failed:
+            return "vmap"
         if layers == "norm":
             return "hooks"
+        # where vmap cannot run the model its engine loops over the examples (a forward and backward each): found on
+        # two examples, not timed on the whole batch
+        _per_example_stats(module, slice_batch(batch, slice(0, min(n, 2)), "choose_engine"), loss=loss,
+                           chunk_size=None, per_layer=False, directions=None, quiet=True)
+        if module in _NO_VMAP:
+            return "hooks"
+        vmapped()
         for _ in range(repeats):
             for name, fn in runs.items():
                 best[name] = min(best[name], _timed(fn, device)[0])

@@ -390,3 +390,16 @@ def test_choose_engine_never_picks_hooks_that_cannot_measure():
     x = _randn(B, 3)
     broadcast(x)
     assert choose_engine(broadcast, (x, torch.tensor([0, 2, 1, 0]))) == "vmap"  # a layer broadcast over the batch
+
+
+def test_choose_engine_takes_the_hooks_where_vmap_cannot_run_the_model(monkeypatch):
+    # .item() in the forward: vmap fails on two examples, so its engine would loop over every example; no timing.
+    model = _Net(nn.Linear(3, 4), call=lambda m, x: torch.tanh(m(x)) if x.sum().item() < 1e9 else m(x)).double()
+    x = _randn(B, 3)
+    model(x)
+
+    def no_timing(fn, device):
+        raise AssertionError("timed although vmap cannot run the model")
+
+    monkeypatch.setattr(engine, "_timed", no_timing)
+    assert choose_engine(model, (x, torch.tensor([0, 2, 1, 0]))) == "hooks"
