@@ -16,6 +16,7 @@ each turned into (|G|², tr Σ) samples by the per-example estimator and smoothe
 (norm / full), plus the cost of one norm-mode measurement relative to a plain forward+backward.
 
     python benchmarks/norm_layer_gns.py                 # 300 steps, ~5 min on one busy core
+    python benchmarks/norm_layer_gns.py --quick         # 20 tiny steps: a smoke test
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from lightning_sgd.recipes import LanguageModelModule
 from lightning_sgd.recipes.language import TransformerLM
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _harness import write_results  # noqa: E402
+from _harness import add_output_options, save_results, summary_row  # noqa: E402
 
 warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap over CPU attention: slow, exact
 
@@ -62,7 +63,10 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--beta", type=float, default=0.9, help="EMA decay per measurement")
+    add_output_options(parser)
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.every, args.batch, args.seq = 20, 2, 8, 8
     torch.set_num_threads(1)
     torch.manual_seed(0)
     net = TransformerLM(vocab_size=args.vocab, d_model=args.d_model, num_heads=4, d_ff=4 * args.d_model,
@@ -126,8 +130,17 @@ def main() -> None:
           f"range {min(second_half):.2f}-{max(second_half):.2f}, correlation of log B_simple {correlation:.2f}; "
           f"norm-mode hooked fwd+bwd {cost_ratio:.3f}x a plain "
           f"one; norm-mode norms vs the exact engine: max rel err {max(agreement):.1e}")
-    path = write_results("norm_layer_gns", {"config": vars(args), "summary": summary, "trajectory": rows},
-                         command=" ".join(["python", *sys.argv]))
+    late = rows[len(rows) // 2:]
+    rows_out = [summary_row("B_simple from the LayerNorm parameters only / the whole model's, recipes' Transformer LM, "
+                            f"second half of training (median; correlation of log B_simple {correlation:.2f})",
+                            f"{statistics.median(r['b_norm'] for r in late):.1f}",
+                            f"whole model {statistics.median(r['b_full'] for r in late):.1f}",
+                            summary["ratio_median_second_half"], "tracks (Gray et al. 2024)",
+                            summary["ratio_range_second_half"]),
+                summary_row("norm-layer hooks: hooked forward+backward / plain one, recipes' Transformer LM",
+                            "layers='norm'", "plain forward+backward", cost_ratio, "near 1×")]
+    path = save_results("norm_layer_gns", {"config": vars(args), "summary_figures": summary, "trajectory": rows},
+                        args, summary=rows_out)
     print(f"wrote {path}")
 
 

@@ -22,6 +22,7 @@ vocabulary 2048, no dropout), and ResNet-8 with BatchNorm in eval mode (B=64).
 
     python benchmarks/per_example_norms.py                      # all models, ~10 min on one busy core
     python benchmarks/per_example_norms.py --models resnet8 --rounds 5
+    python benchmarks/per_example_norms.py --quick              # 8 examples, one round: a smoke test
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from lightning_sgd.recipes.language import TransformerLM
 from lightning_sgd.recipes.vision import CifarResNet, resnet8
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _harness import compare, write_results  # noqa: E402
+from _harness import add_output_options, compare, save_results, summary_row  # noqa: E402
 
 warnings.filterwarnings("ignore")
 METHODS = ("plain", "hooks", "vmap", "default", "opacus_ghost", "opacus_gsm", "backpack")
@@ -318,14 +319,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="rotated rounds of all methods")
     parser.add_argument("--repeats", type=int, default=5, help="runs per method per round (median taken)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="per_example_norms", help="results file name under benchmarks/results")
+    add_output_options(parser)
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.repeats = 1, 1
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), rounds {args.rounds} x repeats {args.repeats}",
           flush=True)
     results = {}
     for model in args.models:
-        result = bench(model, MODELS[model], list(args.methods), args.rounds, args.repeats)
+        result = bench(model, 8 if args.quick else MODELS[model], list(args.methods), args.rounds, args.repeats)
         results[model] = result
         print(f"\n{model} (B={result['batch_size']}), default engine: {result['default_choice']}")
         for method in args.methods:
@@ -340,9 +343,37 @@ def main() -> None:
                       f"{t['ratio_wall']:.2f}x, {1e3 * t['cpu_s']:.1f} ms)  check {c['max_rel_err']:.1e} {c['note']}",
                       flush=True)
         print(f"  plain fwd+bwd {1e3 * result['timing']['plain']['cpu_s']:.1f} ms cpu")
-    path = write_results(args.out, results, command=" ".join(["python", *sys.argv]),
-                         packages=("opacus", "backpack-for-pytorch", "lightning_sgd"))
+    path = save_results("per_example_norms", results, args, summary=summary_rows(results),
+                        packages=("opacus", "backpack-for-pytorch"))
     print(f"\nwrote {path}")
+
+
+ANCHORS = {"opacus_ghost": "Opacus ghost clipping", "opacus_gsm": "Opacus GradSampleModule",
+           "backpack": "BackPACK BatchL2Grad"}
+
+
+def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per model: the default engine against a plain forward+backward (target <= 1.5x) and against the fastest anchor
+    that could run the model (speed-up, target >= 1.2x)."""
+    rows = []
+    for model, result in results.items():
+        timing, choice = result["timing"], result["default_choice"]
+        if "default" not in timing:
+            continue
+        ours = timing["default"]
+        label = f"{model} (B={result['batch_size']})"
+        rows.append(summary_row(f"{label}: per-example norms + gradient, default engine ({choice}), time / plain "
+                                "forward+backward", f"{1e3 * ours['cpu_s']:.1f} ms",
+                                f"plain forward+backward, {1e3 * timing['plain']['cpu_s']:.1f} ms", ours["ratio"],
+                                "≤ 1.5×", ours["spread"]))
+        anchors = {name: t for name, t in timing.items() if name in ANCHORS}
+        if anchors:
+            best = min(anchors, key=lambda name: anchors[name]["ratio"])
+            rows.append(summary_row(f"{label}: speed-up of the default engine over the fastest anchor (anchor time / "
+                                    "ours)", f"{ours['ratio']:.2f}× a plain step",
+                                    f"{ANCHORS[best]}, {anchors[best]['ratio']:.2f}× a plain step",
+                                    anchors[best]["ratio"] / ours["ratio"], "≥ 1.2×"))
+    return rows
 
 
 if __name__ == "__main__":
