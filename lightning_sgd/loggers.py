@@ -212,7 +212,7 @@ class NeverFatalWandbMixin:
         if step is None:
             return
         for key, value in metrics.items():
-            curve = _curve(key)
+            curve = chart_line(key)
             if curve is None:
                 continue
             chart, line = curve
@@ -270,8 +270,12 @@ _SPECTRUM = re.compile(r"^curvature/(?P<operator>[^/]+)/(?P<line>eig_\d+)$")
 _BOOTSTRAP = re.compile(r"^bootstrap/(?P<line>(?:real|ideal)_\w+_error)$")
 
 
-def _curve(key: str) -> tuple[str, str] | None:
-    """``(chart, line)`` for a key drawn in a multi-line chart, else ``None``."""
+def chart_line(key: str) -> tuple[str, str] | None:
+    """``(chart, line)`` for a metric key drawn in one of the end-of-run multi-line charts, else ``None``.
+
+    >>> chart_line("curvature/ggn/eig_3"), chart_line("bootstrap/real_test_error"), chart_line("gns/b_simple")
+    (('curvature_ggn_spectrum', 'eig_3'), ('bootstrap_real_vs_ideal', 'real_test_error'), None)
+    """
     match = _SPECTRUM.match(key)
     if match:
         return f"curvature_{match.group('operator')}_spectrum", match.group("line")

@@ -4,6 +4,7 @@ empty run after a failed start, and curvature plots under either Lightning packa
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -72,7 +73,14 @@ def test_recipe_fit_reads_back_with_config_name_group_charts_and_uncertainty(tmp
     assert not (tmp_path / "runs" / "config.yaml").exists()
 
     keys = offline.keys()
-    assert any(k.startswith("charts/curvature_hessian_spectrum") for k in keys)  # the multi-line chart
+    assert "charts/curvature_hessian_spectrum_table/path" in keys  # the multi-line chart, with every point:
+    (table,) = (run_dir / "files" / "media" / "table" / "charts").glob("curvature_hessian_spectrum_table*.json")
+    chart = json.loads(table.read_text())
+    assert chart["columns"] == ["step", "lineKey", "lineVal"]
+    points = {(line, step): value for step, line, value in chart["data"]}
+    history = {(k.rsplit("/", 1)[1], row["trainer/global_step"]): v for row in offline.history
+               for k, v in row.items() if k.startswith("curvature/hessian/eig_")}
+    assert points == history and {line for line, _ in points} == {"eig_0", "eig_1", "eig_2"}
     assert {"gns/b_simple", "gns/b_simple_se", "gns/b_noise", "gns/b_noise_se"} <= keys  # values and their errors
     assert {"diag/curvature/hessian/matvecs", "diag/curvature/hessian/residual_0"} <= keys
     assert not any(k.startswith("curvature/hessian/residual") for k in keys)
@@ -111,3 +119,14 @@ def test_curvature_plots_go_to_either_packages_own_wandb_logger(package, tmp_pat
     keys = read_complete_run(run_dir).keys()
     assert any(k.startswith("curvature/hessian/spectrum") for k in keys)
     assert any(k.startswith("curvature/hessian/alignment_table") for k in keys)
+
+
+
+def test_chart_lines_group_the_spectrum_and_the_two_worlds():
+    from lightning_sgd.loggers import chart_line
+
+    assert chart_line("curvature/hessian/eig_12") == ("curvature_hessian_spectrum", "eig_12")
+    assert chart_line("bootstrap/ideal_val_error") == ("bootstrap_real_vs_ideal", "ideal_val_error")
+    for key in ("curvature/hessian/eig_0_stderr", "diag/curvature/hessian/residual_0", "bootstrap/gap",
+                "bootstrap/real_test_loss"):
+        assert chart_line(key) is None
