@@ -105,9 +105,8 @@ class GradientNoiseScale(Callback):
     ``grad_sq_norm``, ``trace_cov``, ``b_noise``, ``b_noise_se``.
 
     Raises:
-        ValueError: at setup, on a source that cannot work for this run (``"ddp"`` on one process,
-            ``"accumulation"`` without accumulation, ``"per_example"`` with BatchNorm, a micro-batch source under
-            manual optimization); at the first measurement, a loss that is not a mean over examples.
+        ValueError: at setup, on a source that cannot work for this run (e.g. ``"ddp"`` on one process,
+            ``"per_example"`` with BatchNorm); at the first measurement, a loss that is not a mean over examples.
     """
 
     def __init__(
@@ -123,6 +122,9 @@ class GradientNoiseScale(Callback):
         engine: str = "auto",
         layers: str = "all",
     ) -> None:
+        if not isinstance(source, (str, NoiseScaleSource)):
+            raise TypeError(f"{_WHO}: source must be one of {_SOURCES} or a NoiseScaleSource instance, got "
+                            f"{source!r} ({type(source).__name__}).")
         self.source = source if isinstance(source, NoiseScaleSource) else check_choice(_WHO, "source", source,
                                                                                          _SOURCES)
         self.engine = check_choice(_WHO, "engine", engine, _ENGINES)
@@ -259,12 +261,10 @@ class GradientNoiseScale(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        step = trainer.global_step
+        step, n = trainer.global_step, batch_size(batch, _WHO)
         if step != self._step:  # the first micro-batch of this optimizer step
             self._step, self._step_examples = step, 0
-        n = batch_size(batch, _WHO)
-        self._step_examples += n
-        self._batch = batch
+        self._step_examples, self._batch = self._step_examples + n, batch
         if self.active_source is not None and self._schedule is not None:
             self.active_source.start_batch(trainer, pl_module, batch, n, self._schedule(step))
 
@@ -321,9 +321,8 @@ class GradientNoiseScale(Callback):
                     rank_zero_warn(f"{_WHO}: the {source.name} source cannot measure this model either ({err}); no "
                                    "more measurements in this run (counted in skipped['failed']).")
                     break
-                rank_zero_warn(f"{_WHO}: the {source.name} source cannot measure this model ({err}); measuring "
-                               f"with source={nxt.name!r} from now on. Pass source={nxt.name!r} to skip this "
-                               "attempt.")
+                rank_zero_warn(f"{_WHO}: the {source.name} source cannot measure this model ({err}); measuring with "
+                               f"source={nxt.name!r} from now on. Pass source={nxt.name!r} to skip this attempt.")
                 self._start_source(nxt, trainer, pl_module)
         raise Skip("failed")
 

@@ -214,6 +214,8 @@ def test_norm_layer_mode_matches_brute_force_over_the_norm_parameters(engine):
 def test_norm_layer_mode_bad_setups_fail_before_training():
     with pytest.raises(ValueError, match="layers must be one of"):
         GradientNoiseScale(layers="attention")
+    with pytest.raises(TypeError, match="source must be one of .* or a NoiseScaleSource instance, got <class"):
+        GradientNoiseScale(source=SplitSource)  # the class, not an instance
     for gns, match in ((GradientNoiseScale(layers="norm"), "no normalization layer"),
                        (GradientNoiseScale(layers="norm", source="split"), "needs the per_example source")):
         trainer = pl.Trainer(**fast_trainer_kwargs(callbacks=[gns]))
