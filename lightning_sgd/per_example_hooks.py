@@ -368,8 +368,8 @@ def _conv_form(conv: nn.Module, x: Tensor, d: Tensor) -> str:
 
     - grouped and transposed convolutions: ``"conv"`` (the only form);
     - ``"pixel_gram"`` where its multiply-adds, P²·C_in for the P padded input pixels plus L²·C_out for the L output
-      positions, are at most twice those of the per-example products, L·C_in·Πk·C_out: small maps with many
-      channels (ResNet-8's 8×8×64 layers, 2× faster than any other form; the MNIST-1D CNN's later layers);
+      positions, are at most twice those of the per-example products, L·C_in·Πk·C_out, and P² <= 2²⁰: small maps
+      with many channels (ResNet-8's 8×8×64 layers, 2× faster than any other form; the MNIST-1D CNN's later layers);
     - else, with few input channels (<= 4: image stems, one-channel signals), the patches and per-example products
       (``"unfold"``; ``"strided"`` in 3-D): the patch matrix is small, and the folded-batch convolution pays a fixed
       cost per group;
@@ -383,7 +383,8 @@ def _conv_form(conv: nn.Module, x: Tensor, d: Tensor) -> str:
     pads = conv._reversed_padding_repeated_twice  # last dim first, (left, right) each: what forward pads
     pixels = math.prod(n + pads[2 * (dims - 1 - i)] + pads[2 * (dims - 1 - i) + 1] for i, n in enumerate(x.shape[2:]))
     positions, width, c_in, c_out = math.prod(d.shape[2:]), conv.weight[0].numel(), x.shape[1], d.shape[1]
-    if pixels * pixels * c_in + positions * positions * c_out <= 2 * positions * width * c_out:
+    if (pixels * pixels * c_in + positions * positions * c_out <= 2 * positions * width * c_out
+            and pixels * pixels <= _MAX_BLOCK // 16):  # and a pixel Gram matrix of at most 4 MB (float32) per example
         return "pixel_gram"
     if c_in <= 4:
         return "unfold" if dims <= 2 else "strided"

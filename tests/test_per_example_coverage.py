@@ -145,6 +145,7 @@ def test_the_convolution_form_is_a_fixed_rule_of_the_shapes():
     assert form(nn.Conv2d(16, 16, 3, padding=1), 16, 32, 32) == "conv"  # a large map: no patches
     assert form(nn.Conv1d(16, 16, 3, padding=1), 16, 200) == "strided"
     assert form(nn.Conv2d(16, 16, 3, padding=1, groups=4), 16, 8, 8) == "conv"  # the only form for groups > 1
+    assert form(nn.Conv2d(256, 256, 3, padding=1), 256, 40, 40) == "conv"  # cheap in MACs, but a 27 MB pixel Gram
 
 
 def _norm_cases():
