@@ -262,7 +262,7 @@ def run(argv: Sequence[str]) -> Any:
 
     cli_args = None if [args[0], *composed] == sys.argv[1:] else [args[0], *composed]  # LightningCLI warns when
     with quiet_console():                                                             # given sys.argv's own
-        return run_lightning(args[0], composed, cli_args, recipe, expected)
+        return run_lightning(composed, cli_args, recipe, expected)
 
 
 if __name__ == "__main__":

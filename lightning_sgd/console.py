@@ -9,8 +9,10 @@ import os
 import warnings
 from collections.abc import Iterator
 
-#: Lightning loggers whose handlers print the "💡 Tip: ..." adverts.
-_LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric")
+#: The loggers Lightning's ``rank_zero_info`` writes the "💡 Tip: ..." adverts to: a filter on the logger that
+#: creates a record drops it before any handler (Lightning's own, the root's, a test harness's) sees it.
+_LIGHTNING_LOGGERS = tuple(f"{package}.utilities.rank_zero" for package in
+                           ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"))
 
 
 class DropAdverts(logging.Filter):
@@ -26,9 +28,7 @@ def quiet_console() -> Iterator[None]:
     command), no ``LeafSpec`` deprecation warning from Lightning's pytree helper, and no LightningCLI warning about
     being given arguments (lightning-sgd gives it the arguments after resolving recipe names)."""
     advert_filter = DropAdverts()
-    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
-    # a filter on a logger misses records of its children, a filter on a handler sees them all
-    targets = [*loggers, *(h for lg in loggers for h in lg.handlers)]
+    targets = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
     for target in targets:
         target.addFilter(advert_filter)
     silent = os.environ.get("WANDB_SILENT")

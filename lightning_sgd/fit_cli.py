@@ -88,14 +88,21 @@ class SaveRunConfigMixin:
         self.paths: list[str] = []
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Runs on rank 0 only (no collective calls: ``trainer.log_dir`` broadcasts, so it is not used)."""
         text = self.parser.dump(self.config, skip_none=False)  # type: ignore[attr-defined]
         resolved = yaml.safe_load(text)
+        folders = [Path(logger.log_dir) for logger in _csv_loggers(trainer)]
+        in_wandb = False
         for logger in trainer.loggers:
             set_config = getattr(logger, "set_run_config", None)
             if callable(set_config):
                 set_config(resolved, text)
-        for logger in _csv_loggers(trainer):
-            folder = Path(logger.log_dir)
+                in_wandb = True
+        if not folders and not in_wandb:  # other loggers only: where LightningCLI would have saved it
+            first = trainer.loggers[0] if trainer.loggers else None
+            folders = [Path(getattr(first, "log_dir", None) or getattr(first, "save_dir", None)
+                            or trainer.default_root_dir)]
+        for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / self.config_filename  # type: ignore[attr-defined]
             path.write_text(text)
@@ -176,7 +183,7 @@ class LightningSGDCLIMixin:
 
     def after_instantiate_classes(self) -> None:
         trainer = self.trainer  # type: ignore[attr-defined]
-        if getattr(trainer.accelerator, "__class__", type).__name__ != "CPUAccelerator":
+        if type(trainer.accelerator).__name__ != "CPUAccelerator":  # threads matter for CPU processes
             return
         processes = trainer.num_devices  # on this node
         explicit = os.environ.get("OMP_NUM_THREADS")
@@ -373,9 +380,10 @@ def model_package(args: Sequence[str]) -> ModuleType:
     return lpt if any(c.__name__ == name for c in _subclasses(lpt.LightningModule)) else pl
 
 
-def run_lightning(command: str, args: list[str], cli_args: list[str] | None, recipe: str | None,
+def run_lightning(args: list[str], cli_args: list[str] | None, recipe: str | None,
                   expected_callbacks: Sequence[str]) -> Any:
-    """Build and run the LightningCLI for ``command`` (``args``: its arguments after composition)."""
+    """Build and run the LightningCLI (``args``: the command's arguments after composition; ``cli_args``: what to
+    pass LightningCLI as ``args``, ``None`` for ``sys.argv``)."""
     import time
 
     package = model_package(args)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import yaml
 
@@ -156,3 +157,34 @@ def test_headline_values_read_the_callbacks():
         last_result = Result()
 
     assert headline_values([GNS(), Curvature()]) == {"B_simple": "190±12", "λ_max": "30.1"}
+
+
+
+class FolderLogger(pl.loggers.Logger):
+    """A user's own logger with a log folder (neither CSV nor W&B)."""
+
+    def __init__(self, save_dir: str) -> None:
+        super().__init__()
+        self._save_dir = save_dir
+
+    name, version = "mine", 0
+
+    @property
+    def log_dir(self) -> str:
+        return os.path.join(self._save_dir, "mine")
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+def test_the_config_is_saved_beside_other_loggers_too(tmp_path):
+    """A config naming its own logger (no CSV, no W&B) still gets config.yaml, in that logger's folder."""
+    logger = f"--trainer.logger={{class_path: tests.test_cli.FolderLogger, init_args: {{save_dir: {tmp_path}}}}}"
+    cli = run(["fit", "--config", "mnist1d", logger, "--trainer.callbacks=[]", "--trainer.max_steps=1",
+               "--trainer.limit_val_batches=0", "--test_after_fit=false", "--trainer.enable_progress_bar=false",
+               *SMALL])
+    saved = yaml.safe_load((tmp_path / "mine" / "config.yaml").read_text())
+    assert saved["trainer"]["logger"]["class_path"] == "tests.test_cli.FolderLogger" and cli.trainer.global_step == 1
