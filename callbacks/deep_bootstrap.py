@@ -32,6 +32,7 @@ from lightning_sgd.bootstrap import (
 )
 from lightning_sgd.checks import check_bool, check_choice, check_int
 from lightning_sgd.compat import PACKAGES, Callback, import_from
+from lightning_sgd.core import log_metrics
 from lightning_sgd.module_loss import ModuleLoss, muted_logging
 from lightning_sgd.schedules import LogSpaced, Schedule, as_schedule
 from lightning_sgd.twin import Twin
@@ -479,10 +480,9 @@ class DeepBootstrap(Callback):
             metrics["bootstrap/gap"] = metrics["bootstrap/loss_gap"]
         return metrics, False
 
-    @rank_zero_only
-    def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+    @staticmethod
+    def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        log_metrics(trainer, metrics, trainer.global_step)
 
     @rank_zero_only
     def _write_plot(self, trainer: pl.Trainer) -> None:

@@ -74,6 +74,7 @@ def at_backward_end(loss: Tensor, fn: Callable[[], None]) -> None:
     """
 
     def queue(grad: Tensor) -> None:
+        # Private torch API (no public way to queue an engine callback; torch's own DDP and FSDP use this one).
         torch.autograd.Variable._execution_engine.queue_callback(fn)
 
     loss.register_hook(queue)

@@ -28,6 +28,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_sgd.batches import batch_size
+from lightning_sgd.compat import current_fx_name, ddp_kwargs
 from lightning_sgd.core import amp_scale, at_backward_end, per_example_engine, sq_norms
 from lightning_sgd.module_loss import ModuleLoss, measuring, twice_differentiable_attention
 from lightning_sgd.noise_scale import (
@@ -244,8 +245,8 @@ class AccumulationSource(NoiseScaleSource):
                 f"{_WHO}(source={self.name!r}) reads gradients as Lightning's automatic optimization accumulates "
                 f"them, but {type(pl_module).__name__} uses manual optimization (automatic_optimization=False); "
                 "remove the callback, or implement split_batch/forward/loss and use source='per_example' or 'split'.")
-        ddp_kwargs = getattr(trainer.strategy, "_ddp_kwargs", None) or {}
-        self.differencing = trainer.world_size == 1 or not ddp_kwargs.get("gradient_as_bucket_view", False)
+        bucket_view = ddp_kwargs(trainer.strategy).get("gradient_as_bucket_view", False)
+        self.differencing = trainer.world_size == 1 or not bucket_view
         self._differences = GradDifferences(layout.params)
         self._hooks = None if self.differencing else _GradHooks(layout.params)
         self._micro: list[Tensor] = []  # per measured micro-batch: (P,) squared norms of its gradient
@@ -458,7 +459,7 @@ class PerExampleSource(NoiseScaleSource):
             # inside a measurement (ModuleLoss.isolated) that re-runs training_step
             self.hooks = PerExampleNormHooks(
                 pl_module, layer_names=per_layer, layers=self.layers,
-                capture_if=lambda: pl_module._current_fx_name == "training_step" and not measuring())
+                capture_if=lambda: current_fx_name(pl_module) == "training_step" and not measuring())
         elif self.engine == "auto" and reasons:
             rank_zero_info(f"{_WHO}: per-example norms through vmap (a second pass per measured step), since the "
                            f"layer-hook engine does not apply: {'; '.join(reasons)}.")

@@ -47,6 +47,8 @@ CASES = [
     (GradientNoiseScale, {"per_layer": "yes"}, T, "per_layer"),
     (GradientNoiseScale, {"source": "both"}, V, "source"),
     (GradientNoiseScale, {"engine": "jit"}, V, "engine"),
+    (GradientNoiseScale, {"layers": "attention"}, V, "layers"),
+    (GradientNoiseScale, {"source": 3}, T, "source"),
     # GradientDiversity
     (GradientDiversity, {"probe_size": 2.5}, T, "probe_size"),
     (GradientDiversity, {"probe_size": 1}, V, "probe_size"),

@@ -311,7 +311,7 @@ def test_cell(kind: str, feature_name: str, package: str) -> None:
 
 
 # --------------------------------------------------------------------------------------- training is unchanged
-_OURS = ("gns/", "diversity/", "curvature/")
+_OURS = ("gns/", "diversity/", "curvature/", "diag/")
 
 
 def _train(kind: str, package: str, callbacks: list[Any]) -> tuple[dict[str, torch.Tensor], list[Any]]:

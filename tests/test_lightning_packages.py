@@ -193,6 +193,7 @@ def test_strategy_norms_match_hand_gradients_under_each_package(package: str, tm
     equals the hand-computed gradient of its own batch, the global |ḡ|² the all-reduced ``.grad``, which is the
     mean of the two hand gradients. fp32 gradients of a 66-parameter model summed in another order: rtol 1e-5."""
     from tests.ddp import run_ddp
+    from tests.test_grad_stats_ddp import assert_record_matches
 
     ranks = run_ddp("tests.ddp_entries_lightning:grad_stats_fits", tmp_path, package=package, steps=2)
     expected_class = "GradStatsDDPStrategy" if package == "pytorch_lightning" else "LightningGradStatsDDPStrategy"
@@ -204,12 +205,7 @@ def test_strategy_norms_match_hand_gradients_under_each_package(package: str, tm
             assert not torch.allclose(grads[0], grads[1])  # each rank saw its own batch
             for r in ranks:
                 record = r[form]["steps"][t]
-                assert record["stats_step"] == record["step"] == t
-                torch.testing.assert_close(torch.tensor(record["local_sq_norms"], dtype=torch.float64),
-                                           torch.stack([g @ g for g in grads]), rtol=1e-5, atol=0)
-                reduced = torch.tensor(record["reduced_grad"], dtype=torch.float64)
-                torch.testing.assert_close(reduced, (grads[0] + grads[1]) / 2, rtol=1e-5, atol=1e-7)
-                assert record["global_sq_norm"] == pytest.approx(float(reduced @ reduced), rel=1e-5)
+                assert_record_matches(record, t, grads)
                 assert (record["local_batch_size"], record["global_batch_size"]) == (8, 16)
     assert ranks[0]["name"]["steps"] == ranks[0]["object"]["steps"]  # same seed, same strategy: same run
 

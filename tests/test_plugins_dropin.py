@@ -319,7 +319,7 @@ def test_deep_bootstrap_on_the_readme_autoencoder(package, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(state(module).values(), state(plain).values()))
     losses = _train_losses(trainer.logger.log_dir)
     assert len(losses) == 8 and losses == _train_losses(plain_trainer.logger.log_dir)
-    assert cb._twin_steps == 8 and not torch.equal(cb.twin.decoder[2].weight, module.decoder[2].weight)
+    assert cb.twin_steps == 8 and not torch.equal(cb.twin.decoder[2].weight, module.decoder[2].weight)
     assert [h["step"] for h in cb.history] == [0, 4, 8]
     first, last = cb.history[0], cb.history[-1]
     assert not any("error" in key for h in cb.history for key in h)

@@ -57,6 +57,7 @@ from lightning_sgd.compat import (
     train_dataloaders,
     train_fetcher,
 )
+from lightning_sgd.core import log_metrics
 from lightning_sgd.plugins.lr_warmup_scaling import RULES, LRWarmupScaling, rescale_learning_rates, scale_factor
 from lightning_sgd.resumable import EpochSampler, ResizableDataLoader
 
@@ -286,8 +287,7 @@ class _BatchSizeController(Callback):
 
     @staticmethod
     def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-        for logger in trainer.loggers:  # loggers only write on rank 0
-            logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step)
+        log_metrics(trainer, {k: float(v) for k, v in metrics.items()}, trainer.global_step)
 
 
 class BatchSizeSchedule(_BatchSizeController):

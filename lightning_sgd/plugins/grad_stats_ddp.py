@@ -82,6 +82,7 @@ from typing_extensions import override
 
 from lightning_sgd import compat
 from lightning_sgd.batches import batch_size
+from lightning_sgd.compat import ddp_comm_settings
 from lightning_sgd.core import amp_scale, at_backward_end, sq_norms
 from lightning_sgd.grad_stats import AllReduceGradStats
 
@@ -292,14 +293,15 @@ class GradStatsDDPMixin:
             trainer.callbacks.append(_GradStatsLogger(self.max_logged_ranks))
 
     @override
-    def _register_ddp_hooks(self) -> None:
+    def _register_ddp_hooks(self) -> None:  # the private DDPStrategy method compat.DDP_REGISTER_HOOKS names
         """Measure with DDP's own all-reduce when possible, else register the measuring comm hook (wrapping the
         user's) on every device type, not only CUDA."""
         assert isinstance(self.model, DistributedDataParallel)
-        user_hook = self._ddp_comm_hook
-        if self._ddp_comm_wrapper is not None:
-            user_hook = self._ddp_comm_wrapper(user_hook if user_hook is not None else default_hooks.allreduce_hook)
-        self._warn_if_meaning_changes(user_hook)
+        comm_hook, comm_state, comm_wrapper = ddp_comm_settings(self)
+        user_hook = comm_hook
+        if comm_wrapper is not None:
+            user_hook = comm_wrapper(user_hook if user_hook is not None else default_hooks.allreduce_hook)
+        self._warn_if_meaning_changes(user_hook, comm_hook, comm_wrapper)
         backend = dist.get_backend(self.model.process_group)
         if backend not in _SUPPORTED_BACKENDS:
             rank_zero_warn(f"GradStatsDDPStrategy: only tested on {_SUPPORTED_BACKENDS}, the process group uses "
@@ -308,23 +310,25 @@ class GradStatsDDPMixin:
             params = [p for p in self.model.module.parameters() if p.requires_grad]
             self._recorder = _BackwardEndRecorder(self.model.process_group, params)
             return
-        recorder = _BucketNormRecorder(self.model.process_group, user_hook, self._ddp_comm_state)
+        recorder = _BucketNormRecorder(self.model.process_group, user_hook, comm_state)
         try:
             self.model.register_comm_hook(recorder, _grad_stats_hook)
         except RuntimeError as err:  # e.g. a backend without Future-based collectives
             rank_zero_warn(f"GradStatsDDPStrategy: could not register the gradient-norm comm hook on backend "
                            f"{backend!r} ({err}); training continues as plain DDP without gradient stats.")
             if user_hook is not None:
-                self.model.register_comm_hook(self._ddp_comm_state, user_hook)
+                self.model.register_comm_hook(comm_state, user_hook)
             return
         self._recorder = recorder
 
-    def _warn_if_meaning_changes(self, user_hook: Callable | None) -> None:
-        names = [_hook_name(self._ddp_comm_hook)]
-        if self._ddp_comm_wrapper is not None:
-            names.append(_hook_name(self._ddp_comm_wrapper))
-        wrapper = _hook_name(self._ddp_comm_wrapper) if self._ddp_comm_wrapper is not None else None
-        inner_ok = _hook_name(self._ddp_comm_hook) in _MEAN_PRESERVING_HOOKS
+    @staticmethod
+    def _warn_if_meaning_changes(user_hook: Callable | None, comm_hook: Callable | None,
+                                 comm_wrapper: Callable | None) -> None:
+        names = [_hook_name(comm_hook)]
+        if comm_wrapper is not None:
+            names.append(_hook_name(comm_wrapper))
+        wrapper = _hook_name(comm_wrapper) if comm_wrapper is not None else None
+        inner_ok = _hook_name(comm_hook) in _MEAN_PRESERVING_HOOKS
         wrapper_ok = wrapper in (None, "fp16_compress_wrapper", "bf16_compress_wrapper")
         if user_hook is None or (inner_ok and wrapper_ok):
             return
