@@ -103,6 +103,13 @@ def _grid(value: Tunable, default: np.ndarray) -> np.ndarray | None:
     return np.atleast_1d(np.asarray(value, float))
 
 
+def _spacing(values: np.ndarray) -> float:
+    """The largest ratio between neighbouring values of a positive grid (its resolution on a log scale)."""
+    v = np.sort(np.asarray(values, float))
+    v = v[v > 0]
+    return float(np.max(v[1:] / v[:-1])) if v.size > 1 else 1.0
+
+
 def steps_to_target(
     batch_size,
     *,
@@ -117,6 +124,7 @@ def steps_to_target(
     model: str | NQM | InterpolationModel | None = None,
     exhaustive: bool = False,
     warn_edges: bool = True,
+    refine: bool = True,
     **model_kwargs,
 ) -> StepsResult:
     """Fewest steps to reach expected risk ``target`` at each batch size, minimised over the hyper-parameters.
@@ -136,6 +144,10 @@ def steps_to_target(
         dim, bins, model_kwargs: the model (default the paper's NQM; ``model="interpolation"`` for the
             stochastic-linear-regression counterpart).
         exhaustive: check every grid point (exact grid minimum) instead of the coarse-to-fine search.
+        refine: then refine the grid optimum to the continuous one (:func:`lightning_sgd.nqm.search.refine`:
+            golden-section on log α and on log(1 − β) / log(1 − γ) where tuned, within one grid step and inside the
+            grid's range), so the steps do not depend on the grid's spacing (NQM only; the interpolation model
+            keeps the grid optimum). The returned ``lr``/``momentum``/``ema`` are then the refined values.
 
     Returns:
         :class:`StepsResult` with ``steps`` (inf if unreachable) and the argmin ``lr``, ``momentum``/``ema``.
@@ -153,6 +165,7 @@ def steps_to_target(
     check.real("target", target, check.POSITIVE)
     check.flag("exhaustive", exhaustive)
     check.flag("warn_edges", warn_edges)
+    check.flag("refine", refine)
     mdl = make_model(model, dim=dim, bins=bins, **model_kwargs)
     check_target(mdl.spectrum, target)
     if optimizer == "momentum" and momentum is None:
@@ -175,6 +188,16 @@ def steps_to_target(
     aux_best = None
     if aux is not None:
         aux_best = np.where(found, aux[np.maximum(res.aux_index, 0)], np.nan)
+    steps = res.steps
+    tune_lr, tune_aux = lrs.size > 1, aux is not None and aux.size > 1
+    if refine and isinstance(mdl, NQM) and found.any() and (tune_lr or tune_aux):
+        from lightning_sgd.nqm.search import refine as refine_optimum
+
+        steps, lr_best, aux_best = refine_optimum(
+            mdl.spectrum, bs, lr_best, aux_best, res.steps, kind=kind, power=precondition_power, target=target,
+            lr_bounds=(float(lrs.min()), float(lrs.max())) if tune_lr else None,
+            aux_bounds=(float(aux.min()), float(aux.max())) if tune_aux else None,
+            lr_step=_spacing(lrs), aux_step=_spacing(1.0 - aux) if tune_aux else 1.0, effective_lr=eff)
     if eff:
         eff_lr = lr_best
         lr_best = lr_best * (1.0 - aux_best)
@@ -189,7 +212,7 @@ def steps_to_target(
                       stacklevel=2)
     return StepsResult(
         batch_size=bs,
-        steps=res.steps,
+        steps=steps,
         lr=lr_best,
         momentum=aux_best if kind == "momentum" else None,
         ema=aux_best if kind == "ema" else None,

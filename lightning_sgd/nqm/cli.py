@@ -153,8 +153,10 @@ def _cmd_steps(args) -> int:
     return 0
 
 
-PREDICTIONS = {
-    "sgd": {},
+#: The optimizers ``nqm fit`` predicts. Each entry is explicit (plain SGD is ``precondition_power=0``), because
+#: ``NQMFit.predict`` with no optimizer arguments predicts the measured (reference) optimizer instead.
+PREDICTIONS: dict[str, dict[str, float | str]] = {
+    "sgd": {"precondition_power": 0.0},
     "momentum (tuned)": {"momentum": "tune"},
     "sgd, P=H^0.5": {"precondition_power": 0.5},
     "momentum (tuned), P=H^0.5": {"momentum": "tune", "precondition_power": 0.5},
@@ -174,8 +176,10 @@ def _cmd_fit(args) -> int:
     print(f"batch_scale {fit.batch_scale:.4g}  step_scale {fit.step_scale:.4g}  "
           f"rms log error {fit.rms_log_error:.3f}  (S(B) = step_scale * S_nqm(B / batch_scale))")
     grid = 2.0 ** np.arange(np.floor(np.log2(bs.min())) - 2, np.ceil(np.log2(bs.max())) + 5)
-    preds = {name: fit.predict(grid, **kw) if kw or fit.reference else fit.predict(grid) for name, kw in
-             PREDICTIONS.items()}
+    preds = {name: fit.predict(grid, **kw) for name, kw in PREDICTIONS.items()}
+    if fit.reference:  # the measured optimizer itself, so the fitted curve can be read against the measurement
+        reference = ", ".join(f"{k}={v}" for k, v in fit.reference.items())
+        preds = {f"measured: {reference}": fit.predict(grid), **preds}
     print(f"{'batch':>10s} " + " ".join(f"{n:>26s}" for n in preds))
     for i, b in enumerate(grid):
         print(f"{b:10.0f} " + " ".join(f"{preds[n][i]:26.4g}" for n in preds))

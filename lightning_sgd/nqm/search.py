@@ -160,15 +160,20 @@ def check_target(spec: Spectrum, target) -> float:
     return target
 
 
-def build_plan(spec: Spectrum, power: float, lrs, aux, kind: str, *, effective_lr: bool = False) -> _Plan:
-    """Plan for the (lr × aux) grid (row index = i_lr * n_aux + i_aux)."""
+def build_plan(spec: Spectrum, power: float, lrs, aux, kind: str, *, effective_lr: bool = False,
+               pairs: bool = False) -> _Plan:
+    """Plan for the (lr × aux) grid (row index = i_lr * n_aux + i_aux); with ``pairs=True`` for the configurations
+    (lrs[i], aux[i]) instead (row index = i)."""
     h_tilde, sigma2, weight = _direction_terms(spec, power)
     lrs = np.asarray(lrs, float)
     aux_arr = None if aux is None else np.asarray(aux, float)
     n_aux = 1 if aux is None else len(aux_arr)
 
-    def coeffs(rows):
-        i_lr, i_aux = np.divmod(rows, n_aux)
+    def coeffs(rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        if pairs:
+            i_lr, i_aux = rows, (rows if aux_arr is not None else np.zeros_like(rows))
+        else:
+            i_lr, i_aux = np.divmod(rows, n_aux)
         lr = lrs[i_lr][:, None]
         a = None if aux_arr is None else aux_arr[i_aux][:, None]
         if effective_lr and kind == "momentum":
@@ -178,7 +183,7 @@ def build_plan(spec: Spectrum, power: float, lrs, aux, kind: str, *, effective_l
         shape = (rows.size, h_tilde.size)
         return tuple(np.broadcast_to(v, shape) for v in (P, Q, kappa, nu * lr * lr * sigma2[None, :]))
 
-    return _Plan(coeffs, len(lrs) * n_aux, spec.init, weight)
+    return _Plan(coeffs, len(lrs) if pairs else len(lrs) * n_aux, spec.init, weight)
 
 
 def _reached(plan: _Plan, cfg: np.ndarray, t: np.ndarray, bs: np.ndarray, target: float, data=None) -> np.ndarray:
@@ -362,3 +367,267 @@ def grid_steps(
     lr_index = np.where(found, best_cfg // n_aux, -1)
     aux_index = np.where(found & (aux is not None), best_cfg % n_aux, -1)
     return GridResult(best, lr_index, aux_index)
+
+
+# ------------------------------------------------------------------------------------------------ refinement
+#: Golden-section iterations per coordinate: the bracket (one grid step either side) shrinks by 0.618^n.
+REFINE_ITERATIONS = 8
+#: Coordinate rounds (lr, then β/γ, then lr again, ...) when a second parameter is tuned.
+REFINE_ROUNDS = 3
+#: The bracket reaches this many grid steps either side of the current point.
+REFINE_BRACKET = 2.0
+_GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
+
+
+def _risk(plan: _Plan, cfg: np.ndarray, t: np.ndarray, bs: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """Risk of lanes ``cfg`` at the integer steps ``t`` (n, m), batch sizes ``bs`` (n,)."""
+    det, noise = plan.det_noise(cfg, t, data)
+    return det + noise / bs[:, None]
+
+
+def _secant_crossing(plan: _Plan, cfg: np.ndarray, bs: np.ndarray, target: float, data: np.ndarray,
+                     lo: np.ndarray, r_lo: np.ndarray, hi: np.ndarray, r_hi: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Narrow integer brackets (lo: risk above target, hi: at or below) to hi = lo + 1.
+
+    Each round evaluates, per lane, the two integers around the secant estimate of the crossing on
+    log(risk − floor), floor = Noise(∞)/B the steady-state risk: that is close to linear in t once the slowest
+    directions dominate, so a tight bracket usually closes in one or two rounds. A lane whose bracket did not at
+    least halve takes the bisection midpoint next, so no lane does worse than about twice bisection."""
+    lo, hi, r_lo, r_hi = lo.copy(), hi.copy(), r_lo.copy(), r_hi.copy()
+    floor = plan.noise_inf[cfg] / bs
+    log_gap = np.log(target - floor)
+    bisect = np.zeros(lo.size, dtype=bool)
+    while True:
+        idx = np.flatnonzero(hi - lo > 1)
+        if idx.size == 0:
+            return lo, r_lo, hi, r_hi
+        a, b = lo[idx], hi[idx]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fa = np.log(np.maximum(r_lo[idx] - floor[idx], 1e-300)) - log_gap[idx]
+            fb = np.log(np.maximum(r_hi[idx] - floor[idx], 1e-300)) - log_gap[idx]
+            est = a + (b - a) * fa / (fa - fb)
+        est = np.where(np.isfinite(est) & ~bisect[idx], est, (a + b) / 2)
+        t1 = np.clip(np.floor(est), a + 1, b - 1)
+        t = np.stack([t1, np.minimum(t1 + 1, b - 1)], axis=1)  # (n, 2)
+        r = _risk(plan, cfg[idx], t, bs[idx], data[idx])
+        reached = r <= target
+        rows = np.arange(idx.size)
+        t_hi = np.where(reached, t, np.inf)
+        j_hi = t_hi.argmin(axis=1)
+        new_hi = t_hi[rows, j_hi]
+        take = new_hi < b
+        hi[idx[take]] = new_hi[take]
+        r_hi[idx[take]] = r[take, j_hi[take]]
+        t_lo = np.where(~reached & (t < hi[idx, None]), t, -np.inf)
+        j_lo = t_lo.argmax(axis=1)
+        new_lo = t_lo[rows, j_lo]
+        take = new_lo > a
+        lo[idx[take]] = new_lo[take]
+        r_lo[idx[take]] = r[take, j_lo[take]]
+        bisect[idx] = (hi[idx] - lo[idx]) > 0.5 * (b - a)
+
+
+def crossing_steps(spec: Spectrum, power: float, kind: str, lrs: np.ndarray, aux: np.ndarray | None,
+                   batch_sizes: np.ndarray, target: float, guess: np.ndarray, *, effective_lr: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Steps to ``target`` of the configurations (lrs[i], aux[i]) at batch_sizes[i]: the integer steps (inf when not
+    reached within 16× ``guess``) and a continuous version, the crossing time interpolated linearly in the risk
+    between step S − 1 and S (in (S − 1, S]), which a one-dimensional minimiser can follow between integers.
+
+    ``guess`` (the steps of a nearby configuration) sets the first bracket, [guess/1.03, guess·1.03]; lanes outside
+    it get [0, guess/1.03] or are tried at 1.3×, 4× and 16× the guess."""
+    n = batch_sizes.size
+    plan = build_plan(spec, power, lrs, aux, kind, effective_lr=effective_lr, pairs=True)
+    cfg = np.arange(n)
+    steps = np.full(n, np.inf)
+    frac = np.full(n, np.inf)
+    live = np.flatnonzero(plan.stable_cfg & (plan.noise_inf / batch_sizes < target))
+    if live.size == 0:
+        return steps, frac
+    cl, bl = cfg[live], batch_sizes[live]
+    data = plan.fields(cl)
+    g = np.maximum(np.where(np.isfinite(guess[live]), guess[live], 1.0), 1.0)
+    t = np.stack([np.maximum(np.floor(g / 1.03), 1.0), np.ceil(g * 1.03) + 1.0], axis=1)
+    r = _risk(plan, cl, t, bl, data)
+    lo, r_lo = np.zeros(live.size), np.full(live.size, spec.initial_risk)
+    hi, r_hi = np.full(live.size, np.inf), np.full(live.size, np.inf)
+    at_lo = r[:, 0] <= target  # crosses before the bracket: [0, lo]
+    hi[at_lo], r_hi[at_lo] = t[at_lo, 0], r[at_lo, 0]
+    mid = ~at_lo & (r[:, 1] <= target)
+    lo[mid], r_lo[mid], hi[mid], r_hi[mid] = t[mid, 0], r[mid, 0], t[mid, 1], r[mid, 1]
+    late = np.flatnonzero(~at_lo & ~mid)
+    if late.size:  # crosses after the bracket (or never): try further out
+        tl = np.stack([np.ceil(g[late] * f) for f in (1.3, 4.0, 16.0)], axis=1)
+        rl = _risk(plan, cl[late], tl, bl[late], data[late])
+        ok = rl <= target
+        j = ok.argmax(axis=1)
+        has = ok.any(axis=1)
+        rows = np.arange(late.size)
+        prev_t = np.where(j > 0, tl[rows, np.maximum(j - 1, 0)], t[late, 1])
+        prev_r = np.where(j > 0, rl[rows, np.maximum(j - 1, 0)], r[late, 1])
+        sel = late[has]
+        lo[sel], r_lo[sel] = prev_t[has], prev_r[has]
+        hi[sel], r_hi[sel] = tl[rows[has], j[has]], rl[rows[has], j[has]]
+    found = np.flatnonzero(np.isfinite(hi))
+    lo_s, r_lo_s, hi_s, r_hi_s = _secant_crossing(plan, cl[found], bl[found], target, data[found], lo[found],
+                                                  r_lo[found], hi[found], r_hi[found])
+    out = live[found]
+    steps[out] = hi_s
+    with np.errstate(divide="ignore", invalid="ignore"):
+        part = np.clip((r_lo_s - target) / (r_lo_s - r_hi_s), 0.0, 1.0)
+    frac[out] = hi_s - 1.0 + np.where(np.isfinite(part), part, 1.0)
+    return steps, frac
+
+
+#: Lanes with at most this many steps get the joint polish: their integer steps have wide plateaus and the optimum
+#: lies on a narrow ridge of (α, β), where a search one coordinate at a time stalls.
+POLISH_MAX_STEPS = 400
+POLISH_POINTS = 5  # per coordinate and zoom level of the joint search
+POLISH_LEVELS = 6  # zoom levels: the box halves each level
+POLISH_ROUNDS = 8  # at most this many one-step improvements per lane
+
+
+def _min_risk(spec: Spectrum, power: float, kind: str, bs: np.ndarray, t: np.ndarray, x_lr: np.ndarray,
+              x_aux: np.ndarray, w_lr: float, w_aux: float, box: tuple[float, float, float, float],
+              effective_lr: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per lane, the smallest risk at step t[i] over (log α, log(1 − β)) near (x_lr[i], x_aux[i]): a K × K grid
+    over a box of half-widths (w_lr, w_aux), re-centred on its best point and halved ``POLISH_LEVELS`` times."""
+    offsets = np.linspace(-1.0, 1.0, POLISH_POINTS)
+    u, v = (g.ravel() for g in np.meshgrid(offsets, offsets, indexing="ij"))
+    n, m = x_lr.size, u.size
+    x_lr, x_aux = x_lr.copy(), x_aux.copy()
+    best = np.full(n, np.inf)
+    for level in range(POLISH_LEVELS):
+        scale = 0.5**level
+        cand_lr = np.clip(x_lr[:, None] + u[None, :] * w_lr * scale, box[0], box[1])  # (n, m)
+        cand_aux = np.clip(x_aux[:, None] + v[None, :] * w_aux * scale, box[2], box[3])
+        plan = build_plan(spec, power, np.exp(cand_lr.ravel()), -np.expm1(cand_aux.ravel()), kind,
+                          effective_lr=effective_lr, pairs=True)
+        risk = np.full(n * m, np.inf)
+        ok = np.flatnonzero(plan.stable_cfg)
+        if ok.size:
+            det, noise = plan.det_noise(ok, np.repeat(t, m)[ok])
+            risk[ok] = det + noise / np.repeat(bs, m)[ok]
+        risk = np.where(np.isfinite(risk), risk, np.inf).reshape(n, m)
+        j = risk.argmin(axis=1)
+        rows = np.arange(n)
+        better = risk[rows, j] < best
+        best = np.where(better, risk[rows, j], best)
+        x_lr = np.where(better, cand_lr[rows, j], x_lr)
+        x_aux = np.where(better, cand_aux[rows, j], x_aux)
+    return best, x_lr, x_aux
+
+
+def _polish(spec: Spectrum, power: float, kind: str, bs: np.ndarray, target: float, steps: np.ndarray,
+            x_lr: np.ndarray, x_aux: np.ndarray, w_lr: float, w_aux: float, lr_bounds: tuple[float, float],
+            aux_bounds: tuple[float, float], effective_lr: bool
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two tuned parameters, few steps: can some (α, β) near the current one reach the target one step earlier?
+    Minimise the risk at step S − 1 jointly over both (:func:`_min_risk`, a smooth function, unlike the integer
+    steps); where the minimum is at or below the target, move there and take its exact steps; repeat."""
+    steps, x_lr, x_aux = steps.copy(), x_lr.copy(), x_aux.copy()
+    box = (np.log(lr_bounds[0]), np.log(lr_bounds[1]), np.log1p(-min(aux_bounds[1], 1 - 1e-12)),
+           np.log1p(-aux_bounds[0]) if aux_bounds[0] < 1 else 0.0)
+    active = np.isfinite(steps) & (steps <= POLISH_MAX_STEPS) & (steps > 1)
+    for _ in range(POLISH_ROUNDS):
+        lanes = np.flatnonzero(active)
+        if lanes.size == 0:
+            break
+        risk, new_lr, new_aux = _min_risk(spec, power, kind, bs[lanes], steps[lanes] - 1.0, x_lr[lanes],
+                                          x_aux[lanes], 1.5 * w_lr, 1.5 * w_aux, box, effective_lr)
+        ok = risk <= target
+        active[lanes[~ok]] = False
+        if not ok.any():
+            break
+        sel = lanes[ok]
+        exact, _ = crossing_steps(spec, power, kind, np.exp(new_lr[ok]), -np.expm1(new_aux[ok]), bs[sel], target,
+                                  steps[sel] - 1.0, effective_lr=effective_lr)
+        better = exact < steps[sel]
+        upd = sel[better]
+        steps[upd], x_lr[upd], x_aux[upd] = exact[better], new_lr[ok][better], new_aux[ok][better]
+        active[sel[~better]] = False
+        active &= steps > 1
+    return steps, x_lr, x_aux
+
+
+def refine(spec: Spectrum, batch_sizes, lr, aux, steps, *, kind: str = "sgd", power: float = 0.0,
+           target: float = 0.01, lr_bounds: tuple[float, float] | None = None,
+           aux_bounds: tuple[float, float] | None = None, lr_step: float = 1.1, aux_step: float = 1.5,
+           effective_lr: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Refine a grid optimum to the continuous one: golden-section search on log α when ``lr_bounds`` is given (the
+    lr is tuned; within ``lr_step``, the grid's spacing ratio, of the grid point, clipped to the bounds), then on
+    log(1 − β) / log(1 − γ) when ``aux_bounds`` is given (bounds on β/γ), alternating for ``REFINE_ROUNDS`` rounds;
+    all batch sizes in lockstep.
+
+    The minimised quantity is the continuous crossing time of :func:`crossing_steps`; the result is never worse
+    than the grid point (a lane keeps its grid point unless the refined point needs fewer integer steps, or as
+    many). Returns (steps, lr, aux) with lr the effective rate α/(1 − β) when ``effective_lr``.
+    """
+    bs = np.asarray(batch_sizes, float)
+    best_steps = np.asarray(steps, float).copy()
+    lr = np.asarray(lr, float).copy()
+    aux = None if aux is None else np.asarray(aux, float).copy()
+    lanes = np.flatnonzero(np.isfinite(best_steps) & np.isfinite(lr))
+    if lanes.size == 0:
+        return best_steps, lr, aux
+    x_lr = np.log(lr[lanes])
+    x_aux = None if aux is None else np.log1p(-aux[lanes])  # log(1 − β)
+    guess = best_steps[lanes]
+
+    def evaluate(log_lr: np.ndarray, log_one_minus: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        a = None if log_one_minus is None else -np.expm1(log_one_minus)
+        return crossing_steps(spec, power, kind, np.exp(log_lr), a, bs[lanes], target, guess,
+                              effective_lr=effective_lr)
+
+    def golden(which: str) -> None:
+        nonlocal x_lr, x_aux
+        centre = x_lr if which == "lr" else x_aux
+        width = REFINE_BRACKET * np.log(lr_step if which == "lr" else aux_step)
+        bounds = lr_bounds if which == "lr" else aux_bounds
+        lo, hi = centre - width, centre + width
+        if bounds is not None:  # always given for a tuned parameter
+            if which == "lr":
+                lo, hi = np.maximum(lo, np.log(bounds[0])), np.minimum(hi, np.log(bounds[1]))
+            else:  # bounds on β: log(1 − β) decreases with β
+                lo = np.maximum(lo, np.log1p(-min(bounds[1], 1 - 1e-12)))
+                hi = np.minimum(hi, np.log1p(-bounds[0]) if bounds[0] < 1 else hi)
+
+        def at(x: np.ndarray) -> np.ndarray:
+            return evaluate(x, x_aux)[1] if which == "lr" else evaluate(x_lr, x)[1]
+
+        c, d = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
+        fc, fd = at(c), at(d)
+        for _ in range(REFINE_ITERATIONS):
+            left = fc <= fd  # minimum in [lo, d]
+            hi = np.where(left, d, hi)
+            lo = np.where(left, lo, c)
+            new = np.where(left, hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo))
+            fnew = at(new)
+            c, d, fc, fd = (np.where(left, new, d), np.where(left, c, new), np.where(left, fnew, fd),
+                            np.where(left, fc, fnew))
+        x = np.where(fc <= fd, c, d)
+        f = np.minimum(fc, fd)
+        f0 = at(centre)
+        better = f < f0
+        if which == "lr":
+            x_lr = np.where(better, x, x_lr)
+        else:
+            x_aux = np.where(better, x, x_aux)
+
+    for _ in range(REFINE_ROUNDS if (aux_bounds is not None and lr_bounds is not None) else 1):
+        if lr_bounds is not None:
+            golden("lr")
+        if aux_bounds is not None and x_aux is not None:
+            golden("aux")
+    new_steps, _ = evaluate(x_lr, x_aux)
+    if x_aux is not None and aux_bounds is not None and lr_bounds is not None:
+        new_steps, x_lr, x_aux = _polish(spec, power, kind, bs[lanes], target, new_steps, x_lr, x_aux,
+                                         np.log(lr_step), np.log(aux_step), lr_bounds, aux_bounds, effective_lr)
+    keep = new_steps <= best_steps[lanes]
+    sel = lanes[keep]
+    best_steps[sel] = new_steps[keep]
+    lr[sel] = np.exp(x_lr[keep])
+    if aux is not None and x_aux is not None:
+        aux[sel] = -np.expm1(x_aux[keep])
+    return best_steps, lr, aux

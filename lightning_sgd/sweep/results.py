@@ -223,11 +223,11 @@ def write_csv(path: str, summary: dict[str, Any]) -> None:
         for r in summary["rows"]:
             cells = []
             for key in CSV_FIELDS:
-                value = r[key]
+                value = r.get(key)
                 if key == "best_steps" and value is None:
                     value = "not reached"
                 elif key == "edge_warnings":
-                    value = " ".join(value)
+                    value = " ".join(value or [])
                 cells.append("" if value is None else value)
             writer.writerow([*cells, *(r["best_params"].get(n, "") for n in names)])
 
