@@ -197,9 +197,6 @@ class GradientNoiseScale(Callback):
         """For the per_example source, ``"hooks"`` or ``"vmap"`` (after any fallback); else ``None``."""
         return self.active_source.engine_in_use if isinstance(self.active_source, PerExampleSource) else None
 
-    # TODO(lead): drop these two once tests/test_per_example_hooks.py reads engine_in_use / hooks_validated
-    _hooks = property(lambda self: getattr(self.active_source, "hooks", None))
-    _hooks_validated = property(lambda self: bool(getattr(self.active_source, "hooks_validated", False)))
 
     # ---------------------------------------------------------------------------------------------------- setup
     def resolve_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> NoiseScaleSource:
@@ -361,6 +358,9 @@ class GradientNoiseScale(Callback):
             "b_noise_ema": self.b_noise_ema.state_dict(),
             "measured": self.measured,
             "skipped": dict(self.skipped),
+            # the per-example engine this run settled on (timed once under engine="auto", or after a fallback):
+            # a resumed run measures with the same one, so its numbers round exactly as the uninterrupted run's
+            **({"engine": self.engine_in_use} if self.engine_in_use is not None else {}),
         }
 
     @override
@@ -386,6 +386,8 @@ class GradientNoiseScale(Callback):
         if "b_noise_ema" in state_dict:
             self.b_noise_ema.load_state_dict(state_dict["b_noise_ema"])
         self.measured = int(state_dict.get("measured", self.ema.count))
+        if "engine" in state_dict and isinstance(self.active_source, PerExampleSource):
+            self.active_source.use_engine(state_dict["engine"])
         self.skipped = {**self.skipped, **state_dict.get("skipped", {})}
         saved_beta = self.ema.beta
         for ema in (self.ema, self.b_noise_ema, *self.layer_ema.values()):

@@ -529,6 +529,14 @@ class PerExampleSource(NoiseScaleSource):
         return {key: per_example_estimate((sq if not key else layer_sq.get(key, torch.zeros_like(sq))) * factor,
                                           big[j]) for j, key in enumerate(self.layout.keys)}
 
+    def use_engine(self, engine: str) -> None:
+        """Measure with ``engine`` (``"hooks"`` or ``"vmap"``) without timing the two: what a resumed run restores
+        from its checkpoint, so it continues on the engine the uninterrupted run used. ``"hooks"`` where the hooks
+        cannot serve this run keeps vmap."""
+        self._timed = True
+        if engine == "vmap":
+            self._drop_hooks()
+
     def _drop_hooks(self) -> None:
         if self.hooks is not None:
             self.hooks.disarm()

@@ -427,6 +427,34 @@ def test_resume_continues_the_emas_exactly(tmp_path):
     assert resumed.b_simple == straight.b_simple
 
 
+def test_a_resumed_run_keeps_the_engine_the_timing_chose(tmp_path, monkeypatch):
+    """engine="auto" times hooks vs vmap once per process; the checkpoint carries the choice, so a resumed run does
+    not time again (it could choose differently under another load and round its numbers differently)."""
+    import lightning_sgd.gns_sources as gns_sources
+
+    calls = []
+
+    def chooses(answer):
+        def choose_engine(*args, **kwargs):
+            calls.append(answer)
+            return answer
+        return choose_engine
+
+    def run(max_epochs, ckpt=None):
+        gns = GradientNoiseScale(schedule=1, engine="auto")
+        trainer = pl.Trainer(**fast_trainer_kwargs(max_steps=-1, max_epochs=max_epochs, callbacks=[gns]))
+        trainer.fit(tiny_module(), datamodule=TinyDataModule(n=64, batch_size=16), ckpt_path=ckpt)
+        return trainer, gns
+
+    monkeypatch.setattr(gns_sources, "choose_engine", chooses("vmap"))
+    first, gns = run(1)
+    assert calls == ["vmap"] and gns.engine_in_use == "vmap" and gns.state_dict()["engine"] == "vmap"
+    first.save_checkpoint(tmp_path / "epoch1.ckpt")
+    monkeypatch.setattr(gns_sources, "choose_engine", chooses("hooks"))  # a resumed run must not ask again
+    _, resumed = run(2, ckpt=str(tmp_path / "epoch1.ckpt"))
+    assert calls == ["vmap"] and resumed.engine_in_use == "vmap" and resumed.measured == 8
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_sources_agree_with_each_other_and_the_population_truth():
