@@ -54,8 +54,9 @@ class GradientDiversity(Callback):
     (and may then use manual optimization).
 
     Per-example gradient norms come from one forward and backward of the n examples with layer hooks
-    (:func:`lightning_sgd.per_example_hooks.hook_gradient_stats`: Linear, Conv, Embedding, LayerNorm, GroupNorm;
-    checked once against vmap on a few examples) or, for other layers, BatchNorm, or ``engine="vmap"``, from
+    (:func:`lightning_sgd.per_example_hooks.hook_gradient_stats`: closed forms for Linear, every convolution and
+    transposed convolution, Embedding and the normalization layers, any other module through its own vjp per
+    example; checked once against vmap on a few examples) or, for BatchNorm in train mode, or ``engine="vmap"``, from
     :func:`lightning_sgd.per_example.per_example_gradient_stats` (``vmap(grad)``, ``chunk_size`` examples at a
     time, or one example at a time where ``vmap`` cannot run the model). **BatchNorm** layers run in eval mode
     (running statistics) for the measurement, because per-example gradients in train mode are ill-defined; their
