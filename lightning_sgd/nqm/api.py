@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from lightning_sgd.nqm import _checks as check
 from lightning_sgd.nqm.models import NQM, InterpolationModel
@@ -27,7 +29,7 @@ Tunable = float | str | np.ndarray | list | None
 
 
 def make_model(model: str | NQM | InterpolationModel | None = None, *, dim: int = 10_000, bins: int | None = 100,
-               **kwargs):
+               **kwargs: Any) -> NQM | InterpolationModel:
     """``"nqm"`` (default) or ``"interpolation"``, or pass a model instance through (then without model kwargs)."""
     if model is None or model == "nqm":
         return NQM(dim, bins, **kwargs)
@@ -80,7 +82,7 @@ class StepsResult:
     effective_lr: np.ndarray = field(default=None)  # α/(1 − β) for momentum, else α
     at_grid_edge: np.ndarray = field(default=None)  # argmin on the edge of a tuned grid (widen it)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.effective_lr is None:
             self.effective_lr = self.lr if self.momentum is None else self.lr / (1.0 - self.momentum)
 
@@ -111,7 +113,7 @@ def _spacing(values: np.ndarray) -> float:
 
 
 def steps_to_target(
-    batch_size,
+    batch_size: ArrayLike,
     *,
     optimizer: str = "sgd",
     precondition_power: float = 0.0,
@@ -125,7 +127,7 @@ def steps_to_target(
     exhaustive: bool = False,
     warn_edges: bool = True,
     refine: bool = True,
-    **model_kwargs,
+    **model_kwargs: Any,
 ) -> StepsResult:
     """Fewest steps to reach expected risk ``target`` at each batch size, minimised over the hyper-parameters.
 
@@ -221,7 +223,7 @@ def steps_to_target(
     )
 
 
-def optimal_lr(batch_size, **kwargs) -> np.ndarray:
+def optimal_lr(batch_size: ArrayLike, **kwargs: Any) -> np.ndarray:
     """The learning rate minimising the steps to the target (effective α/(1 − β) when momentum is used).
 
     Same arguments as :func:`steps_to_target`; the paper's Figure 14.
@@ -229,7 +231,7 @@ def optimal_lr(batch_size, **kwargs) -> np.ndarray:
     return steps_to_target(batch_size, **kwargs).effective_lr
 
 
-def lower_bound_steps(batch_size, target: float = 0.01, dim: int = 10_000) -> np.ndarray:
+def lower_bound_steps(batch_size: ArrayLike, target: float = 0.01, dim: int = 10_000) -> np.ndarray:
     """Information-theoretic lower bound (Zhang et al. 2019, section 3.6): with C = H the NQM is Gaussian mean
     estimation, whose best risk after N examples is d/(2N); so N ≥ d/(2·target) examples, i.e.
     d/(2·target·B) steps at batch size B (at least one step)."""
@@ -240,9 +242,9 @@ def lower_bound_steps(batch_size, target: float = 0.01, dim: int = 10_000) -> np
 
 
 def risk(
-    lr,
-    batch_size=1,
-    steps=None,
+    lr: ArrayLike,
+    batch_size: ArrayLike = 1,
+    steps: ArrayLike = None,
     *,
     precondition_power: float = 0.0,
     momentum: float | None = None,
@@ -250,7 +252,7 @@ def risk(
     dim: int = 10_000,
     bins: int | None = 100,
     model: str | NQM | InterpolationModel | None = None,
-    **model_kwargs,
+    **model_kwargs: Any,
 ) -> np.ndarray:
     """Exact expected risk.
 

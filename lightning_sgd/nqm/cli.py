@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -20,10 +22,10 @@ __all__ = ["main"]
 FIGURE_IDS = ("3a", "3b", "4", "13", "14")  # the keys of lightning_sgd.nqm.figures.FIGURES
 
 
-def _number(rng: check.Range, *, tune: bool = False):
+def _number(rng: check.Range, *, tune: bool = False) -> Callable[[str], float | str]:
     """argparse type: a finite number in ``rng`` (or the word ``tune``)."""
 
-    def parse(text: str):
+    def parse(text: str) -> float | str:
         if tune and text == "tune":
             return text
         try:
@@ -87,7 +89,7 @@ def _reference(text: str) -> dict:
 POSITIVE, POWER, BETA = _number(check.POSITIVE), _number(check.UNIT), _number(check.UNIT_OPEN, tune=True)
 
 
-def _written(path: str, write, *args) -> None:
+def _written(path: str, write: Callable[..., Any], *args: Any) -> None:
     """``write(path, *args)``; an OSError (a full disk, a permission) names the file it was writing."""
     try:
         write(path, *args)
@@ -129,14 +131,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     return p, {"figures": f, "steps": s, "fit": t}
 
 
-def _cmd_figures(args) -> int:
+def _cmd_figures(args: argparse.Namespace) -> int:
     from lightning_sgd.nqm.figures import make_figures
 
     make_figures(args.out, args.only or list(FIGURE_IDS), quick=args.quick)
     return 0
 
 
-def _cmd_steps(args) -> int:
+def _cmd_steps(args: argparse.Namespace) -> int:
     from lightning_sgd._files import write_csv
     from lightning_sgd.nqm.api import steps_to_target
 
@@ -164,7 +166,7 @@ PREDICTIONS: dict[str, dict[str, float | str]] = {
 }
 
 
-def _cmd_fit(args) -> int:
+def _cmd_fit(args: argparse.Namespace) -> int:
     from lightning_sgd._files import write_csv
     from lightning_sgd.nqm.figures import _plt, save_png
     from lightning_sgd.nqm.fit import fit_to_measurement, read_sweep_csv

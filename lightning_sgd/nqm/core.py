@@ -33,8 +33,10 @@ The expected risk is Σ_i ½ h_i n_i E[θ_i(t)²] over bins i holding n_i eigen-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from lightning_sgd.nqm import _checks as check
 
@@ -63,7 +65,7 @@ class Spectrum:
     n: np.ndarray  # (k,) number of eigen-directions in each bin
     init: np.ndarray  # (k,) E[θ(0)²] of each direction in the bin
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         ranges = {"h": check.POSITIVE, "c": check.NON_NEGATIVE, "n": check.POSITIVE, "init": check.NON_NEGATIVE}
         arrays = {name: check.reals(f"Spectrum.{name}", getattr(self, name), rng) for name, rng in ranges.items()}
         if any(a.ndim != 1 or a.shape != arrays["h"].shape for a in arrays.values()):
@@ -132,7 +134,7 @@ def make_spectrum(
     return Spectrum(mean(h), mean(c), n[keep], mean(init))
 
 
-def _per_direction(name: str, value, shape: tuple, rng: check.Range) -> np.ndarray:
+def _per_direction(name: str, value: Any, shape: tuple, rng: check.Range) -> np.ndarray:
     """A scalar or per-direction array broadcast to the spectrum's ``shape``."""
     arr = check.reals(name, value, rng)
     try:
@@ -141,12 +143,13 @@ def _per_direction(name: str, value, shape: tuple, rng: check.Range) -> np.ndarr
         raise ValueError(f"{name} has shape {arr.shape}: give a scalar or one value per direction {shape}.") from None
 
 
-def _check_spectrum(spec) -> None:
+def _check_spectrum(spec: Spectrum) -> None:
     if not isinstance(spec, Spectrum):
         raise TypeError(f"spec must be a Spectrum (see make_spectrum), got {type(spec).__name__}.")
 
 
-def _check_constant_lr(spec, lr, batch_size, precondition_power, momentum, ema) -> None:
+def _check_constant_lr(spec: Spectrum, lr: ArrayLike, batch_size: ArrayLike, precondition_power: float,
+                       momentum: ArrayLike | None, ema: ArrayLike | None) -> None:
     """Arguments of the constant-learning-rate closed forms."""
     _check_spectrum(spec)
     check.reals("lr", lr, check.POSITIVE)
@@ -224,7 +227,8 @@ def _sum_constants(P: np.ndarray, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.where(stable, s_inf, np.inf), np.where(stable, p_inf, np.inf), stable
 
 
-def second_moment(P, Q, kappa, t, init, noise) -> np.ndarray:
+def second_moment(P: ArrayLike, Q: ArrayLike, kappa: ArrayLike, t: ArrayLike, init: ArrayLike,
+                  noise: ArrayLike) -> np.ndarray:
     """E[θ_out(t)²] = init·(F_{t+1} − κF_t)² + noise·Σ_{j=1..t} F_j², all arguments broadcast.
 
     Derivation: the output is linear in (θ(0), ε_0..ε_{t−1}). Its response to θ(0) solves the order-2
@@ -244,7 +248,7 @@ def second_moment(P, Q, kappa, t, init, noise) -> np.ndarray:
     return np.where(stable, out, np.inf)
 
 
-def _direction_terms(spec: Spectrum, power: float):
+def _direction_terms(spec: Spectrum, power: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(h̃, σ², weight) per bin: preconditioned curvature, per-example noise variance in θ coords, ½ h n."""
     h_tilde = spec.h ** (1.0 - power)
     sigma2 = spec.c * spec.h ** (-2.0 * power)
@@ -253,13 +257,13 @@ def _direction_terms(spec: Spectrum, power: float):
 
 def expected_risk(
     spec: Spectrum,
-    lr,
-    batch_size,
-    steps,
+    lr: ArrayLike,
+    batch_size: ArrayLike,
+    steps: ArrayLike,
     *,
     precondition_power: float = 0.0,
-    momentum=None,
-    ema=None,
+    momentum: ArrayLike | None = None,
+    ema: ArrayLike | None = None,
 ) -> np.ndarray:
     """Exact E[L(θ_out(t))] at constant learning rate; lr, batch_size, steps, momentum/ema broadcast together."""
     _check_constant_lr(spec, lr, batch_size, precondition_power, momentum, ema)
@@ -275,7 +279,8 @@ def expected_risk(
     return np.sum(weight * m2, axis=-1)
 
 
-def steady_state_risk(spec: Spectrum, lr, batch_size, *, precondition_power=0.0, momentum=None, ema=None):
+def steady_state_risk(spec: Spectrum, lr: ArrayLike, batch_size: ArrayLike, *, precondition_power: float = 0.0,
+                      momentum: ArrayLike | None = None, ema: ArrayLike | None = None) -> np.ndarray:
     """lim_{t→∞} of :func:`expected_risk` (inf when unstable)."""
     _check_constant_lr(spec, lr, batch_size, precondition_power, momentum, ema)
     h_tilde, sigma2, weight = _direction_terms(spec, precondition_power)
@@ -290,7 +295,7 @@ def steady_state_risk(spec: Spectrum, lr, batch_size, *, precondition_power=0.0,
     return out
 
 
-def _per_step_batch_size(batch_size, T: int) -> np.ndarray:
+def _per_step_batch_size(batch_size: ArrayLike, T: int) -> np.ndarray:
     bs = check.reals("batch_size", batch_size, check.POSITIVE)
     if bs.ndim > 1 or bs.size not in (1, T):
         raise ValueError(f"batch_size must be a scalar or one value per step ({T}), got shape {bs.shape}.")
@@ -299,8 +304,8 @@ def _per_step_batch_size(batch_size, T: int) -> np.ndarray:
 
 def simulate_schedule(
     spec: Spectrum,
-    lrs,
-    batch_size,
+    lrs: ArrayLike,
+    batch_size: ArrayLike,
     *,
     precondition_power: float = 0.0,
     momentum: float | None = None,

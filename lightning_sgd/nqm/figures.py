@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from lightning_sgd._files import atomic_write, write_csv
 from lightning_sgd.nqm import _checks as check
@@ -24,7 +26,7 @@ POWERS = (0.0, 0.25, 0.5, 0.75)
 COLORS = {0.0: "tab:blue", 0.25: "tab:orange", 0.5: "tab:green", 0.75: "tab:red"}
 
 
-def _plt():
+def _plt() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,7 +35,7 @@ def _plt():
     return plt
 
 
-def _check_args(out, quick, target=None) -> None:
+def _check_args(out: str, quick: bool, target: float = None) -> None:
     """The common figure arguments, checked (and the folder created) before any figure data is computed."""
     check.flag("quick", quick)
     if target is not None:
@@ -45,7 +47,7 @@ def _batch_sizes(quick: bool) -> np.ndarray:
     return 2.0 ** np.arange(0, 21, 2 if quick else 1)
 
 
-def _loglog(ax, xlabel="Batch size", ylabel="Steps to threshold"):
+def _loglog(ax: Any, xlabel: str = "Batch size", ylabel: str = "Steps to threshold") -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xlabel(xlabel)
@@ -53,7 +55,7 @@ def _loglog(ax, xlabel="Batch size", ylabel="Steps to threshold"):
     ax.grid(True, which="major", alpha=0.3)
 
 
-def _rows(result, **extra) -> list[dict]:
+def _rows(result: Any, **extra: Any) -> list[dict]:
     d = result.as_dict()
     return [{**extra, **{k: float(v[i]) for k, v in d.items()}} for i in range(len(result.batch_size))]
 
@@ -135,7 +137,7 @@ def figure_4(out: str, *, quick: bool = False, target: float = 0.01) -> list[dic
     return _versus_plain_sgd(out, "4", "ema", "EMA", {"ema": "tune", "exhaustive": True}, quick=quick, target=target)
 
 
-def figure_13(out: str, *, quick: bool = False, targets=(0.1, 0.03, 0.01, 0.003, 0.001)) -> list[dict]:
+def figure_13(out: str, *, quick: bool = False, targets: ArrayLike = (0.1, 0.03, 0.01, 0.003, 0.001)) -> list[dict]:
     """Steps vs batch size for several loss thresholds (plain SGD, fixed tuned LR; App. E.5)."""
     targets = check.reals("targets", targets).ravel().tolist()
     _check_args(out, quick)
@@ -179,7 +181,7 @@ def figure_14(out: str, *, quick: bool = False, target: float = 0.01) -> list[di
     return rows
 
 
-def save_png(fig, path: str, dpi: int = 120) -> None:
+def save_png(fig: Any, path: str, dpi: int = 120) -> None:
     """``fig`` as a PNG at ``path``, written atomically, then closed."""
     fig.tight_layout()
     with atomic_write(path, "wb") as f:
@@ -189,7 +191,7 @@ def save_png(fig, path: str, dpi: int = 120) -> None:
     plt.close(fig)
 
 
-def _save(fig, out: str, name: str, rows: list[dict]) -> None:
+def _save(fig: Any, out: str, name: str, rows: list[dict]) -> None:
     os.makedirs(out, exist_ok=True)
     write_csv(os.path.join(out, f"nqm_fig{name}.csv"), rows)
     save_png(fig, os.path.join(out, f"nqm_fig{name}.png"))
@@ -198,7 +200,7 @@ def _save(fig, out: str, name: str, rows: list[dict]) -> None:
 FIGURES = {"3a": figure_3a, "3b": figure_3b, "4": figure_4, "13": figure_13, "14": figure_14}
 
 
-def make_figures(out: str, which: Iterable[str] = tuple(FIGURES), *, quick: bool = False, log=print) -> dict:
+def make_figures(out: str, which: Iterable[str] = tuple(FIGURES), *, quick: bool = False, log: bool = print) -> dict:
     """Write the selected figures (PNG + CSV) to ``out``; returns {id: seconds taken}.
 
     The ids and the output folder are checked (and the folder created) before the first figure is computed.

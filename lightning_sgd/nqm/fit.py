@@ -17,8 +17,10 @@ from __future__ import annotations
 import csv
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.optimize import minimize_scalar
 
 from lightning_sgd.nqm import _checks as check
@@ -105,14 +107,14 @@ class NQMFit:
     reference: dict = field(default_factory=dict)  # steps_to_target kwargs of the measured optimizer
     model_kwargs: dict = field(default_factory=dict)  # target, dim, bins, ... shared by all predictions
 
-    def predict(self, batch_size, **optimizer) -> np.ndarray:
+    def predict(self, batch_size: ArrayLike, **optimizer: Any) -> np.ndarray:
         """Predicted steps at real batch sizes for ``optimizer`` (steps_to_target kwargs; default: reference)."""
         kwargs = {**self.model_kwargs, **(optimizer or self.reference)}
         kwargs.setdefault("warn_edges", False)
         bs = np.atleast_1d(check.reals("batch_size", batch_size, check.POSITIVE))
         return self.step_scale * steps_to_target(bs / self.batch_scale, **kwargs).steps
 
-    def critical_batch_size(self, **optimizer) -> float:
+    def critical_batch_size(self, **optimizer: Any) -> float:
         """Real batch size where the predicted curve is 2× its large-batch plateau (S = 2·S_min)."""
         grid = self.batch_scale * 2.0 ** np.arange(-12, 33, 0.25)
         s = self.predict(grid, **optimizer)
@@ -121,14 +123,14 @@ class NQMFit:
 
 
 def fit_to_measurement(
-    batch_sizes,
-    steps,
+    batch_sizes: ArrayLike,
+    steps: ArrayLike,
     *,
     reference: dict | None = None,
     target: float = 0.01,
     dim: int = 10_000,
     bins: int | None = 100,
-    **model_kwargs,
+    **model_kwargs: Any,
 ) -> NQMFit:
     """Fit the NQM's batch and step scales to a measured curve (see the module docstring).
 

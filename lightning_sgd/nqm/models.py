@@ -12,7 +12,10 @@ Both expose ``risk(lr, batch_size, steps, ...)``, ``steps_grid(batch_sizes, lrs,
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 from lightning_sgd.nqm import _checks as check
 from lightning_sgd.nqm.core import (
@@ -29,7 +32,7 @@ from lightning_sgd.nqm.search import T_MAX, GridResult, check_target, grid_steps
 __all__ = ["NQM", "InterpolationModel"]
 
 
-def _check_lr(lr, steps) -> np.ndarray:
+def _check_lr(lr: ArrayLike, steps: ArrayLike) -> np.ndarray:
     """A constant learning rate (> 0, with ``steps``) or a per-step schedule (entries ≥ 0, without)."""
     if steps is None:
         lrs = check.reals("lr", lr, check.NON_NEGATIVE)
@@ -40,14 +43,15 @@ def _check_lr(lr, steps) -> np.ndarray:
     return check.reals("lr", lr, check.POSITIVE)
 
 
-def _check_search(spec, batch_sizes, lrs, precondition_power, target) -> None:
+def _check_search(spec: Spectrum, batch_sizes: ArrayLike, lrs: ArrayLike, precondition_power: float,
+                  target: float) -> None:
     check.reals("batch_sizes", batch_sizes, check.POSITIVE)
     check.reals("lrs", lrs, check.POSITIVE)
     check.power(precondition_power)
     check_target(spec, target)
 
 
-def _build_spectrum(spectrum, dim, bins, **kwargs) -> Spectrum:
+def _build_spectrum(spectrum: Spectrum | None, dim: int, bins: int | None, **kwargs: Any) -> Spectrum:
     if spectrum is None:
         return make_spectrum(dim, bins, **kwargs)
     _check_spectrum(spectrum)
@@ -56,7 +60,7 @@ def _build_spectrum(spectrum, dim, bins, **kwargs) -> Spectrum:
     return spectrum
 
 
-def _eigh(M):
+def _eigh(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Batched symmetric eigen-decomposition with BLAS on one thread (many small matrices: threads only thrash)."""
     try:
         from threadpoolctl import threadpool_limits
@@ -81,8 +85,9 @@ class NQM:
 
     name = "nqm"
 
-    def __init__(self, dim: int = 10_000, bins: int | None = 100, *, h=None, c=None, init_var=1.0,
-                 noise_scale: float = 1.0, decay: float = 1.0, spectrum: Spectrum | None = None):
+    def __init__(self, dim: int = 10_000, bins: int | None = 100, *, h: ArrayLike = None, c: np.ndarray = None,
+                 init_var: ArrayLike = 1.0,
+                 noise_scale: float = 1.0, decay: float = 1.0, spectrum: Spectrum | None = None) -> None:
         self.spectrum = _build_spectrum(spectrum, dim, bins, h=h, c=c, init_var=init_var, decay=decay,
                                         noise_scale=noise_scale)
 
@@ -93,7 +98,8 @@ class NQM:
     def max_curvature(self, precondition_power: float = 0.0) -> float:
         return float(np.max(self.spectrum.h ** (1.0 - check.power(precondition_power))))
 
-    def risk(self, lr, batch_size, steps=None, *, precondition_power=0.0, momentum=None, ema=None):
+    def risk(self, lr: ArrayLike, batch_size: ArrayLike, steps: ArrayLike = None, *, precondition_power: float = 0.0,
+             momentum: ArrayLike | None = None, ema: ArrayLike | None = None) -> np.ndarray:
         """Expected risk: closed form at ``steps`` for a constant ``lr``, or the trajectory of a per-step array."""
         lr_arr = _check_lr(lr, steps)
         if steps is None:
@@ -102,12 +108,14 @@ class NQM:
         return expected_risk(self.spectrum, lr_arr, batch_size, steps, precondition_power=precondition_power,
                              momentum=momentum, ema=ema)
 
-    def steady_state_risk(self, lr, batch_size, *, precondition_power=0.0, momentum=None, ema=None):
+    def steady_state_risk(self, lr: ArrayLike, batch_size: ArrayLike, *, precondition_power: float = 0.0,
+                          momentum: ArrayLike | None = None, ema: ArrayLike | None = None) -> np.ndarray:
         return steady_state_risk(self.spectrum, lr, batch_size, precondition_power=precondition_power,
                                  momentum=momentum, ema=ema)
 
-    def steps_grid(self, batch_sizes, lrs, aux=None, *, kind="sgd", precondition_power=0.0, target=0.01,
-                   exhaustive=False, effective_lr=False, **search) -> GridResult:
+    def steps_grid(self, batch_sizes: ArrayLike, lrs: ArrayLike, aux: ArrayLike = None, *, kind: str = "sgd",
+                   precondition_power: float = 0.0, target: float = 0.01,
+                   exhaustive: bool = False, effective_lr: bool = False, **search: Any) -> GridResult:
         """See :func:`lightning_sgd.nqm.search.grid_steps` (``search``: coarse, per_octave, n_centres)."""
         return grid_steps(self.spectrum, batch_sizes, lrs, aux, kind=kind, power=precondition_power, target=target,
                           exhaustive=exhaustive, effective_lr=effective_lr, **search)
@@ -129,8 +137,9 @@ class InterpolationModel:
 
     name = "interpolation"
 
-    def __init__(self, dim: int = 10_000, bins: int | None = 100, *, h=None, init_var=1.0, label_noise: float = 0.0,
-                 decay: float = 1.0, spectrum: Spectrum | None = None):
+    def __init__(self, dim: int = 10_000, bins: int | None = 100, *, h: ArrayLike = None, init_var: ArrayLike = 1.0,
+                 label_noise: float = 0.0,
+                 decay: float = 1.0, spectrum: Spectrum | None = None) -> None:
         self.spectrum = _build_spectrum(spectrum, dim, bins, h=h, init_var=init_var, decay=decay)
         self.label_noise = check.real("label_noise", label_noise, check.NON_NEGATIVE)
 
@@ -141,13 +150,14 @@ class InterpolationModel:
     def max_curvature(self, precondition_power: float = 0.0) -> float:
         return float(np.max(self.spectrum.h ** (1.0 - check.power(precondition_power))))
 
-    def _check(self, momentum, ema, precondition_power):
+    def _check(self, momentum: ArrayLike | None, ema: ArrayLike | None, precondition_power: float) -> None:
         if momentum is not None or ema is not None:
             raise NotImplementedError("InterpolationModel models plain (preconditioned) SGD only: momentum and ema "
                                       "must be None (use model='nqm' for them)")
         check.power(precondition_power)
 
-    def _decompose(self, lr, batch_size, power):
+    def _decompose(self, lr: ArrayLike, batch_size: ArrayLike, power: float) -> tuple[np.ndarray, np.ndarray,
+                   np.ndarray, np.ndarray]:
         """Eigen-decomposition of the symmetrised transition; returns (λ, coef, floor) for risk(t)."""
         s = self.spectrum
         lr = np.asarray(lr, float)[..., None]
@@ -174,7 +184,8 @@ class InterpolationModel:
         floor = 0.5 * np.einsum("k,...k->...", v, q_inf)
         return lam, coef, np.where(stable, floor, np.inf), stable
 
-    def risk(self, lr, batch_size, steps=None, *, precondition_power=0.0, momentum=None, ema=None):
+    def risk(self, lr: ArrayLike, batch_size: ArrayLike, steps: ArrayLike = None, *, precondition_power: float = 0.0,
+             momentum: ArrayLike | None = None, ema: ArrayLike | None = None) -> np.ndarray:
         self._check(momentum, ema, precondition_power)
         lr_arr = _check_lr(lr, steps)
         if steps is None:
@@ -186,7 +197,7 @@ class InterpolationModel:
             out = floor + np.sum(coef * np.sign(lam) ** t * np.abs(lam) ** t, axis=-1)
         return np.where(stable, out, np.inf)
 
-    def _simulate(self, lrs, batch_size, power):
+    def _simulate(self, lrs: ArrayLike, batch_size: ArrayLike, power: float) -> np.ndarray:
         s = self.spectrum
         T = lrs.shape[-1]
         bs = np.broadcast_to(np.asarray(batch_size, float), (T,))
@@ -202,14 +213,16 @@ class InterpolationModel:
             out[..., k + 1] = 0.5 * np.sum(s.n * s.h * q, axis=-1)
         return out
 
-    def steady_state_risk(self, lr, batch_size, *, precondition_power=0.0, momentum=None, ema=None):
+    def steady_state_risk(self, lr: ArrayLike, batch_size: ArrayLike, *, precondition_power: float = 0.0,
+                          momentum: ArrayLike | None = None, ema: ArrayLike | None = None) -> np.ndarray:
         self._check(momentum, ema, precondition_power)
         check.reals("lr", lr, check.POSITIVE)
         check.reals("batch_size", batch_size, check.POSITIVE)
         return self._decompose(lr, batch_size, precondition_power)[2]
 
-    def steps_grid(self, batch_sizes, lrs, aux=None, *, kind="sgd", precondition_power=0.0, target=0.01,
-                   exhaustive=True, effective_lr=False, **search) -> GridResult:
+    def steps_grid(self, batch_sizes: ArrayLike, lrs: ArrayLike, aux: ArrayLike = None, *, kind: str = "sgd",
+                   precondition_power: float = 0.0, target: float = 0.01,
+                   exhaustive: bool = True, effective_lr: bool = False, **search: Any) -> GridResult:
         """Exact (every grid point) minimal steps: bisection on t of the eigen-expansion, vectorized."""
         if kind != "sgd" or aux is not None:
             raise NotImplementedError(f"InterpolationModel models plain (preconditioned) SGD only: got kind={kind!r}; "
@@ -224,7 +237,7 @@ class InterpolationModel:
         log_abs = np.log(np.maximum(np.abs(lam), 1e-300))
         neg = lam < 0
 
-        def reached(t):
+        def reached(t: ArrayLike) -> np.ndarray:
             with np.errstate(over="ignore", invalid="ignore", under="ignore"):
                 sign = np.where(neg & (np.mod(t, 2) == 1)[..., None], -1.0, 1.0)
                 val = floor + np.sum(coef * sign * np.exp(t[..., None] * log_abs), axis=-1)

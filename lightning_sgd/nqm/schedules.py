@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.optimize import minimize
 
 from lightning_sgd.nqm import _checks as check
@@ -44,7 +45,7 @@ def _piece_lengths(total_steps: int, pieces: int) -> np.ndarray:
     return np.diff(edges)
 
 
-def piecewise_constant(values, total_steps: int) -> np.ndarray:
+def piecewise_constant(values: ArrayLike, total_steps: int) -> np.ndarray:
     """Per-step array holding ``values[k]`` (learning rates > 0) on the k-th of len(values) near-equal pieces."""
     values = check.reals("values", values).ravel()
     return np.repeat(values, piece_lengths(total_steps, values.size))
@@ -61,7 +62,8 @@ def linear_decay(lr0: float, total_steps: int, *, decay: float = 0.01, decay_ste
     return lr0 * np.where(t <= T, 1.0 - (1.0 - decay) * t / T, decay)
 
 
-def piecewise_risk(spec: Spectrum, lrs, total_steps: int, batch_size: float, *, precondition_power=0.0) -> float:
+def piecewise_risk(spec: Spectrum, lrs: ArrayLike, total_steps: int, batch_size: float, *,
+                   precondition_power: float = 0.0) -> float:
     """Exact SGD risk after ``total_steps`` steps of the piecewise-constant schedule with piece values ``lrs``."""
     _check_spectrum(spec)
     lrs = check.reals("lrs", lrs).ravel()
@@ -80,7 +82,8 @@ class PiecewiseResult:
     risk: float  # its final risk (≤ target)
 
 
-def _log_risk_and_grad(x, lengths, h_tilde, sigma2, weight, init, bs):
+def _log_risk_and_grad(x: np.ndarray, lengths: ArrayLike, h_tilde: np.ndarray, sigma2: np.ndarray, weight: np.ndarray,
+                       init: ArrayLike, bs: np.ndarray) -> tuple[float, np.ndarray]:
     """log of the exact piecewise SGD risk and its gradient w.r.t. x = log α (numpy, pieces × bins).
 
     With ℓ_k = L_k log a_k², A_k = e^{ℓ_k}, ss_k the steady state of piece k and after_k = Σ_{j>k} ℓ_j:
@@ -108,11 +111,12 @@ def _log_risk_and_grad(x, lengths, h_tilde, sigma2, weight, init, bs):
     return np.log(R), grad
 
 
-def _optimize_fixed_T(spec, T, bs, pieces, power, x0, max_lr):
+def _optimize_fixed_T(spec: Spectrum, T: int, bs: np.ndarray, pieces: ArrayLike, power: float, x0: np.ndarray,
+                      max_lr: float) -> tuple[float, np.ndarray]:
     h_tilde, sigma2, weight = _direction_terms(spec, power)
     lengths = _piece_lengths(T, pieces).astype(float)
 
-    def fun(x):
+    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
         return _log_risk_and_grad(x, lengths, h_tilde, sigma2, weight, spec.init, float(bs))
 
     upper = np.log(max_lr)

@@ -23,9 +23,11 @@ compare against a step-by-step scan. inf means never (unstable, or steady-state 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from lightning_sgd.nqm import _checks as check
 from lightning_sgd.nqm.core import Spectrum, _check_spectrum, _direction_terms, _sum_constants, optimizer_coefficients
@@ -45,7 +47,8 @@ class _Plan:
     are computed for the configurations a call asks for (the search touches a small part of the grid).
     """
 
-    def __init__(self, coeffs, n_cfg: int, init, weight):
+    def __init__(self, coeffs: Callable[[np.ndarray], tuple[np.ndarray, ...]], n_cfg: int, init: ArrayLike,
+                 weight: np.ndarray) -> None:
         # coeffs(rows) -> (P, Q, kappa, noise_unit), each (len(rows), k); init, weight: (k,)
         self.coeffs = coeffs
         self.wdet = weight * init  # (k,)
@@ -95,7 +98,8 @@ class _Plan:
         }
         return np.stack([np.broadcast_to(fields[f], Q.shape) for f in _FIELDS], axis=1)
 
-    def det_noise(self, cfg: np.ndarray, t: np.ndarray, data: np.ndarray | None = None):
+    def det_noise(self, cfg: np.ndarray, t: np.ndarray, data: np.ndarray | None = None) -> tuple[np.ndarray,
+                  np.ndarray]:
         """(Det(t), Noise(t) at B = 1) for lanes (cfg[i], t[i, j]); cfg (n,), t (n, m) of integers ≥ 1.
 
         ``data`` = ``self.fields(cfg)`` when the caller already has it (bisection reuses it every round).
@@ -116,7 +120,7 @@ class _Plan:
             det[s:s + chunk], noise[s:s + chunk] = d, n
         return (det[:, 0], noise[:, 0]) if squeeze else (det, noise)
 
-    def _eval(self, data: np.ndarray, t: np.ndarray):
+    def _eval(self, data: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         g = {f: data[:, i, None, :] for i, f in enumerate(_FIELDS)}  # each (n, 1, k)
         tt = t[:, :, None]  # (n, m, 1)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
@@ -151,7 +155,7 @@ class _Plan:
         return det, noise
 
 
-def check_target(spec: Spectrum, target) -> float:
+def check_target(spec: Spectrum, target: float) -> float:
     """The target risk: finite, > 0 and below the initial risk (which is reached at step 0, before any search)."""
     target = check.real("target", target, check.POSITIVE)
     if target >= spec.initial_risk:
@@ -160,7 +164,7 @@ def check_target(spec: Spectrum, target) -> float:
     return target
 
 
-def build_plan(spec: Spectrum, power: float, lrs, aux, kind: str, *, effective_lr: bool = False,
+def build_plan(spec: Spectrum, power: float, lrs: ArrayLike, aux: ArrayLike, kind: str, *, effective_lr: bool = False,
                pairs: bool = False) -> _Plan:
     """Plan for the (lr × aux) grid (row index = i_lr * n_aux + i_aux); with ``pairs=True`` for the configurations
     (lrs[i], aux[i]) instead (row index = i)."""
@@ -186,12 +190,13 @@ def build_plan(spec: Spectrum, power: float, lrs, aux, kind: str, *, effective_l
     return _Plan(coeffs, len(lrs) if pairs else len(lrs) * n_aux, spec.init, weight)
 
 
-def _reached(plan: _Plan, cfg: np.ndarray, t: np.ndarray, bs: np.ndarray, target: float, data=None) -> np.ndarray:
+def _reached(plan: _Plan, cfg: np.ndarray, t: np.ndarray, bs: np.ndarray, target: float,
+             data: np.ndarray = None) -> np.ndarray:
     det, noise = plan.det_noise(cfg, t, data)
     return det + noise / bs <= target
 
 
-def _bisect(plan: _Plan, cfg: np.ndarray, bs: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: float):
+def _bisect(plan: _Plan, cfg: np.ndarray, bs: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: float) -> np.ndarray:
     """Smallest integer t in (lo, hi] with risk ≤ target, given it holds at hi and not at lo (lo ≥ 0)."""
     lo, hi = np.asarray(lo, float).copy(), np.asarray(hi, float).copy()
     data = plan.fields(cfg)  # computed once, reused by every round
@@ -218,14 +223,15 @@ class GridResult:
     aux_index: np.ndarray  # (n_B,) argmin index into the aux grid (−1 if none / no aux)
 
 
-def _update(best, best_cfg, hits, cfg, b):
+def _update(best: np.ndarray, best_cfg: np.ndarray, hits: np.ndarray, cfg: np.ndarray, b: np.ndarray) -> None:
     order = np.lexsort((cfg, hits))  # ties: smallest config index (smallest lr, then smallest aux)
     for h, c, i in zip(hits[order], cfg[order], b[order]):
         if h < best[i] or (h == best[i] and c < best_cfg[i]):
             best[i], best_cfg[i] = h, c
 
 
-def _improve(plan, cand_cfg, cand_b, batch_sizes, best, best_cfg, target):
+def _improve(plan: _Plan, cand_cfg: np.ndarray, cand_b: np.ndarray, batch_sizes: ArrayLike, best: np.ndarray,
+             best_cfg: np.ndarray, target: float) -> None:
     """Lanes (config, batch index) that reach the target before ``best`` are bisected; updates in place."""
     if cand_cfg.size == 0:
         return
@@ -243,7 +249,7 @@ def _improve(plan, cand_cfg, cand_b, batch_sizes, best, best_cfg, target):
         _update(best, best_cfg, hits, cand_cfg, cand_b)
 
 
-def _certify(plan, batch_sizes, best, best_cfg, target):
+def _certify(plan: _Plan, batch_sizes: ArrayLike, best: np.ndarray, best_cfg: np.ndarray, target: float) -> None:
     """Every grid point against the current best (one evaluation per point and batch size, then bisection)."""
     cfg = np.flatnonzero(plan.stable_cfg)
     t_test = np.where(np.isfinite(best), best - 1, T_MAX)[None, :].repeat(cfg.size, 0)  # (n_cfg, n_B)
@@ -262,9 +268,9 @@ def _certify(plan, batch_sizes, best, best_cfg, target):
 
 def grid_steps(
     spec: Spectrum,
-    batch_sizes,
-    lrs,
-    aux=None,
+    batch_sizes: ArrayLike,
+    lrs: ArrayLike,
+    aux: ArrayLike = None,
     *,
     kind: str = "sgd",
     power: float = 0.0,
@@ -305,7 +311,7 @@ def grid_steps(
     best_cfg = np.full(n_b, np.iinfo(np.int64).max, dtype=np.int64)
     all_b = np.arange(n_b)
 
-    def cfg_index(i_lr, i_aux):
+    def cfg_index(i_lr: np.ndarray, i_aux: np.ndarray) -> np.ndarray:
         return i_lr * n_aux + i_aux
 
     # level 0: coarse grid on a geometric t-grid; Det and Noise do not depend on B
@@ -551,7 +557,8 @@ def _polish(spec: Spectrum, power: float, kind: str, bs: np.ndarray, target: flo
     return steps, x_lr, x_aux
 
 
-def refine(spec: Spectrum, batch_sizes, lr, aux, steps, *, kind: str = "sgd", power: float = 0.0,
+def refine(spec: Spectrum, batch_sizes: ArrayLike, lr: ArrayLike, aux: ArrayLike, steps: ArrayLike, *,
+           kind: str = "sgd", power: float = 0.0,
            target: float = 0.01, lr_bounds: tuple[float, float] | None = None,
            aux_bounds: tuple[float, float] | None = None, lr_step: float = 1.1, aux_step: float = 1.5,
            effective_lr: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
