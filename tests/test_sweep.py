@@ -79,6 +79,10 @@ def load_trials(output_dir: str, name: str, batch_size: int) -> list[optuna.tria
         (dict(metric=""), "sweep.metric is empty"),
         (dict(trials=4, max_trials=2), "max_trials"),
         (dict(recipe=None), "no recipe"),
+        (dict(gns_every=0), "gns_every must be >= 1"),
+        (dict(b_noise_every=0), "b_noise_every must be >= 1 or null"),
+        (dict(gns_beta=1.0), "gns_beta must be in"),
+        (dict(b_simple=-3.0), "b_simple must be a finite number > 0"),
     ],
 )
 def test_config_errors(change, message):

@@ -125,6 +125,9 @@ class SweepConfig:
             put this prediction next to the B_crit of the S(B) fit. With ``keep_callbacks`` and a recipe that has
             its own GradientNoiseScale, that one is read instead.
         gns_every: measure B_simple every this many steps.
+        gns_source: the GradientNoiseScale ``source``: ``auto`` (per-example norms; from layer hooks when every layer
+            is supported, else through vmap, which re-runs the batch) or ``split`` (4 parts of the batch: one extra
+            forward/backward, noisier), e.g. for recurrent networks where vmap is slow.
         b_noise_every: also estimate B_noise (Hessian-vector products, ~10 training steps' cost each) every this
             many steps; None: B_simple only.
         gns_beta: EMA decay per measurement of the trial's noise-scale estimates (the callback's ``beta``).
@@ -160,6 +163,7 @@ class SweepConfig:
     edge_fraction: float = 0.1
     gns: bool = True
     gns_every: int = 1
+    gns_source: Literal["auto", "per_example", "split"] = "auto"
     b_noise_every: int | None = 100
     gns_beta: float = 0.95
     keep_callbacks: bool = False

@@ -203,7 +203,8 @@ def trial_noise_scale(cfg: SweepConfig, callbacks: list[Any]) -> Any:
     own = [cb for cb in callbacks if isinstance(cb, GradientNoiseScale)]
     if own:
         return own[0]
-    return GradientNoiseScale(schedule=cfg.gns_every, beta=cfg.gns_beta, b_noise_schedule=cfg.b_noise_every)
+    return GradientNoiseScale(schedule=cfg.gns_every, beta=cfg.gns_beta, b_noise_schedule=cfg.b_noise_every,
+                              source=cfg.gns_source)
 
 
 class _TrialCLIMixin:
