@@ -145,8 +145,8 @@ def recommend(run: RunLog) -> Recommendation | None:
         return None
     source, key, values, good = found
     step, b_crit = good[-1]
-    batch_size = run.at("gns/batch_size", step) or (run.last("gns/batch_size") or (0, 0.0))[1]
-    if not _usable(batch_size):
+    batch_size = run.at_or_before("gns/batch_size", step)  # the batch in force at that measurement
+    if batch_size is None or not _usable(batch_size):
         return None
     se = run.at(key + "_se", step)
     batch = max(1, round(b_crit))
@@ -186,7 +186,7 @@ def headline(run: RunLog) -> list[str]:
         if last:
             se = run.at(key + "_se", last[0])
             se_text = f" ± {_fmt(se, 3)}" if se is not None else ""
-            batch = run.at("gns/batch_size", last[0])
+            batch = run.at_or_before("gns/batch_size", last[0])
             batch_text = f" (training batch {batch:.0f})" if batch else ""
             lines.append(f"{name}: {_fmt(last[1])}{se_text} at step {last[0]}{batch_text}")
     for prefix in curvature_prefixes(run):

@@ -8,6 +8,7 @@ one was saved with it (``config.yaml`` beside the CSV log or in the W&B run's fi
 
 from __future__ import annotations
 
+import bisect
 import csv
 import math
 from collections.abc import Iterator, Mapping
@@ -50,6 +51,15 @@ class RunLog:
             return values[steps.index(step)]
         except ValueError:
             return None
+
+    def at_or_before(self, key: str, step: int) -> float | None:
+        """The value of ``key`` in force at ``step``: the last one logged at or before it (else the first one after,
+        for a value logged a little after the measurement it describes); ``None`` when never logged."""
+        steps, values = self.series.get(key, ([], []))
+        if not steps:
+            return None
+        index = bisect.bisect_right(steps, step) - 1
+        return values[max(index, 0)]
 
     def measured_keys(self) -> list[str]:
         return sorted(k for k in self.series if k in self)

@@ -41,13 +41,14 @@ def test_closed_forms():
 
 
 def test_recommendation_from_a_csv_with_standard_errors(tmp_path):
-    """A CSV as the callbacks write it, with the standard-error keys; B_noise = inf at the last step is left out."""
+    """A CSV as the callbacks write it, with the standard-error keys; B_noise = inf at the last step is left out, and
+    the recommendation uses the batch in force at its measurement (64), not the last one (128)."""
     rows = [
         {"step": 10, "gns/b_simple": 400.0, "gns/b_simple_se": 60.0, "gns/batch_size": 64.0, "gns/regime": -2.64},
         {"step": 10, "gns/b_noise": 150.0, "gns/b_noise_se": 30.0},
         {"step": 20, "gns/b_simple": 250.0, "gns/b_simple_se": 25.0, "gns/batch_size": 64.0, "gns/regime": -1.97},
         {"step": 20, "gns/b_noise": 180.0, "gns/b_noise_se": 20.0},
-        {"step": 30, "gns/b_noise": math.inf},
+        {"step": 30, "gns/b_noise": math.inf, "gns/batch_size": 128.0},  # a batch-size schedule doubled it
         {"step": 30, "val/loss": 0.5, "val/acc": 0.8, "val_ema/loss": 0.45, "val_ema/acc": 0.82},
         {"step": 30, "bootstrap/real_test_error": 0.2, "bootstrap/ideal_test_error": 0.15, "bootstrap/gap": 0.05},
     ]
@@ -71,7 +72,8 @@ def test_recommendation_from_a_csv_with_standard_errors(tmp_path):
     assert "180 ± 20" in text and "48% fewer steps" in text and "0.141 (linear rule)" in text
     lines = headline(run)
     assert lines[0] == "B_simple: 250 ± 25 at step 20 (training batch 64)"
-    assert lines[1] == "B_noise: inf at step 30"
+    assert lines[1] == "B_noise: inf at step 30 (training batch 128)"
+    assert [run.at_or_before("gns/batch_size", s) for s in (5, 20, 29, 30, 99)] == [64.0, 64.0, 64.0, 128.0, 128.0]
     assert any(line.startswith("bootstrap gap (real − ideal test error): 0.05") for line in lines)
 
     html = write_report(run).read_text()
