@@ -185,7 +185,7 @@ def headline(run: RunLog) -> list[str]:
         last = run.last(key)
         if last:
             se = run.at(key + "_se", last[0])
-            se_text = f" ± {_fmt(se, 3)}" if se is not None else ""
+            se_text = f" ± {_fmt(se, 3)}" if se is not None and math.isfinite(se) else ""
             batch = run.at_or_before("gns/batch_size", last[0])
             batch_text = f" (training batch {batch:.0f})" if batch else ""
             lines.append(f"{name}: {_fmt(last[1])}{se_text} at step {last[0]}{batch_text}")
