@@ -377,9 +377,9 @@ def grid_steps(
 
 # ------------------------------------------------------------------------------------------------ refinement
 #: Golden-section iterations per coordinate: the bracket (one grid step either side) shrinks by 0.618^n.
-REFINE_ITERATIONS = 8
+REFINE_ITERATIONS = 6
 #: Coordinate rounds (lr, then β/γ, then lr again, ...) when a second parameter is tuned.
-REFINE_ROUNDS = 3
+REFINE_ROUNDS = 2
 #: The bracket reaches this many grid steps either side of the current point.
 REFINE_BRACKET = 2.0
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
