@@ -108,8 +108,15 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=25, help="AdaptiveBatchSize decision interval (steps)")
     parser.add_argument("--lr-rule", default="linear", choices=("linear", "sqrt", "none"))
     parser.add_argument("--out", default="docs/img", help="folder for adaptive_vs_fixed.png/json")
+    parser.add_argument("--from-json", default=None, help="re-summarize and re-plot the runs of an earlier output")
     args = parser.parse_args()
     cfg = sweep_config(args.sweep, args.sweep_dir)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        runs, args.seeds = saved["runs"], saved["seeds"]
+        sizes = sorted({x["batch_size"] for x in runs if not x["adaptive"]})
+        report(runs, sizes, cfg, args)
+        return
     summary = json.loads(Path(args.sweep_dir, "results.json").read_text())
     rows = [r for r in summary["rows"] if r["reached"]]
     sizes = [r["batch_size"] for r in rows]
@@ -123,19 +130,26 @@ def main() -> None:
         runs.append(run(cfg, sizes[0], rows[0]["best_params"], seed, True, args.every, max(sizes), args.lr_rule))
         print(f"adaptive from B={sizes[0]} seed {seed}: {runs[-1]['steps']} steps, {runs[-1]['examples']} examples, "
               f"batch history {runs[-1].get('history')} ({runs[-1]['seconds']:.0f} s)", flush=True)
+    report(runs, sizes, cfg, args)
 
-    def medians(sel: list[dict[str, Any]]) -> tuple[float, float, list[int], list[int]]:
+
+def report(runs: list[dict[str, Any]], sizes: list[int], cfg: Any, args: argparse.Namespace) -> None:
+    """Medians over seeds, the Pareto front, the comparison at equal examples; JSON and plot in ``args.out``.
+    A run that did not reach the target within the sweep's budget counts as such (``reached`` k of n), and its
+    medians are over the runs that did."""
+
+    def medians(sel: list[dict[str, Any]]) -> tuple[float, float, list[int], list[int], int]:
         hit = [x for x in sel if x["reached"]]
         steps = [x["steps"] for x in hit]
         examples = [x["examples"] for x in hit]
-        return float(np.median(steps)), float(np.median(examples)), steps, examples
+        return float(np.median(steps)), float(np.median(examples)), steps, examples, len(sel)
 
     table = []
     for b in sizes:
-        s, e, ss, es = medians([x for x in runs if not x["adaptive"] and x["batch_size"] == b])
-        table.append({"batch_size": b, "steps": s, "examples": e, "steps_runs": ss, "examples_runs": es})
-    s, e, ss, es = medians([x for x in runs if x["adaptive"]])
-    adaptive = {"steps": s, "examples": e, "steps_runs": ss, "examples_runs": es}
+        s, e, ss, es, n = medians([x for x in runs if not x["adaptive"] and x["batch_size"] == b])
+        table.append({"batch_size": b, "steps": s, "examples": e, "steps_runs": ss, "examples_runs": es, "runs": n})
+    s, e, ss, es, n = medians([x for x in runs if x["adaptive"]])
+    adaptive = {"steps": s, "examples": e, "steps_runs": ss, "examples_runs": es, "runs": n}
     front = pareto([(t["steps"], t["examples"]) for t in table])
     at_same = steps_on_front(front, adaptive["examples"])
     adaptive["front_steps_at_same_examples"] = at_same
@@ -144,9 +158,9 @@ def main() -> None:
     print(f"\nsteps / examples to {cfg.metric} {cfg.target}, median over seeds {args.seeds} (range)")
     for t in table:
         print(f"fixed B={t['batch_size']:4d}: {t['steps']:7.0f} steps [{min(t['steps_runs'])}, {max(t['steps_runs'])}]"
-              f" {t['examples']:9.0f} examples")
+              f" {t['examples']:9.0f} examples; reached {len(t['steps_runs'])} of {t['runs']}")
     print(f"adaptive      : {adaptive['steps']:7.0f} steps [{min(ss)}, {max(ss)}] {adaptive['examples']:9.0f} examples "
-          f"[{min(es)}, {max(es)}]")
+          f"[{min(es)}, {max(es)}]; reached {len(ss)} of {n}")
     if at_same is not None:
         print(f"fixed-batch front at {adaptive['examples']:.0f} examples: {at_same:.0f} steps -> adaptive needs "
               f"{100 * adaptive['step_saving']:.0f}% fewer steps; on or beyond the front: "
