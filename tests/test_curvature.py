@@ -205,9 +205,11 @@ def test_training_with_the_callback_follows_the_same_trajectory_and_logs(tmp_pat
     assert [h["step"] for h in callback.history] == [0, 1, 2, 3]
     rows = list(csv.DictReader(metrics_csv.open()))
     keys = {k for row in rows for k, v in row.items() if v != ""}
-    for name in ("eig_0", "eig_1", "residual_0", "trace", "trace_stderr", "frobenius", "sharpness",
-                 "sharpness_threshold", "sharpness_ratio", "frobenius_bound", "lanczos_iterations", "truncated"):
+    for name in ("eig_0", "eig_1", "trace", "trace_stderr", "frobenius", "sharpness",
+                 "sharpness_threshold", "sharpness_ratio", "frobenius_bound", "truncated"):
         assert f"curvature/hessian/{name}" in keys, name
+    for name in ("residual_0", "lanczos_iterations"):  # diagnostics: out of the main view
+        assert f"diag/curvature/hessian/{name}" in keys, name
     last = callback.history[-1]
     assert last["sharpness_threshold"] == pytest.approx(2 * 1.9)  # heavy-ball β = 0.9 read from the optimizer
     assert last["sharpness"] == pytest.approx(last["eig_0"] * 0.1)

@@ -196,7 +196,8 @@ def cli_fit(overrides: dict, max_steps: int = 4, *args: str):
 
     tiny = {
         "test_after_fit": False,
-        "trainer": {"max_steps": max_steps, "logger": False, "enable_checkpointing": False,
+        # callbacks: []: the recipe's measurement callbacks are not what these tests are about (and cost ~25 s)
+        "trainer": {"max_steps": max_steps, "logger": False, "enable_checkpointing": False, "callbacks": [],
                     "enable_model_summary": False, "num_sanity_val_steps": 0, "limit_val_batches": 1},
         "data": {"init_args": {"num_train": 200, "num_val": 50, "num_test": 50, "batch_size": 50,
                                "eval_batch_size": 50}},
