@@ -161,3 +161,21 @@ def test_prediction_ratio_and_hand_override():
     assert pred["b_simple_median"] == 10.0 and pred["b_noise_median"] is None
     assert pred["b_simple_override"] == 80.0 and pred["ratio_b_simple_override"] == 2.0
     assert gns_prediction(SweepConfig(), rows, {"ok": False})["ratio_b_simple_at_target"] is None
+
+
+def test_one_wandb_run_per_trial_grouped_by_sweep(tmp_path, monkeypatch):
+    from tests.wandb_reader import read_complete_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    recipe = write_recipe(tmp_path / "tiny.yaml")
+    cli_run(sweep_args(recipe, "--sweep.wandb_trials=true", "--sweep.stop_at_best=false", batch_sizes="[8]", trials=2,
+                       max_steps=10))
+    runs = [read_complete_run(d) for d in sorted(Path("runs/sweep/wandb").glob("offline-run-*"))]
+    assert sorted(r.name for r in runs) == ["sweep-bs8-t0", "sweep-bs8-t1"]
+    assert {r.group for r in runs} == {"sweep"}
+    trials = {f"sweep-bs8-t{t.number}": t for t in load_trials("runs/sweep", "sweep", 8)}
+    for r in runs:
+        assert r.config["batch_size"] == 8
+        assert r.config["lr"] == pytest.approx(trials[r.name].user_attrs["values"]["lr"])
+        logged = r.keys()  # every key of the run's history (OfflineRun.keys, not a dict)
+        assert "gns/b_simple" in logged and "val/acc" in logged

@@ -137,6 +137,9 @@ class SweepConfig:
             one (an override: the sweep measures it itself when ``gns`` is on).
         nqm: also fit the noisy quadratic model (lightning_sgd.nqm) to the curve and draw its prediction.
         wandb: also log the table and plot to W&B (offline without credentials).
+        wandb_trials: also one W&B run per trial (offline without credentials), grouped by ``study_name`` and named
+            ``<study_name>-bs<B>-t<trial number>``, with the trial's batch size and values in its config: the
+            recipe's logged metrics and the noise scale over training.
         report_only: run no trial: rebuild the table, JSON and plot from the storage (an error when the storage
             holds no study of this sweep; nothing is created, no W&B run is opened).
     """
@@ -170,6 +173,7 @@ class SweepConfig:
     b_simple: float | None = None
     nqm: bool = False
     wandb: bool = True
+    wandb_trials: bool = False
     report_only: bool = False
 
     def resolved_mode(self) -> str:

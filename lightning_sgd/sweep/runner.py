@@ -307,12 +307,28 @@ def build_trial(cfg: SweepConfig, batch_size: int, values: dict[str, float], max
     return cli.model, cli.datamodule, trainer
 
 
+def _trial_logger(cfg: SweepConfig, model: pl.LightningModule, name: str, batch_size: int,
+                  values: dict[str, float]) -> Any:
+    """The W&B logger of one trial (``wandb_trials``): offline without credentials, never fatal, grouped by sweep."""
+    from lightning_sgd.loggers import wandb_logger_class
+
+    logger = wandb_logger_class(package_of(model))(name=name, group=cfg.study_name, job_type="sweep-trial",
+                                                   save_dir=cfg.output_dir)
+    logger.log_hyperparams({"sweep": cfg.study_name, "batch_size": batch_size, **values})
+    return logger
+
+
 def run_trial(cfg: SweepConfig, batch_size: int, values: dict[str, float], max_steps: int | None = None,
-              report: Callable[[float, int], None] | None = None) -> TrialOutcome:
+              report: Callable[[float, int], None] | None = None, name: str | None = None) -> TrialOutcome:
     """Train the recipe at ``batch_size`` with ``values`` until the target is reached, it diverges or the budget
-    (``max_steps``, default ``cfg.max_steps``) ends; ``report(value, step)`` gets every evaluation."""
+    (``max_steps``, default ``cfg.max_steps``) ends; ``report(value, step)`` gets every evaluation. With
+    ``cfg.wandb_trials`` the trial logs to its own W&B run called ``name``."""
     with _quiet(), _threads(cfg.threads):
         model, data, trainer = build_trial(cfg, batch_size, values, max_steps)
+        logger = None
+        if cfg.wandb_trials:
+            logger = _trial_logger(cfg, model, name or f"{cfg.study_name}-bs{batch_size}", batch_size, values)
+            trainer.loggers = [logger]
         recorder = None
         if cfg.gns:
             gns = trial_noise_scale(cfg, trainer.callbacks)
@@ -323,7 +339,11 @@ def run_trial(cfg: SweepConfig, batch_size: int, values: dict[str, float], max_s
         stopper = TargetStopper(cfg.metric, float(cfg.target), cfg.resolved_mode(), cfg.patience,  # type: ignore[arg-type]
                                 report=report)
         trainer.callbacks.append(stopper)
-        trainer.fit(model, datamodule=data)
+        try:
+            trainer.fit(model, datamodule=data)
+        finally:
+            if logger is not None and logger.started:
+                logger.experiment.finish()
     reached = stopper.reached_at is not None and not stopper.diverged
     return TrialOutcome(
         steps=stopper.reached_at if reached else None,
@@ -592,7 +612,8 @@ def make_objective(cfg: SweepConfig, batch_size: int) -> Any:
             if best is not None:
                 budget = min(budget, int(best))
         trial.set_user_attr("budget", budget)
-        outcome = run_trial(cfg, batch_size, values, max_steps=budget, report=trial.report)
+        outcome = run_trial(cfg, batch_size, values, max_steps=budget, report=trial.report,
+                            name=f"{cfg.study_name}-bs{batch_size}-t{trial.number}")
         for key, value in asdict(outcome).items():
             trial.set_user_attr(key, value)
         if outcome.diverged:
