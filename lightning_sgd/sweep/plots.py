@@ -69,7 +69,10 @@ def plot_sweep(summary: dict[str, Any], path: str, b_simple: float | None = None
     lr_rows = [r for r in hit if r.get("effective_lr") is not None]
     if lr_rows:
         b = [r["batch_size"] for r in lr_rows]
-        ax_lr.plot(b, [r["effective_lr"] for r in lr_rows], "o-", color="C0", label="effective LR η/(1−β)")
+        searched = any("momentum" in r["best_params"] for r in lr_rows)
+        # without a searched momentum the sweep does not know β (a fixed one may sit in the overrides): plain η
+        ax_lr.plot(b, [r["effective_lr"] for r in lr_rows], "o-", color="C0",
+                   label="effective LR η/(1−β)" if searched else "LR η (momentum not searched)")
         if any("momentum" in r["best_params"] for r in lr_rows):
             ax_lr.plot(b, [r["best_params"]["lr"] for r in lr_rows], "s--", color="C4", alpha=0.7, label="LR η")
         for r in lr_rows:
