@@ -239,8 +239,18 @@ def _run_extra(name: str, argv: Sequence[str]) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``lightning-sgd`` console script (returns nothing: a return value becomes the exit code)."""
-    run(sys.argv[1:] if argv is None else argv)
+    """Entry point of the ``lightning-sgd`` console script (returns nothing: a return value becomes the exit code).
+
+    A configuration refused before training (``fit_cli.ConfigError``) is printed as one line on stderr, exit code 2,
+    like the argument parser's own errors; anything else keeps its traceback."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        run(args)
+    except ValueError as err:
+        if type(err).__name__ != "ConfigError":  # fit_cli is imported lazily; match by name
+            raise
+        print(f"lightning-sgd {args[0] if args else ''}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run(argv: Sequence[str]) -> Any:

@@ -125,6 +125,31 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+class ConfigError(ValueError):
+    """A configuration the command refuses before any training: a constructor's own check (a callback, the model,
+    the DataModule) or a ``lightning-sgd`` option. ``lightning-sgd`` prints its message in one line and exits 2."""
+
+
+def _origin(err: BaseException) -> BaseException | None:
+    """The exception a user's or our own constructor raised, under the layers jsonargparse and LightningCLI wrap
+    around it (``Does not validate against any of the Union subtypes ...``); ``None`` if there is none."""
+    chain, seen = [], set()
+    node: BaseException | None = err
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        chain.append(node)
+        node = node.__cause__ or node.__context__
+    for candidate in reversed(chain):  # the deepest first
+        tb = candidate.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = tb.tb_frame.f_code.co_filename if tb is not None else ""
+        if isinstance(candidate, (ValueError, TypeError)) and "jsonargparse" not in where \
+                and not where.endswith(("pytorch_lightning/cli.py", "lightning/pytorch/cli.py")):
+            return candidate
+    return None
+
+
 class LightningSGDCLIMixin:
     """What ``lightning-sgd`` adds to a LightningCLI (the next base class): fit/validate/test only, W&B + CSV
     logging, ``--threads``, an optional test after fit, the run summary and the report.
@@ -161,10 +186,23 @@ class LightningSGDCLIMixin:
         threads = config.get("threads")
         if threads is not None:
             if threads < 1:
-                raise ValueError(f"--threads must be >= 1, got {threads}.")
+                raise ConfigError(f"--threads must be an int >= 1 (intra-op threads per process), got {threads}.")
             os.environ["OMP_NUM_THREADS"] = str(threads)  # DDP processes inherit it; Lightning then keeps it
             torch.set_num_threads(threads)
         self._warn_dropped_callbacks(config)
+
+    def instantiate_classes(self) -> None:
+        """Build the configured objects; a constructor that refuses its arguments becomes one :class:`ConfigError`
+        naming the class and the argument (its own message), not jsonargparse's union-of-types traceback."""
+        try:
+            super().instantiate_classes()  # type: ignore[misc]
+        except ConfigError:
+            raise
+        except Exception as err:
+            origin = _origin(err)
+            if origin is None:
+                raise
+            raise ConfigError(str(origin)) from err
 
     def _warn_dropped_callbacks(self, config: Any) -> None:
         callbacks = config.get("trainer", {}).get("callbacks") or []

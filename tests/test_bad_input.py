@@ -298,3 +298,50 @@ def test_unreachable_postgres_storage_fails_in_seconds_naming_the_url(monkeypatc
                               f"127.0.0.1:{port}/sweeps: ")
     assert "secret" not in message and "\n" not in message
     assert elapsed < 20, elapsed
+
+
+# ------------------------------------------------------------------------------------------------ CLI entry points
+# (argv, exit code, text the one-line error must hold: the argument it names). Run in-process through the console
+# script's main() from an empty folder: the error comes before any training (no checkpoint, no run folder).
+CLI_CASES = [
+    (["fit", "--config", "mnist1d", "--data.batch_size=0"], 2, "batch_size"),
+    (["fit", "--config", "mnist1d", "--data.batch_size=2.5"], 2, "batch_size"),
+    (["fit", "--config", "mnist1d", "--threads=0"], 2, "--threads"),
+    (["fit", "--config", "mnist1d", "--trainer.max_steps=abc"], 2, "max_steps"),
+    (["fit", "--config", "mnist1d", "--trainer.callbacks+=lightning_sgd.callbacks.GradientNoiseScale",
+      "--trainer.callbacks.init_args.beta=nan"], 2, "beta"),
+    (["fit", "--config", "mnist1d", "--trainer.callbacks+=lightning_sgd.callbacks.CurvatureSpectrum",
+      "--trainer.callbacks.init_args.k=0"], 2, "k"),
+    (["fit", "--config", "no_such_recipe"], 2, "no_such_recipe"),
+    (["sweep", "--sweep", "RECIPES/mnist1d_sweep.yaml", "--sweep.trials=0"], 1, "sweep.trials"),
+    (["sweep", "--sweep", "RECIPES/mnist1d_sweep.yaml", "--sweep.gns_beta=1.5"], 1, "sweep.gns_beta"),
+    (["sweep", "--sweep", "RECIPES/mnist1d_sweep.yaml", "--sweep.max_steps=-5"], 1, "sweep.max_steps"),
+    (["sweep", "--sweep", "RECIPES/mnist1d_sweep.yaml", "--sweep.batch_sizes=[0,16]"], 1, "sweep.batch_sizes"),
+    (["sweep", "--sweep", "RECIPES/mnist1d_sweep.yaml", "--sweep.gns_every=2.5"], 2, "sweep.gns_every"),
+    (["sweep", "--sweep", "no_such_sweep.yaml"], 2, "no_such_sweep.yaml"),
+    (["report", "no_such_run"], 1, "no_such_run"),
+    (["nqm", "steps", "--batch-sizes", "-3"], 2, "--batch-sizes"),
+    (["nqm", "steps", "--batch-sizes", "inf"], 2, "--batch-sizes"),
+]
+
+
+@pytest.mark.parametrize("argv, code, names", CLI_CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_cli_entry_points_refuse_bad_values_in_one_line_before_training(argv, code, names, tmp_path, monkeypatch,
+                                                                         capsys):
+    from pathlib import Path
+
+    from lightning_sgd.cli import main
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    argv = [a.replace("RECIPES", str(recipes)) for a in argv]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    status = exit_info.value.code
+    message = status if isinstance(status, str) else err  # SystemExit("message") exits 1 with it on stderr
+    assert (1 if isinstance(status, str) else status) == code, (status, err[-2000:])
+    assert names in message, message[-2000:]
+    assert "Traceback" not in message
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]  # (a logger may have made its empty folder)
+    assert written == [], f"written before the error: {written}"
