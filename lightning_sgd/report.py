@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_sgd._extras import require
 from lightning_sgd.run_log import RunLog, find_optimizer, load_run
 
 
@@ -219,8 +220,7 @@ class Panel:
 
 
 def _figure():
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the run report (lightning-sgd report)")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
@@ -518,8 +518,7 @@ def write_sheet(path: str | Path, run: RunLog, panels: list[Panel], rec: Recomme
                 columns: int = 2) -> Path:
     """One PNG with the headline, the recommendation and every panel in a grid: the page at a glance (a picture
     of the report for a README or a slide, drawn by matplotlib, not a browser screenshot)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the run report (lightning-sgd report)")
     matplotlib.use("Agg", force=False)
     import matplotlib.image as mpimg
     import matplotlib.pyplot as plt

@@ -87,7 +87,7 @@ def test_callbacks_and_plugins_train_without_any_extra(tmp_path):
 def test_a_missing_extra_names_it(tmp_path):
     result = run_blocked("""
         for module, extra in [("lightning_sgd.plugins.optimizers", "optimizers"), ("lightning_sgd.data.mnist1d",
-                              "recipes"), ("lightning_sgd.data.imagenet", "recipes")]:
+                              "recipes"), ("lightning_sgd.data.imagenet", "recipes"), ("lightning_sgd.sweep", "sweep")]:
             try:
                 __import__(module)
             except ImportError as error:
@@ -101,6 +101,15 @@ def test_a_missing_extra_names_it(tmp_path):
             assert "lightning-sgd[plots]" in str(error), str(error)
         else:
             raise AssertionError("plotted without matplotlib")
+        from lightning_sgd import report
+        from lightning_sgd.nqm import figures
+        for draw in (report._figure, figures._plt):
+            try:
+                draw()
+            except ImportError as error:
+                assert "lightning-sgd[plots]" in str(error), str(error)
+            else:
+                raise AssertionError(f"{draw} drew without matplotlib")
         print("OK")
     """, tmp_path)
     assert result.returncode == 0 and "OK" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from lightning_sgd._extras import require
 from lightning_sgd._files import atomic_write, write_csv
 from lightning_sgd.nqm import _checks as check
 from lightning_sgd.nqm.api import lower_bound_steps, steps_to_target
@@ -27,8 +28,7 @@ COLORS = {0.0: "tab:blue", 0.25: "tab:orange", 0.5: "tab:green", 0.75: "tab:red"
 
 
 def _plt() -> Any:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the NQM figures (lightning-sgd nqm figures)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -12,7 +12,10 @@ Python use::
     summary = run_sweep(SweepConfig(recipe="recipes/mnist1d.yaml", batch_sizes=[32, 128], target=0.8))
 """
 
+from lightning_sgd._extras import require
 from lightning_sgd._lazy import lazy_exports
+
+require("optuna", "lightning-sgd sweep (lightning_sgd.sweep)")  # the whole sweep stores its trials in Optuna
 
 _EXPORTS = {
     "SearchParam": "config",

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_sgd._extras import require
 from lightning_sgd._files import atomic_write
 
 
@@ -14,8 +15,7 @@ def plot_sweep(summary: dict[str, Any], path: str, b_simple: float | None = None
     """Write the two-panel PNG of ``summary`` (as returned by :func:`lightning_sgd.sweep.results.summarize`): the
     fitted B_crit with its bootstrap interval (shaded) next to the noise scale measured in the trials at the step
     the target was reached; ``b_simple``, a value given by hand, is drawn too."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the sweep's plot")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
