@@ -186,7 +186,7 @@ class LightningSGDCLIMixin:
         threads = config.get("threads")
         if threads is not None:
             if threads < 1:
-                raise ConfigError(f"--threads must be an int >= 1 (intra-op threads per process), got {threads}.")
+                raise ConfigError(f"--threads must be >= 1 (an int: intra-op threads per process), got {threads}.")
             os.environ["OMP_NUM_THREADS"] = str(threads)  # DDP processes inherit it; Lightning then keeps it
             torch.set_num_threads(threads)
         self._warn_dropped_callbacks(config)
@@ -321,41 +321,54 @@ def print_run_summary(trainer: Any, metrics: dict[str, float] | None = None, rep
     keys = sorted(k for k in metrics if k.startswith(("val/", "val_ema/", "test/")))
     print("\n== lightning-sgd run summary ==")
     print(f"steps: {trainer.global_step}, epochs: {trainer.current_epoch}")
-    csv_loggers = _csv_loggers(trainer)
-    run = None
-    if csv_loggers:
-        from lightning_sgd.report import headline, recommend
-        from lightning_sgd.run_log import load_run
+    run = _logged_run(trainer)
+    if run is not None:
+        from lightning_sgd.report import headline
 
-        try:
-            run = load_run(Path(csv_loggers[0].log_dir) / "metrics.csv")
-        except (FileNotFoundError, ValueError, OSError):
-            run = None
-        if run is not None:
-            for line in headline(run):
-                print(line)
+        for line in headline(run):
+            print(line)
     for key in keys:
         if math.isfinite(metrics[key]):
             print(f"{key:>24s}: {metrics[key]:.4f}")
     if run is not None:
+        from lightning_sgd.report import recommend
+
         rec = recommend(run)
         if rec is not None:
             print("recommendation: " + " ".join(rec.lines()))
-    if report is not None:
-        print(f"report: {report}")
+    for line in _where_lines(trainer, report):
+        print(line)
+
+
+def _logged_run(trainer: Any) -> Any:
+    """The run's measurements as its first CSV logger wrote them (``None`` without one or when unreadable)."""
+    csv_loggers = _csv_loggers(trainer)
+    if not csv_loggers:
+        return None
+    from lightning_sgd.run_log import load_run
+
+    try:
+        return load_run(Path(csv_loggers[0].log_dir) / "metrics.csv")
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+
+
+def _where_lines(trainer: Any, report: Path | None) -> list[str]:
+    """Where the run's report, checkpoint, config, CSV log and W&B run are."""
+    lines = [f"report: {report}"] if report is not None else []
     checkpoint = _checkpoint_path(trainer)
     if checkpoint:
-        print(f"checkpoint: {checkpoint}")
-    for logger in csv_loggers:
+        lines.append(f"checkpoint: {checkpoint}")
+    for logger in _csv_loggers(trainer):
         config = Path(logger.log_dir) / "config.yaml"
         if config.is_file():
-            print(f"config: {config}")
-        print(f"CSV metrics: {os.path.join(logger.log_dir, 'metrics.csv')}")
+            lines.append(f"config: {config}")
+        lines.append(f"CSV metrics: {os.path.join(logger.log_dir, 'metrics.csv')}")
     for logger in trainer.loggers:
-        if hasattr(logger, "run_dir"):
-            run_dir = logger.run_dir()
-            if run_dir:
-                print(f"W&B run: {run_dir} (upload later with `wandb sync {run_dir}`)")
+        run_dir = logger.run_dir() if hasattr(logger, "run_dir") else None
+        if run_dir:
+            lines.append(f"W&B run: {run_dir} (upload later with `wandb sync {run_dir}`)")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------ the model's package

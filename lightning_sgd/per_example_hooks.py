@@ -399,67 +399,85 @@ def _conv_weight_sq_norms(conv: nn.Module, x: Tensor, d: Tensor) -> Tensor:
     return _conv_forms(conv, x, d)[_conv_form(conv, x, d)]()
 
 
+# Closed forms per layer type, Opacus-style: each takes (module, input x, output gradient d (upcast), batch size b,
+# whether the weight / the bias is trainable) and returns the (B,) squared norms of the per-example weight
+# contributions (or None) and the (B, ...) per-example bias contributions (or None).
+_Form = Callable[[nn.Module, Tensor, Tensor, int, bool, bool], tuple[Tensor | None, Tensor | None]]
+
+
+def _linear_form(module: nn.Module, x: Tensor, d: Tensor, b: int, weight: bool,
+                 bias: bool) -> tuple[Tensor | None, Tensor | None]:
+    d3 = d.reshape(b, -1, d.shape[-1])  # (B, T, out)
+    sq = _sq_norm_of_products(_up(x).reshape(b, -1, x.shape[-1]), d3) if weight else None
+    return sq, d3.sum(1) if bias else None
+
+
+def _convolution_form(module: nn.Module, x: Tensor, d: Tensor, b: int, weight: bool,
+                      bias: bool) -> tuple[Tensor | None, Tensor | None]:
+    sq = _conv_weight_sq_norms(module, _up(x), d) if weight else None
+    return sq, d.reshape(b, d.shape[1], -1).sum(2) if bias else None  # bias: (B, out)
+
+
+def _embedding_form(module: nn.Module, x: Tensor, d: Tensor, b: int, weight: bool,
+                    bias: bool) -> tuple[Tensor | None, Tensor | None]:
+    idx = x.reshape(b, -1)  # (B, T)
+    d3 = d.reshape(b, idx.shape[1], -1)  # (B, T, dim)
+    if module.padding_idx is not None:
+        d3 = d3 * (idx != module.padding_idx).unsqueeze(-1)
+    if idx.shape[1] == 1:
+        return _rows(d3).square().sum(1), None
+    same = idx.unsqueeze(2) == idx.unsqueeze(1)  # (B, T, T): positions holding the same token add up in one row
+    return (torch.bmm(d3, d3.transpose(1, 2)) * same).sum((1, 2)), None  # Σ_ts [x_t = x_s] d_t·d_s
+
+
+def _layer_norm_form(module: nn.Module, x: Tensor, d: Tensor, b: int, weight: bool,
+                     bias: bool) -> tuple[Tensor | None, Tensor | None]:
+    if isinstance(module, nn.RMSNorm):
+        x_hat = F.rms_norm(_up(x), module.normalized_shape, eps=module.eps)
+    else:
+        x_hat = F.layer_norm(_up(x), module.normalized_shape, eps=module.eps)
+    width = math.prod(module.normalized_shape)
+    sq = (d * x_hat).reshape(b, -1, width).sum(1).square().sum(1) if weight else None
+    return sq, d.reshape(b, -1, *module.normalized_shape).sum(1) if bias else None  # bias: (B, *normalized_shape)
+
+
+def _channel_norm_form(module: nn.Module, x: Tensor, d: Tensor, b: int, weight: bool,
+                       bias: bool) -> tuple[Tensor | None, Tensor | None]:
+    if isinstance(module, nn.GroupNorm):
+        x_hat = F.group_norm(_up(x), module.num_groups, eps=module.eps)
+    elif isinstance(module, _BATCH_NORMS):  # eval mode (train mode is refused before): running statistics
+        x_hat = F.batch_norm(_up(x), module.running_mean, module.running_var, training=False, eps=module.eps)
+    else:  # each example's own statistics, or the running ones in eval mode with track_running_stats
+        instance_stats = module.training or not module.track_running_stats
+        x_hat = F.instance_norm(_up(x), None if instance_stats else module.running_mean,
+                                None if instance_stats else module.running_var,
+                                use_input_stats=instance_stats, eps=module.eps)
+    channels = x_hat.shape[1]
+    sq = (d * x_hat).reshape(b, channels, -1).sum(2).square().sum(1) if weight else None  # Σ over positions
+    return sq, d.reshape(b, channels, -1).sum(2) if bias else None
+
+
+_FORMS: tuple[tuple[tuple[type, ...], _Form], ...] = (
+    ((nn.Linear,), _linear_form),
+    ((*_CONVS, *_CONV_TRANSPOSES), _convolution_form),
+    ((nn.Embedding,), _embedding_form),
+    ((nn.LayerNorm, nn.RMSNorm), _layer_norm_form),
+    ((nn.GroupNorm, *_BATCH_NORMS, *_INSTANCE_NORMS), _channel_norm_form),
+)
+
+
 def _layer_sq_norms(module: nn.Module, x: Tensor, d: Tensor) -> tuple[Tensor, Tensor | None]:
     """(B,) squared norms of the per-example contributions to this call's trainable parameters, and the batch sum
     of the bias contributions (for the consistency check; ``None`` without a trainable bias)."""
-    weight = module.weight if getattr(module, "weight", None) is not None and module.weight.requires_grad else None
-    bias = module.bias if getattr(module, "bias", None) is not None and module.bias.requires_grad else None
+    weight = getattr(module, "weight", None) is not None and module.weight.requires_grad
+    bias = getattr(module, "bias", None) is not None and module.bias.requires_grad
     d = _up(d)
     b = d.shape[0]
-    parts: list[Tensor] = []  # (B,) per parameter
-    bias_grad = None  # (B, ...) per-example bias contributions
-    if isinstance(module, nn.Linear):
-        d3 = d.reshape(b, -1, d.shape[-1])  # (B, T, out)
-        if weight is not None:
-            parts.append(_sq_norm_of_products(_up(x).reshape(b, -1, x.shape[-1]), d3))
-        if bias is not None:
-            bias_grad = d3.sum(1)
-    elif isinstance(module, (*_CONVS, *_CONV_TRANSPOSES)):
-        if weight is not None:
-            parts.append(_conv_weight_sq_norms(module, _up(x), d))
-        if bias is not None:
-            bias_grad = d.reshape(b, d.shape[1], -1).sum(2)  # (B, out)
-    elif isinstance(module, nn.Embedding):
-        idx = x.reshape(b, -1)  # (B, T)
-        d3 = d.reshape(b, idx.shape[1], -1)  # (B, T, dim)
-        if module.padding_idx is not None:
-            d3 = d3 * (idx != module.padding_idx).unsqueeze(-1)
-        if idx.shape[1] == 1:
-            parts.append(_rows(d3).square().sum(1))
-        else:  # positions holding the same token add up in one row: Σ_ts [x_t = x_s] d_t·d_s
-            same = idx.unsqueeze(2) == idx.unsqueeze(1)  # (B, T, T)
-            parts.append((torch.bmm(d3, d3.transpose(1, 2)) * same).sum((1, 2)))
-    elif isinstance(module, nn.LayerNorm):
-        x_hat = F.layer_norm(_up(x), module.normalized_shape, eps=module.eps)
-        width = math.prod(module.normalized_shape)
-        if weight is not None:
-            parts.append((d * x_hat).reshape(b, -1, width).sum(1).square().sum(1))
-        if bias is not None:
-            bias_grad = d.reshape(b, -1, *module.normalized_shape).sum(1)  # (B, *normalized_shape)
-    elif isinstance(module, nn.RMSNorm):
-        x_hat = F.rms_norm(_up(x), module.normalized_shape, eps=module.eps)
-        width = math.prod(module.normalized_shape)
-        if weight is not None:
-            parts.append((d * x_hat).reshape(b, -1, width).sum(1).square().sum(1))
-    elif isinstance(module, (nn.GroupNorm, *_BATCH_NORMS, *_INSTANCE_NORMS)):
-        if isinstance(module, nn.GroupNorm):
-            x_hat = F.group_norm(_up(x), module.num_groups, eps=module.eps)
-        elif isinstance(module, _BATCH_NORMS):  # eval mode (train mode is refused before): running statistics
-            x_hat = F.batch_norm(_up(x), module.running_mean, module.running_var, training=False, eps=module.eps)
-        else:  # each example's own statistics, or the running ones in eval mode with track_running_stats
-            instance_stats = module.training or not module.track_running_stats
-            x_hat = F.instance_norm(_up(x), None if instance_stats else module.running_mean,
-                                    None if instance_stats else module.running_var,
-                                    use_input_stats=instance_stats, eps=module.eps)
-        channels = x_hat.shape[1]
-        if weight is not None:
-            parts.append((d * x_hat).reshape(b, channels, -1).sum(2).square().sum(1))  # Σ over positions
-        if bias is not None:
-            bias_grad = d.reshape(b, channels, -1).sum(2)
-    else:  # pragma: no cover - only closed-form units reach here (_closed_form_miss)
+    form = next((f for types, f in _FORMS if isinstance(module, types)), None)
+    if form is None:  # pragma: no cover - only closed-form units reach here (_closed_form_miss)
         raise TypeError(f"unsupported layer {type(module).__name__}")
-    if bias_grad is not None:
-        parts.append(_rows(bias_grad).square().sum(1))
+    sq, bias_grad = form(module, x, d, b, weight, bias)
+    parts = [p for p in (sq, None if bias_grad is None else _rows(bias_grad).square().sum(1)) if p is not None]
     total = sum(parts[1:], parts[0]) if parts else torch.zeros(b, dtype=d.dtype, device=d.device)
     return total, None if bias_grad is None else bias_grad.sum(0)
 

@@ -266,6 +266,32 @@ def _certify(plan: _Plan, batch_sizes: ArrayLike, best: np.ndarray, best_cfg: np
         _update(best, best_cfg, hits, c, bi)
 
 
+def _check_grid_args(spec: Spectrum, batch_sizes: ArrayLike, lrs: ArrayLike, aux: ArrayLike, kind: str,
+                     power: float, target: float, exhaustive: bool, coarse: tuple[int, int], per_octave: int,
+                     effective_lr: bool, n_centres: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                                                  tuple[int, int]]:
+    """:func:`grid_steps`' arguments checked (each error names its argument); the arrays as 1-d arrays."""
+    _check_spectrum(spec)
+    check.choice("kind", kind, ("sgd", "momentum", "ema"))
+    batch_sizes = np.atleast_1d(check.reals("batch_sizes", batch_sizes, check.POSITIVE))
+    lrs = np.atleast_1d(check.reals("lrs", lrs, check.POSITIVE))
+    if (aux is None) != (kind == "sgd"):
+        raise ValueError(f"aux (the β or γ grid) is needed for kind='momentum'/'ema' and unused for 'sgd'; got "
+                         f"kind={kind!r} with aux={'None' if aux is None else 'an array'}.")
+    if aux is not None:
+        aux = np.atleast_1d(check.reals("aux", aux, check.UNIT_OPEN))
+    check.real("power", power, check.UNIT)
+    check_target(spec, target)
+    check.flag("exhaustive", exhaustive)
+    check.flag("effective_lr", effective_lr)
+    if not isinstance(coarse, (tuple, list)) or len(coarse) != 2:
+        raise TypeError(f"coarse must be a pair (lr stride, aux stride) of ints >= 1, got {coarse!r}.")
+    coarse = (check.integer("coarse[0]", coarse[0]), check.integer("coarse[1]", coarse[1]))
+    check.integer("per_octave", per_octave)
+    check.integer("n_centres", n_centres)
+    return batch_sizes, lrs, aux, coarse
+
+
 def grid_steps(
     spec: Spectrum,
     batch_sizes: ArrayLike,
@@ -286,24 +312,8 @@ def grid_steps(
     With ``effective_lr=True`` (momentum) the lr grid holds α/(1 − β), so the grid point (i, j) is
     α = lrs[i]·(1 − aux[j]): along that axis the small-batch optimum is flat in β, which the local search likes.
     """
-    _check_spectrum(spec)
-    check.choice("kind", kind, ("sgd", "momentum", "ema"))
-    batch_sizes = np.atleast_1d(check.reals("batch_sizes", batch_sizes, check.POSITIVE))
-    lrs = np.atleast_1d(check.reals("lrs", lrs, check.POSITIVE))
-    if (aux is None) != (kind == "sgd"):
-        raise ValueError(f"aux (the β or γ grid) is needed for kind='momentum'/'ema' and unused for 'sgd'; got "
-                         f"kind={kind!r} with aux={'None' if aux is None else 'an array'}.")
-    if aux is not None:
-        aux = np.atleast_1d(check.reals("aux", aux, check.UNIT_OPEN))
-    check.real("power", power, check.UNIT)
-    check_target(spec, target)
-    check.flag("exhaustive", exhaustive)
-    check.flag("effective_lr", effective_lr)
-    if not isinstance(coarse, (tuple, list)) or len(coarse) != 2:
-        raise TypeError(f"coarse must be a pair (lr stride, aux stride) of ints >= 1, got {coarse!r}.")
-    coarse = (check.integer("coarse[0]", coarse[0]), check.integer("coarse[1]", coarse[1]))
-    check.integer("per_octave", per_octave)
-    check.integer("n_centres", n_centres)
+    batch_sizes, lrs, aux, coarse = _check_grid_args(spec, batch_sizes, lrs, aux, kind, power, target, exhaustive,
+                                                     coarse, per_octave, effective_lr, n_centres)
     n_lr, n_aux = len(lrs), 1 if aux is None else len(aux)
     plan = build_plan(spec, power, lrs, aux, kind, effective_lr=effective_lr)
     n_b = batch_sizes.size

@@ -205,6 +205,15 @@ class SweepConfig:
             )
         if self.mode not in (None, "max", "min"):
             raise SweepConfigError(f"sweep.mode must be 'max' or 'min', got {self.mode!r}.")
+        self._validate_budget()
+        self._validate_search_space()
+        self._validate_gns()
+        if not 0 <= self.edge_fraction < 0.5:
+            raise SweepConfigError(f"sweep.edge_fraction must be in [0, 0.5), got {self.edge_fraction}.")
+        if self.recipe is None:
+            raise SweepConfigError("no recipe: give --config recipes/<name>.yaml (or sweep.recipe in the sweep YAML).")
+
+    def _validate_budget(self) -> None:
         if self.trials < 1:
             raise SweepConfigError(f"sweep.trials must be >= 1, got {self.trials}.")
         if self.resolved_max_trials() < self.trials:
@@ -221,6 +230,8 @@ class SweepConfig:
                 f"sweep.max_steps ({self.max_steps}) must be a multiple of sweep.eval_every ({self.eval_every}) so "
                 "the last step of the budget is evaluated."
             )
+
+    def _validate_search_space(self) -> None:
         if not self.search_space:
             raise SweepConfigError("sweep.search_space is empty: give at least the learning rate, e.g. lr: {low: 1e-3, "
                              "high: 10}.")
@@ -235,6 +246,8 @@ class SweepConfig:
             raise SweepConfigError(
                 f"search_space.{keys[self.batch_size_key]} sets the batch size key {self.batch_size_key}."
             )
+
+    def _validate_gns(self) -> None:
         if self.gns_every < 1:
             raise SweepConfigError(f"sweep.gns_every must be >= 1, got {self.gns_every}.")
         if self.b_noise_every is not None and self.b_noise_every < 1:
@@ -243,7 +256,3 @@ class SweepConfig:
             raise SweepConfigError(f"sweep.gns_beta must be in [0, 1), got {self.gns_beta}.")
         if self.b_simple is not None and not (math.isfinite(self.b_simple) and self.b_simple > 0):
             raise SweepConfigError(f"sweep.b_simple must be a finite number > 0 or null, got {self.b_simple}.")
-        if not 0 <= self.edge_fraction < 0.5:
-            raise SweepConfigError(f"sweep.edge_fraction must be in [0, 0.5), got {self.edge_fraction}.")
-        if self.recipe is None:
-            raise SweepConfigError("no recipe: give --config recipes/<name>.yaml (or sweep.recipe in the sweep YAML).")
