@@ -69,20 +69,7 @@ def compare(configs: dict[str, Callable[[], Any]], reference: str, *, rounds: in
             times = [time_once(configs[name]) for _ in range(repeats)]
             medians[name] = (statistics.median(t[0] for t in times), statistics.median(t[1] for t in times))
         per_round.append(medians)
-    index = 0 if clock == "cpu" else 1
-    out = {}
-    for name in configs:
-        ratios = [m[name][index] / m[reference][index] for m in per_round]
-        walls = [m[name][1] / m[reference][1] for m in per_round]
-        out[name] = {
-            "cpu_s": statistics.median(m[name][0] for m in per_round),
-            "wall_s": statistics.median(m[name][1] for m in per_round),
-            "ratio": statistics.median(ratios),
-            "spread": [min(ratios), max(ratios)],
-            "ratios": ratios,
-            "ratio_wall": statistics.median(walls),
-        }
-    return out
+    return summarize_rounds(per_round, reference, clock)
 
 
 def _git(*args: str) -> str:

@@ -24,6 +24,7 @@ from typing_extensions import override
 
 from lightning_sgd.checks import check_bool, check_choice, check_float, check_int, missing_state_keys
 from lightning_sgd.compat import PACKAGES, Callback, import_from
+from lightning_sgd.core import log_metrics
 from lightning_sgd.curvature import (
     OPERATORS,
     CheckedOperator,
@@ -402,8 +403,7 @@ class CurvatureSpectrum(Callback):
     # ---------------------------------------------------------------------------------------------- logging
     @staticmethod
     def _log(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
-        for logger in trainer.loggers:  # loggers are rank-zero only; self.log is not allowed in on_train_end
-            logger.log_metrics(metrics, step=step)
+        log_metrics(trainer, metrics, step)  # not self.log: it is not allowed in on_train_end
 
     @rank_zero_only
     def _log_wandb(self, trainer: pl.Trainer, result: CurvatureResult, step: int) -> None:

@@ -255,15 +255,20 @@ def _noise_scale_panel(run: RunLog) -> Panel | None:
             lo = [max(v - (e or 0.0), v * 1e-3) for v, e in zip(values, se)]
             hi = [v + (e or 0.0) for v, e in zip(values, se)]
             ax.fill_between(steps, lo, hi, color=color, alpha=0.25, label=f"{name} ± SE")
-    if "gns/batch_size" in run:
-        ax.step(run.steps("gns/batch_size"), run.values("gns/batch_size"), where="post", color="k", ls="--",
-                label="training batch")
+    _draw_training_batch(ax, run)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("batch size")
     ax.legend(fontsize=8)
     return Panel("noise_scale", "Gradient noise scale", "The critical batch size: below it a larger batch cuts "
                  "steps almost linearly; above it returns diminish (McCandlish et al. 2018).", _png(plt, fig))
+
+
+def _draw_training_batch(ax: Any, run: RunLog) -> None:
+    """The training batch over steps (``gns/batch_size``), dashed, where the run logged it."""
+    if "gns/batch_size" in run:
+        ax.step(run.steps("gns/batch_size"), run.values("gns/batch_size"), where="post", color="k", ls="--",
+                label="training batch")
 
 
 def _regime_panel(run: RunLog) -> Panel | None:
@@ -397,9 +402,7 @@ def _diversity_panel(run: RunLog) -> Panel | None:
     if "diversity/batch_bound" in run:
         ax.plot(run.steps("diversity/batch_bound"), run.values("diversity/batch_bound"), ls=":", marker="x",
                 label="batch bound δ·n·Δ + 1")
-    if "gns/batch_size" in run:
-        ax.step(run.steps("gns/batch_size"), run.values("gns/batch_size"), where="post", color="k", ls="--",
-                label="training batch")
+    _draw_training_batch(ax, run)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.legend(fontsize=8)

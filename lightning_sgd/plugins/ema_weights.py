@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from copy import deepcopy
-from itertools import islice
+from itertools import chain, islice
 from typing import Any
 
 import pytorch_lightning as pl
@@ -59,6 +59,7 @@ from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
 from lightning_sgd.batches import batch_size
+from lightning_sgd.bootstrap import evaluate
 from lightning_sgd.checks import check_bool, check_choice, check_float, check_int, missing_state_keys
 from lightning_sgd.compat import Callback, package_of
 from lightning_sgd.module_loss import ModuleLoss
@@ -455,30 +456,14 @@ class EMAWeights(Callback):
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Mean training loss of ``pl_module`` over the validation batches Lightning uses (each batch's mean loss
-        weighted by its size), in eval mode under ``no_grad``; accuracy too when the protocol gives class logits."""
+        weighted by its size), in eval mode under ``no_grad`` (:func:`lightning_sgd.bootstrap.evaluate`, the one
+        module evaluator); accuracy too when the protocol gives class logits."""
         assert self._loss is not None, "setup() builds the loss for validate='both'"
-        total_loss, correct, count, classified = 0.0, 0.0, 0, self._loss.uses_protocol
-        with self._loss.isolated(), torch.no_grad():
-            pl_module.eval()
-            for loader, limit in zip(_loaders(trainer.val_dataloaders), trainer.num_val_batches):
-                for batch in islice(iter(loader), None if math.isinf(limit) else int(limit)):
-                    batch = trainer.strategy.batch_to_device(batch)
-                    n = batch_size(batch, "EMAWeights")
-                    if self._loss.uses_protocol:
-                        outputs, targets = self._loss.outputs(batch)
-                        loss = pl_module.loss(outputs, targets)  # type: ignore[operator]
-                        if (isinstance(outputs, Tensor) and isinstance(targets, Tensor) and outputs.dim() == 2
-                                and targets.dim() == 1 and not targets.is_floating_point()):
-                            correct += float((outputs.argmax(1) == targets).sum())
-                        else:
-                            classified = False
-                    else:
-                        loss = self._loss.loss(batch)
-                    total_loss += float(loss) * n
-                    count += n
-        if count == 0:
-            return {}
-        metrics = {"loss": total_loss / count}
-        if classified:
-            metrics["acc"] = correct / count
+        batches = chain.from_iterable(
+            islice(iter(loader), None if math.isinf(limit) else int(limit))
+            for loader, limit in zip(_loaders(trainer.val_dataloaders), trainer.num_val_batches))
+        values = evaluate(self._loss, batches, trainer.strategy.batch_to_device)
+        metrics = {"loss": values["loss"]} if "loss" in values else {}
+        if "error" in values:
+            metrics["acc"] = 1.0 - values["error"]
         return metrics
