@@ -16,7 +16,13 @@ import pytorch_lightning as pl
 
 from lightning_sgd.callbacks import CurvatureSpectrum, DeepBootstrap, GradientDiversity, GradientNoiseScale
 from lightning_sgd.cli import run as cli_run
-from lightning_sgd.plugins import AdaptiveBatchSize, BatchSizeSchedule, GhostBatchNorm, GhostBatchNormCallback
+from lightning_sgd.plugins import (
+    AdaptiveBatchSize,
+    BatchSizeSchedule,
+    GhostBatchNorm,
+    GhostBatchNormCallback,
+    GradStatsDDPStrategy,
+)
 from lightning_sgd.plugins.ema_weights import EMAWeights
 from lightning_sgd.plugins.lr_warmup_scaling import LRWarmupScaling
 from lightning_sgd.schedules import EveryNSteps, LogSpaced, as_schedule
@@ -166,6 +172,12 @@ CASES = [
     (AdaptiveBatchSize, {"max_batch_size": 64, "max_growth": NAN}, V, "max_growth"),
     (AdaptiveBatchSize, {"max_batch_size": 64, "lr_rule": "cube"}, V, "lr_rule"),
     (AdaptiveBatchSize, {"max_batch_size": 64, "noise_scale": 3}, T, "noise_scale"),
+    # GradStatsDDPStrategy
+    (GradStatsDDPStrategy, {"every_n_steps": 0}, V, "every_n_steps"),
+    (GradStatsDDPStrategy, {"every_n_steps": 2.5}, T, "every_n_steps"),
+    (GradStatsDDPStrategy, {"max_logged_ranks": -1}, V, "max_logged_ranks"),
+    (GradStatsDDPStrategy, {"max_logged_ranks": 1.5}, T, "max_logged_ranks"),
+    (GradStatsDDPStrategy, {"log_grad_norms": "yes"}, T, "log_grad_norms"),
     # schedules
     (EveryNSteps, {"interval": 2.5}, T, "interval"),
     (EveryNSteps, {"interval": 0}, V, "interval"),

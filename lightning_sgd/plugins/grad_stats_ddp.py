@@ -82,6 +82,7 @@ from typing_extensions import override
 
 from lightning_sgd import compat
 from lightning_sgd.batches import batch_size
+from lightning_sgd.checks import check_bool, check_int
 from lightning_sgd.compat import ddp_comm_settings
 from lightning_sgd.core import amp_scale, at_backward_end, sq_norms
 from lightning_sgd.grad_stats import AllReduceGradStats
@@ -274,11 +275,10 @@ class GradStatsDDPMixin:
 
     def __init__(self, *args: Any, log_grad_norms: bool = True, max_logged_ranks: int = 16, every_n_steps: int = 1,
                  **kwargs: Any) -> None:
-        if max_logged_ranks < 0:
-            raise ValueError(f"{type(self).__name__}: max_logged_ranks must be >= 0, got {max_logged_ranks}.")
-        if every_n_steps < 1:
-            raise ValueError(f"{type(self).__name__}: every_n_steps must be >= 1, got {every_n_steps}.")
-        self.every_n_steps = every_n_steps
+        who = type(self).__name__
+        check_int(who, "max_logged_ranks", max_logged_ranks, minimum=0)
+        self.every_n_steps = check_int(who, "every_n_steps", every_n_steps, minimum=1)
+        check_bool(who, "log_grad_norms", log_grad_norms)
         super().__init__(*args, **kwargs)
         self.log_grad_norms = log_grad_norms
         self.max_logged_ranks = max_logged_ranks
