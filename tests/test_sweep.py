@@ -324,3 +324,17 @@ def test_effective_lr_and_edge_warnings():
 
 def test_study_names_are_per_batch_size():
     assert study_name(SweepConfig(study_name="abc"), 64) == "abc-bs64"
+
+
+def test_a_sweep_names_its_recipe_as_fit_does_from_any_folder(tmp_path, monkeypatch):
+    """`recipe: recipes/mnist1d.yaml` (as the packaged sweep YAMLs say) or `recipe: mnist1d` resolve to the packaged
+    recipe from a folder without a recipes/ directory, as `lightning-sgd fit --config` does."""
+    from lightning_sgd.cli import recipes_dir
+    from lightning_sgd.sweep.config import SweepConfig
+    from lightning_sgd.sweep.runner import trial_args
+
+    monkeypatch.chdir(tmp_path)
+    for recipe in ("recipes/mnist1d.yaml", "mnist1d"):
+        cfg = SweepConfig(recipe=recipe, batch_sizes=[16], target=0.5)
+        args = trial_args(cfg, 16, {})
+        assert args[:2] == ["--config", str(recipes_dir() / "mnist1d.yaml")], args

@@ -50,7 +50,7 @@ from optuna.samplers import QMCSampler
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from lightning_sgd.cli import LightningSGDCLI, LightningSGDLightningCLI, model_package
+from lightning_sgd.cli import LightningSGDCLI, LightningSGDLightningCLI, model_package, resolve_config
 from lightning_sgd.compat import Callback, package_of
 from lightning_sgd.sweep.config import SweepConfig, SweepConfigError
 
@@ -235,7 +235,8 @@ def _format_value(value: Any) -> str:
 
 def trial_args(cfg: SweepConfig, batch_size: int, values: dict[str, float]) -> list[str]:
     """The recipe command-line arguments of one trial: recipe, user overrides, batch size, sampled values."""
-    args = ["--config", str(cfg.recipe), *cfg.overrides, f"--{cfg.batch_size_key}={batch_size}"]
+    # a packaged recipe's name (or recipes/<name>.yaml from outside a checkout) resolves as in `lightning-sgd fit`
+    args = ["--config", resolve_config(str(cfg.recipe)), *cfg.overrides, f"--{cfg.batch_size_key}={batch_size}"]
     for name, value in values.items():
         args.append(f"--{cfg.search_space[name].config_key(name)}={_format_value(value)}")
     return args
