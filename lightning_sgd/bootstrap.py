@@ -230,6 +230,7 @@ def evaluate(
     batches: Iterable[Any],
     to_device: Callable[[Any], Any] = lambda batch: batch,
     max_examples: int | None = None,
+    allow_empty: bool = False,
 ) -> dict[str, float]:
     """Mean ``loss`` (and ``error``, ``soft_error`` for classifiers) of a module over ``batches``.
 
@@ -239,7 +240,8 @@ def evaluate(
     and the targets, so they are computed only through the protocol, and only for ``(B, C)`` logits with integer
     labels (:func:`batch_metrics`). Runs inside :meth:`ModuleLoss.isolated` (the module's logging muted, its RNG
     draws and buffers undone) in eval mode under ``no_grad``. ``max_examples`` stops after that many examples (the
-    last batch is cut to fit). Pass a ``ModuleLoss`` to reuse one (and name the caller in its errors).
+    last batch is cut to fit). Pass a ``ModuleLoss`` to reuse one (and name the caller in its errors). No batches
+    at all is a ``ValueError``, or ``{}`` with ``allow_empty``.
     """
     loss_fn = module if isinstance(module, ModuleLoss) else ModuleLoss(module, "evaluate")
     net = loss_fn.module
@@ -266,6 +268,8 @@ def evaluate(
             if max_examples is not None and count >= max_examples:
                 break
     if count == 0:
+        if allow_empty:
+            return {}
         raise ValueError("evaluate() got no examples: the evaluation set is empty.")
     return {key: value / count for key, value in totals.items()}
 

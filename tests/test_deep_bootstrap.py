@@ -202,6 +202,9 @@ def test_batch_metrics_and_evaluate_match_brute_force():
     capped = evaluate(module, DataLoader(TensorDataset(x, y), batch_size=32), max_examples=40)
     assert capped["error"] == pytest.approx(float((logits[:40].argmax(1) != y[:40]).float().mean()), abs=1e-6)
     assert batch_metrics(torch.randn(4), torch.zeros(4)) is None  # regression outputs: no error defined
+    with pytest.raises(ValueError, match="no examples"):
+        evaluate(module, [])
+    assert evaluate(module, [], allow_empty=True) == {}  # EMAWeights: no validation batch, nothing to log
 
 
 # ---------------------------------------------------------------------------------------------------- MNIST-1D

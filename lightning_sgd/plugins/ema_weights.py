@@ -462,8 +462,11 @@ class EMAWeights(Callback):
         batches = chain.from_iterable(
             islice(iter(loader), None if math.isinf(limit) else int(limit))
             for loader, limit in zip(_loaders(trainer.val_dataloaders), trainer.num_val_batches))
-        values = evaluate(self._loss, batches, trainer.strategy.batch_to_device)
-        metrics = {"loss": values["loss"]} if "loss" in values else {}
+        # (iterated inside evaluate's isolation: a loader's iterator draws its base seed from the torch RNG)
+        values = evaluate(self._loss, batches, trainer.strategy.batch_to_device, allow_empty=True)
+        if not values:  # no validation batch: nothing to log
+            return {}
+        metrics = {"loss": values["loss"]}
         if "error" in values:
             metrics["acc"] = 1.0 - values["error"]
         return metrics
