@@ -247,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         run(args)
     except ValueError as err:
-        if type(err).__name__ != "ConfigError":  # fit_cli is imported lazily; match by name
+        fit_cli = sys.modules.get("lightning_sgd.fit_cli")  # imported by the command that raised it, if any
+        if fit_cli is None or not isinstance(err, fit_cli.ConfigError):
             raise
         print(f"lightning-sgd {args[0] if args else ''}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
