@@ -178,7 +178,7 @@ class LRWarmupScaling(Callback):
         if self.scale is None:  # a fresh run (a resumed one restored scale, raw LRs and step counters)
             self.global_batch_size = global_batch
             self.scale = scale_factor(self.rule, global_batch, self.reference_batch_size)
-            self._scale_optimizers(trainer, self.scale)
+            rescale_learning_rates(self._optimizers, [c.scheduler for c in trainer.lr_scheduler_configs], self.scale)
             self.steps = [0] * len(self._optimizers)
             self.raw_lrs = [[group["lr"] for group in opt.param_groups] for opt in self._optimizers]
             rank_zero_info(f"LRWarmupScaling: global batch {global_batch} = {trainer.world_size} device(s) x "
@@ -255,9 +255,6 @@ class LRWarmupScaling(Callback):
             if candidate is optimizer:
                 return index
         raise RuntimeError("LRWarmupScaling: a scheduler's optimizer is not among trainer.optimizers.")
-
-    def _scale_optimizers(self, trainer: pl.Trainer, scale: float) -> None:
-        rescale_learning_rates(self._optimizers, [config.scheduler for config in trainer.lr_scheduler_configs], scale)
 
     def _per_device_batch(self, trainer: pl.Trainer) -> int:
         if self.batch_size is not None:
