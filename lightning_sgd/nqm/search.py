@@ -114,7 +114,7 @@ class _Plan:
             table = self.fields(uniq)
         else:
             table, inv = data, np.arange(cfg.size)
-        chunk = max(1, 400_000 // (t2.shape[1] * table.shape[2]))
+        chunk = max(1, 65_536 // (t2.shape[1] * table.shape[2]))
         for s in range(0, cfg.size, chunk):
             d, n = self._eval(table[inv[s:s + chunk]], t2[s:s + chunk])
             det[s:s + chunk], noise[s:s + chunk] = d, n
@@ -125,29 +125,43 @@ class _Plan:
         tt = t[:, :, None]  # (n, m, 1)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             odd = np.mod(tt, 2.0) == 1.0  # (n, m, 1)
-            mod = np.exp((tt - 1.0) * g["log_mod"])  # r1^{t−1} or ρ^{t−1}
+            mod = np.multiply(tt - 1.0, g["log_mod"])  # (n, m, k)
+            np.exp(mod, out=mod)  # r1^{t−1} or ρ^{t−1}
             # real roots: g_t = (1 − x^t)/w, g_{t+1} = 1 + x g_t ; x^t = sign^t · |x|^t
-            gt = np.expm1(tt * g["L"])  # x^t − 1 for x ≥ 0
-            if (g["x"] < 0).any():
-                gt = np.where((g["x"] < 0) & odd, -2.0 - gt, gt)
+            gt = np.multiply(tt, g["L"])
+            np.expm1(gt, out=gt)  # x^t − 1 for x ≥ 0
+            x_neg = g["x"] < 0
+            if x_neg.any():
+                np.subtract(-2.0, gt, out=gt, where=x_neg & odd)
             gt *= -g["inv_w"]
-            if (g["w_zero"] > 0).any():
-                gt = np.where(g["w_zero"] > 0, tt, gt)
-            gt1 = 1.0 + g["x"] * gt
             cplx = g["real"] == 0.0
-            if cplx.any():
-                ang = np.where(cplx, tt * g["psi"], 0.0)
-                st, ct = np.sin(ang), np.cos(ang)
-                gt = np.where(cplx, st * g["inv_sin_psi"], gt)
-                gt1 = np.where(cplx, (st * g["cos_psi"] + ct * g["sin_psi"]) * g["inv_sin_psi"], gt1)
-            f_t = mod * gt
-            f_t1 = mod * g["r1"] * gt1
+            w_zero = (g["w_zero"] > 0) & ~cplx  # w = 0 with real roots: a double root
+            if w_zero.any():
+                np.copyto(gt, tt, where=w_zero)
+            gt1 = np.multiply(g["x"], gt)
+            gt1 += 1.0
+            if cplx.any():  # complex roots: sin/cos only where they count (ρ^{t−1} has not underflowed to 0)
+                on = cplx & (mod > 0.0)
+                ang = np.multiply(tt, g["psi"], out=np.empty_like(gt), where=on)  # only `on` is ever read
+                st = np.sin(ang, out=np.empty_like(gt), where=on)
+                ct = np.cos(ang, out=ang, where=on)
+                np.multiply(st, g["inv_sin_psi"], out=gt, where=on)
+                np.multiply(st, g["cos_psi"], out=st, where=on)
+                np.multiply(ct, g["sin_psi"], out=ct, where=on)
+                np.add(st, ct, out=st, where=on)
+                np.multiply(st, g["inv_sin_psi"], out=gt1, where=on)
+                # elsewhere on complex lanes ρ^{t−1} = 0: F_t = F_{t+1} = 0 whatever g holds (here 0 and 1)
+            f_t = np.multiply(mod, gt, out=gt)
+            mod *= g["r1"]
+            f_t1 = np.multiply(mod, gt1, out=gt1)
             neg = g["sgn_neg"] > 0
             if neg.any():  # sgn^{t−1} on F_t and sgn^t on F_{t+1} when P < 0
-                f_t = np.where(neg & ~odd, -f_t, f_t)
-                f_t1 = np.where(neg & odd, -f_t1, f_t1)
-            d = f_t1 - g["kappa"] * f_t
-            det = (d * d) @ self.wdet
+                np.negative(f_t, out=f_t, where=neg & ~odd)
+                np.negative(f_t1, out=f_t1, where=neg & odd)
+            d = np.multiply(g["kappa"], f_t, out=mod)
+            np.subtract(f_t1, d, out=d)
+            d *= d
+            det = d @ self.wdet
             # Σ wnoise (s∞ − tail) = noise∞ − Σ A F_{t+1}² − Σ A Q² F_t² + Σ C F_{t+1} F_t
             noise = (g["noise_inf"][:, :, 0] - np.einsum("nmk,nk->nm", f_t1 * f_t1, data[:, _A])
                      - np.einsum("nmk,nk->nm", f_t * f_t, data[:, _AQ2])
