@@ -81,6 +81,7 @@ statistics. Not caught: a training loss that is not a mean over examples (caller
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import math
@@ -236,7 +237,10 @@ def _sq_norm_of_products(a: Tensor, d: Tensor, form: str = "auto") -> Tensor:
     for start in range(0, b, chunk):
         ac, dc = a[start:start + chunk], d[start:start + chunk]
         if materialize:
-            out.append(torch.bmm(dc.transpose(1, 2), ac).square().sum((1, 2)))  # (c, d_out, d_in) -> (c,)
+            # the per-example gradient with its shorter side as rows: CPU batched GEMMs with few output columns
+            # are several times slower (timed: (25 x 5) 67-110 us vs (5 x 25) 30 us for 128 examples)
+            grads = torch.bmm(ac.transpose(1, 2), dc) if d_in <= d_out else torch.bmm(dc.transpose(1, 2), ac)
+            out.append(grads.square().sum((1, 2)))  # (c,)
         else:
             out.append((torch.bmm(ac, ac.transpose(1, 2)) * torch.bmm(dc, dc.transpose(1, 2))).sum((1, 2)))
     return out[0] if len(out) == 1 else torch.cat(out)
@@ -255,10 +259,11 @@ def _conv_input(conv: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     return F.pad(x, pads), (0,) * dims
 
 
-def _patches(conv: nn.Module, x: Tensor, padding: tuple[int, ...], native: bool) -> Tensor:
+def _patches(conv: nn.Module, x: Tensor, padding: tuple[int, ...], native: bool, ones: bool = False) -> Tensor:
     """(B, C_in·Πk, L_out) input patches (im2col) of a ``groups=1`` conv, such that its output is
     ``weight.flatten(1) @ patches``: by ``F.unfold`` (native im2col; ``native``, 1-D and 2-D only) or by strided
-    views of the padded input and one copy (any number of dimensions; faster on short 1-D signals)."""
+    views of the padded input and one copy (any number of dimensions; faster on short 1-D signals). ``ones``
+    (strided only): one more row of ones, the bias's input, so that one product gives weight and bias gradients."""
     dims = x.dim() - 2
     if native:
         one = dims == 1  # a 1-d conv is a 2-d one over (L, 1)
@@ -272,7 +277,15 @@ def _patches(conv: nn.Module, x: Tensor, padding: tuple[int, ...], native: bool)
     if any(d > 1 for d in conv.dilation):
         x = x[(..., *(slice(None, None, d) for d in conv.dilation))]
     x = x.permute(0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims))  # (B, C, k1.., L1..)
-    return x.reshape(x.shape[0], -1, math.prod(x.shape[2 + dims:]))
+    b, rows, positions = x.shape[0], math.prod(x.shape[1:2 + dims]), math.prod(x.shape[2 + dims:])
+    if not ones:
+        # always a contiguous copy: where reshape could return a view (one channel) its overlapping strides send
+        # the batched GEMM that reads it down a path several times slower than the copy
+        return x.contiguous().view(b, rows, positions)
+    out = x.new_empty(b, rows + 1, positions)
+    out[:, :rows].view(x.shape).copy_(x)
+    out[:, rows].fill_(1.0)
+    return out
 
 
 def _output_padding(conv: nn.Module, x: Tensor, d: Tensor) -> list[int]:
@@ -302,12 +315,13 @@ def _grouped_conv_sq_norms(conv: nn.Module, x: Tensor, d: Tensor, padding: Seque
     return torch.cat(out)
 
 
-def _pixel_gram_sq_norms(conv: nn.Module, x: Tensor, d: Tensor, padding: Sequence[int]) -> Tensor:
+def _pixel_gram_sq_norms(conv: nn.Module, x: Tensor, d: Tensor, padding: Sequence[int], bias: bool = False) -> Tensor:
     """(B,) per-example weight-gradient squared norms of a ``groups=1`` conv through the Gram form without patches.
 
     The patches' Gram matrix is a sum of shifted copies of the padded input's pixel Gram matrix
     P[u, v] = Σ_c x[c, u]·x[c, v]: (A Aᵀ)[t, t'] = Σ_{offsets o} P[s·t + dil·o, s·t' + dil·o] (stride s, dilation
-    dil), which costs Π(padded size)²·C_in instead of L²·C_in·Πk; then Σ_{t,t'} (A Aᵀ)[t,t']·(D Dᵀ)[t,t']."""
+    dil), which costs Π(padded size)²·C_in instead of L²·C_in·Πk; then Σ_{t,t'} (A Aᵀ)[t,t']·(D Dᵀ)[t,t'].
+    ``bias``: the bias's too, as an input that is 1 at every position: A Aᵀ + 1 (|Σ_t D_t|² = Σ_{t,t'} (D Dᵀ)[t,t'])."""
     if any(padding):
         x = F.pad(x, [p for p in reversed(padding) for _ in range(2)])
     b, channels, spatial, out = x.shape[0], x.shape[1], tuple(x.shape[2:]), tuple(d.shape[2:])
@@ -325,6 +339,8 @@ def _pixel_gram_sq_norms(conv: nn.Module, x: Tensor, d: Tensor, padding: Sequenc
             shifted = grams[(slice(None), *window, *window)]  # (c, *out, *out)
             gram_a = shifted.clone() if gram_a is None else gram_a.add_(shifted)
         assert gram_a is not None
+        if bias:
+            gram_a.add_(1.0)
         d3 = dc.reshape(c, dc.shape[1], positions)  # (c, C_out, L)
         gram_d = torch.bmm(d3.transpose(1, 2), d3)  # (c, L, L)
         result.append((gram_a.reshape(c, positions, positions) * gram_d).sum((1, 2)))
@@ -341,28 +357,37 @@ def _conv_forms(conv: nn.Module, x: Tensor, d: Tensor) -> dict[str, Callable[[],
       from shifted copies of the input's pixel Gram matrix (:func:`_pixel_gram_sq_norms`): Πk times fewer
       multiply-adds than a Gram matrix of the patches, and no patches.
     """
+    names = ["conv"]
+    if not isinstance(conv, _CONV_TRANSPOSES) and conv.groups == 1:
+        names += (["unfold"] if x.dim() <= 4 else []) + ["strided", "pixel_gram"]
+    return {name: functools.partial(_conv_form_sq_norms, name, conv, x, d) for name in names}
+
+
+def _conv_form_sq_norms(form: str, conv: nn.Module, x: Tensor, d: Tensor, bias: bool = False) -> Tensor:
+    """(B,) per-example squared norms of one conv call's weight gradient by ``form`` (:func:`_conv_forms`); with
+    ``bias``, of its weight and bias gradients together (the strided and pixel-Gram forms take the bias as an input
+    channel that is 1 everywhere, for free; the others add |Σ_positions D|²)."""
     if isinstance(conv, _CONV_TRANSPOSES):
         padding = tuple(conv.padding)
     else:
         x, padding = _conv_input(conv, x)
-    forms = {"conv": lambda: _grouped_conv_sq_norms(conv, x, d, padding)}
-    if isinstance(conv, _CONV_TRANSPOSES) or conv.groups != 1:
-        return forms
-    b, c_out = d.shape[:2]
-    d3 = d.reshape(b, c_out, -1).transpose(1, 2)  # (B, L, C_out)
-
-    def product(native: bool) -> Tensor:
-        return _sq_norm_of_products(_patches(conv, x, padding, native).transpose(1, 2), d3, "materialize")
-
-    if x.dim() <= 4:
-        forms["unfold"] = lambda: product(True)
-    forms["strided"] = lambda: product(False)
-    forms["pixel_gram"] = lambda: _pixel_gram_sq_norms(conv, x, d, padding)
-    return forms
+    absorbed = bias and form in ("strided", "pixel_gram")
+    if form == "conv":
+        sq = _grouped_conv_sq_norms(conv, x, d, padding)
+    elif form == "pixel_gram":
+        sq = _pixel_gram_sq_norms(conv, x, d, padding, bias)
+    else:
+        b, c_out = d.shape[:2]
+        d3 = d.reshape(b, c_out, -1).transpose(1, 2)  # (B, L, C_out)
+        patches = _patches(conv, x, padding, form == "unfold", absorbed)
+        sq = _sq_norm_of_products(patches.transpose(1, 2), d3, "materialize")
+    if bias and not absorbed:
+        sq = sq + d.reshape(d.shape[0], d.shape[1], -1).sum(2).square().sum(1)
+    return sq
 
 
 def _conv_form(conv: nn.Module, x: Tensor, d: Tensor) -> str:
-    """The form :func:`_conv_weight_sq_norms` uses: a fixed rule of the layer's shapes and the device type, so every
+    """The form :func:`_convolution_form` uses: a fixed rule of the layer's shapes and the device type, so every
     process computes the same numbers (a resumed run equals the uninterrupted one bit for bit). The rule follows
     side-by-side timings of every form on CPU (one thread; ResNet-8 and the MNIST-1D CNN):
 
@@ -370,52 +395,59 @@ def _conv_form(conv: nn.Module, x: Tensor, d: Tensor) -> str:
     - ``"pixel_gram"`` where its multiply-adds, P²·C_in for the P padded input pixels plus L²·C_out for the L output
       positions, are at most twice those of the per-example products, L·C_in·Πk·C_out, and P² <= 2²⁰: small maps
       with many channels (ResNet-8's 8×8×64 layers, 2× faster than any other form; the MNIST-1D CNN's later layers);
-    - else, with few input channels (<= 4: image stems, one-channel signals), the patches and per-example products
-      (``"unfold"``; ``"strided"`` in 3-D): the patch matrix is small, and the folded-batch convolution pays a fixed
-      cost per group;
-    - else ``"strided"`` for 1-D signals (faster than the other forms on short ones), and ``"conv"`` for 2-D and
-      3-D (no patches: 5-7× faster than ``F.unfold`` on 32×32 maps on CPU; on GPU, where cuDNN's grouped
-      convolutions with thousands of groups were not timed here, 2-D layers use ``"unfold"``, Opacus' GPU path).
+    - else, with few input channels (<= 4: image stems, one-channel signals) and for every 1-D signal, the patches
+      by strided views and one copy, and the per-example products (``"strided"``: the patch matrix is small; 2.1×
+      faster than ``F.unfold``, whose im2col loops over the examples, on a 3-channel 32×32 stem, 1.9× on the
+      MNIST-1D CNN's first layer, and the folded-batch convolution pays a fixed cost per group);
+    - else ``"conv"`` for 2-D and 3-D (no patches: 2-10× faster than the patch forms on 16×16 and 32×32 maps on
+      CPU). On GPU, where cuDNN's grouped convolutions with thousands of groups were not timed here, 2-D layers
+      that are not small maps use ``"unfold"``, Opacus' GPU path.
     """
     if isinstance(conv, _CONV_TRANSPOSES) or conv.groups != 1:
         return "conv"
     dims = x.dim() - 2
     pads = conv._reversed_padding_repeated_twice  # last dim first, (left, right) each: what forward pads
     pixels = math.prod(n + pads[2 * (dims - 1 - i)] + pads[2 * (dims - 1 - i) + 1] for i, n in enumerate(x.shape[2:]))
-    positions, width, c_in, c_out = math.prod(d.shape[2:]), conv.weight[0].numel(), x.shape[1], d.shape[1]
+    positions, width, c_in, c_out = math.prod(d.shape[2:]), math.prod(conv.weight.shape[1:]), x.shape[1], d.shape[1]
     if (pixels * pixels * c_in + positions * positions * c_out <= 2 * positions * width * c_out
             and pixels * pixels <= _MAX_BLOCK // 16):  # and a pixel Gram matrix of at most 4 MB (float32) per example
         return "pixel_gram"
-    if c_in <= 4:
-        return "unfold" if dims <= 2 else "strided"
-    if dims == 1:
-        return "strided"
-    return "unfold" if dims == 2 and x.device.type != "cpu" else "conv"
-
-
-def _conv_weight_sq_norms(conv: nn.Module, x: Tensor, d: Tensor) -> Tensor:
-    """(B,) per-example weight-gradient squared norms of one conv call (every form is exact: :func:`_conv_forms`;
-    which one runs: :func:`_conv_form`)."""
-    return _conv_forms(conv, x, d)[_conv_form(conv, x, d)]()
+    if dims == 2 and x.device.type != "cpu":
+        return "unfold"
+    return "strided" if c_in <= 4 or dims == 1 else "conv"
 
 
 # Closed forms per layer type, Opacus-style: each takes (module, input x, output gradient d (upcast), batch size b,
 # whether the weight / the bias is trainable) and returns the (B,) squared norms of the per-example weight
-# contributions (or None) and the (B, ...) per-example bias contributions (or None).
-_Form = Callable[[nn.Module, Tensor, Tensor, int, bool, bool], tuple[Tensor | None, Tensor | None]]
+# contributions (or None) and the (B, ...) per-example bias contributions (or None); or, where it is cheaper to take
+# the bias along with the weight, a _Both: the (B,) squared norms of both and the batch sum of the bias's.
+_Form = Callable[[nn.Module, Tensor, Tensor, int, bool, bool], "tuple[Tensor | None, Tensor | None] | _Both"]
+
+
+@dataclass
+class _Both:
+    sq: Tensor  # (B,) squared norms of the per-example weight and bias contributions together
+    bias_sum: Tensor  # the batch sum of the bias contributions
 
 
 def _linear_form(module: nn.Module, x: Tensor, d: Tensor, b: int, weight: bool,
-                 bias: bool) -> tuple[Tensor | None, Tensor | None]:
+                 bias: bool) -> tuple[Tensor | None, Tensor | None] | _Both:
     d3 = d.reshape(b, -1, d.shape[-1])  # (B, T, out)
-    sq = _sq_norm_of_products(_up(x).reshape(b, -1, x.shape[-1]), d3) if weight else None
+    x3 = _up(x).reshape(b, -1, x.shape[-1])
+    if weight and bias and x3.shape[1] == 1:  # |x|²|d|² + |d|²: the bias is an input that is 1
+        d2 = d3.reshape(b, -1)
+        return _Both(x3.reshape(b, -1).square().sum(1).add_(1.0).mul_(d2.square().sum(1)), d2.sum(0))
+    sq = _sq_norm_of_products(x3, d3) if weight else None
     return sq, d3.sum(1) if bias else None
 
 
 def _convolution_form(module: nn.Module, x: Tensor, d: Tensor, b: int, weight: bool,
-                      bias: bool) -> tuple[Tensor | None, Tensor | None]:
-    sq = _conv_weight_sq_norms(module, _up(x), d) if weight else None
-    return sq, d.reshape(b, d.shape[1], -1).sum(2) if bias else None  # bias: (B, out)
+                      bias: bool) -> tuple[Tensor | None, Tensor | None] | _Both:
+    if not weight:
+        return None, d.reshape(b, d.shape[1], -1).sum(2) if bias else None  # bias: (B, out)
+    x = _up(x)
+    sq = _conv_form_sq_norms(_conv_form(module, x, d), module, x, d, bias)
+    return _Both(sq, d.sum([0, *range(2, d.dim())])) if bias else (sq, None)
 
 
 def _embedding_form(module: nn.Module, x: Tensor, d: Tensor, b: int, weight: bool,
@@ -476,7 +508,10 @@ def _layer_sq_norms(module: nn.Module, x: Tensor, d: Tensor) -> tuple[Tensor, Te
     form = next((f for types, f in _FORMS if isinstance(module, types)), None)
     if form is None:  # pragma: no cover - only closed-form units reach here (_closed_form_miss)
         raise TypeError(f"unsupported layer {type(module).__name__}")
-    sq, bias_grad = form(module, x, d, b, weight, bias)
+    out = form(module, x, d, b, weight, bias)
+    if isinstance(out, _Both):
+        return out.sq, out.bias_sum
+    sq, bias_grad = out
     parts = [p for p in (sq, None if bias_grad is None else _rows(bias_grad).square().sum(1)) if p is not None]
     total = sum(parts[1:], parts[0]) if parts else torch.zeros(b, dtype=d.dtype, device=d.device)
     return total, None if bias_grad is None else bias_grad.sum(0)

@@ -130,6 +130,11 @@ def test_every_convolution_form_is_exact(case):
                           if patches else {"conv"})
     for name, form in forms.items():
         torch.testing.assert_close(form(), truth, rtol=1e-10, atol=0, msg=name)
+    if layer.bias is not None:  # weight and bias together (the strided and pixel-Gram forms take it as an input of ones)
+        bias = torch.stack([torch.autograd.grad(layer(x[i:i + 1]), layer.bias, d[i:i + 1])[0] for i in range(B)])
+        for name in forms:
+            got = engine._conv_form_sq_norms(name, layer, x, d, bias=True)
+            torch.testing.assert_close(got, truth + bias.square().sum(1), rtol=1e-10, atol=0, msg=name)
 
 
 def test_the_convolution_form_is_a_fixed_rule_of_the_shapes():
@@ -140,8 +145,8 @@ def test_the_convolution_form_is_a_fixed_rule_of_the_shapes():
 
     assert form(nn.Conv2d(64, 64, 3, padding=1), 64, 8, 8) == "pixel_gram"  # small map, many channels
     assert form(nn.Conv1d(25, 25, 3, stride=2, padding=1), 25, 19) == "pixel_gram"
-    assert form(nn.Conv2d(3, 16, 3, padding=1), 3, 32, 32) == "unfold"  # an image stem
-    assert form(nn.Conv1d(1, 25, 5, stride=2, padding=1), 1, 40) == "unfold"
+    assert form(nn.Conv2d(3, 16, 3, padding=1), 3, 32, 32) == "strided"  # an image stem
+    assert form(nn.Conv1d(1, 25, 5, stride=2, padding=1), 1, 40) == "strided"
     assert form(nn.Conv2d(16, 16, 3, padding=1), 16, 32, 32) == "conv"  # a large map: no patches
     assert form(nn.Conv1d(16, 16, 3, padding=1), 16, 200) == "strided"
     assert form(nn.Conv2d(16, 16, 3, padding=1, groups=4), 16, 8, 8) == "conv"  # the only form for groups > 1
