@@ -22,6 +22,7 @@ from lightning_sgd.gns_sources import (
     PerExampleSource,
     SourceFailed,
     SplitSource,
+    _GradHooks,
 )
 from lightning_sgd.module_loss import ModuleLoss
 from lightning_sgd.noise_scale import NoiseScaleSample, per_example_estimate, small_batches_estimate
@@ -221,3 +222,18 @@ def test_norm_layer_mode_bad_setups_fail_before_training():
         trainer = pl.Trainer(**fast_trainer_kwargs(callbacks=[gns]))
         with pytest.raises(ValueError, match=match):
             trainer.fit(tiny_module(), datamodule=TinyDataModule())
+
+
+def test_tensor_hooks_read_the_summed_gradient_of_a_parameter_used_twice():
+    # The gradient_as_bucket_view path reads gradients with a tensor hook per parameter. A leaf's hook runs once per
+    # backward, on the sum of all its uses (autograd adds them before AccumulateGrad), so a layer applied twice (weight
+    # sharing) is measured exactly: the squared norms equal those of .grad after one backward.
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 3)
+    params = list(layer.parameters())
+    hooks = _GradHooks(params)
+    hooks.arm()
+    layer(torch.tanh(layer(torch.randn(4, 3)))).square().sum().backward()
+    got = hooks.collect()
+    hooks.remove()
+    torch.testing.assert_close(got, torch.stack([p.grad.double().square().sum() for p in params]), rtol=1e-6, atol=0)
