@@ -35,9 +35,30 @@ from lightning_sgd.nqm.core import Spectrum, _check_spectrum, _direction_terms, 
 T_MAX = 2.0**40  # give up beyond this many steps
 
 
-_FIELDS = ("kappa", "A", "AQ2", "C", "noise_inf", "log_mod", "r1", "L", "x", "inv_w", "w_zero", "real",
-           "sgn_neg", "psi", "cos_psi", "sin_psi", "inv_sin_psi")
-_A, _AQ2, _C = (_FIELDS.index(f) for f in ("A", "AQ2", "C"))
+_FIELDS = ("kappa", "A", "AQ2", "C", "log_mod", "r1", "L", "x", "neg_inv_w", "psi", "cos_psi", "sin_psi",
+           "inv_sin_psi")
+_F = {f: i for i, f in enumerate(_FIELDS)}
+# per-row flags of _Fields: which special cases of the closed form occur in some bin of the row
+_CPLX, _X_NEG, _DOUBLE, _P_NEG, _MOMENTS = 1, 2, 4, 8, 16  # _MOMENTS: Q ≠ 0 or κ ≠ 0 somewhere (not plain SGD)
+_WORK = 5  # scratch arrays of one chunk that _eval uses
+_CHUNK = 65_536  # elements (lanes × t × bins) per evaluation: small enough for the scratch arrays to stay in cache
+
+
+@dataclass
+class _Fields:
+    """Constants of the closed form for some configurations (rows); ``fields[rows]`` selects rows."""
+
+    values: np.ndarray  # (n_fields, n, k), field-major: one field of many rows is one contiguous block
+    cplx: np.ndarray  # (n, k) bool: complex roots
+    x_neg: np.ndarray  # (n, k) bool: real roots of opposite signs (x = r2/r1 < 0)
+    double: np.ndarray  # (n, k) bool: a double real root (w = 0)
+    p_neg: np.ndarray  # (n, k) bool: P < 0
+    noise_inf: np.ndarray  # (n,) Noise(∞) at B = 1
+    flags: np.ndarray  # (n,) int: bits _CPLX, _X_NEG, _DOUBLE, _P_NEG, _MOMENTS
+
+    def __getitem__(self, rows: np.ndarray | slice) -> _Fields:
+        return _Fields(self.values[:, rows], self.cplx[rows], self.x_neg[rows], self.double[rows], self.p_neg[rows],
+                       self.noise_inf[rows], self.flags[rows])
 
 
 class _Plan:
@@ -66,8 +87,8 @@ class _Plan:
                                            np.inf)
         self.stable_cfg, self.noise_inf = stable, noise_inf
 
-    def fields(self, rows: np.ndarray) -> np.ndarray:
-        """(len(rows), n_fields, k) constants of the closed form."""
+    def fields(self, rows: np.ndarray) -> _Fields:
+        """Constants of the closed form for the configurations ``rows``."""
         P, Q, kappa, noise_unit = self.coeffs(rows)
         s_inf, p_inf, stable = _sum_constants(P, Q)
         s_inf = np.where(stable, s_inf, 0.0)
@@ -87,18 +108,21 @@ class _Plan:
             sin_psi = np.where(real, 1.0, np.sqrt(np.maximum(-disc, 0.0)) / (2.0 * rho))
             cos_psi = np.where(real, 1.0, Pa / (2.0 * rho))
         A = wnoise * s_inf
-        noise_inf = np.broadcast_to(A.sum(axis=1, keepdims=True), Q.shape)  # (n, k), same value along k
         fields = {
-            "kappa": kappa, "A": A, "AQ2": A * Q * Q, "C": 2.0 * wnoise * Q * p_inf, "noise_inf": noise_inf,
+            "kappa": kappa, "A": A, "AQ2": A * Q * Q, "C": 2.0 * wnoise * Q * p_inf,
             "psi": np.arctan2(sin_psi, cos_psi),
             "log_mod": np.where(real, np.log(r1), np.log(rho)), "r1": np.where(real, r1, rho), "L": L, "x": x,
-            "inv_w": np.where(w > 0, 1.0 / np.where(w > 0, w, 1.0), 0.0), "w_zero": (w <= 0) * 1.0,
-            "real": real * 1.0, "sgn_neg": (P < 0) * 1.0, "cos_psi": cos_psi, "sin_psi": sin_psi,
-            "inv_sin_psi": 1.0 / sin_psi,
+            "neg_inv_w": np.where(w > 0, -1.0 / np.where(w > 0, w, 1.0), -0.0), "cos_psi": cos_psi,
+            "sin_psi": sin_psi, "inv_sin_psi": 1.0 / sin_psi,
         }
-        return np.stack([np.broadcast_to(fields[f], Q.shape) for f in _FIELDS], axis=1)
+        values = np.stack([np.broadcast_to(fields[f], Q.shape) for f in _FIELDS])
+        cplx, x_neg, double, p_neg = ~real, x < 0, real & (w <= 0), P < 0
+        moments = (values[_F["x"]] != 0) | (kappa != 0) | (values[_F["AQ2"]] != 0) | (values[_F["C"]] != 0)
+        flags = sum(bit * m.any(axis=1) for bit, m in ((_CPLX, cplx), (_X_NEG, x_neg), (_DOUBLE, double),
+                                                        (_P_NEG, p_neg), (_MOMENTS, moments)))
+        return _Fields(values, cplx, x_neg, double, p_neg, A.sum(axis=1), np.asarray(flags, dtype=np.int64))
 
-    def det_noise(self, cfg: np.ndarray, t: np.ndarray, data: np.ndarray | None = None) -> tuple[np.ndarray,
+    def det_noise(self, cfg: np.ndarray, t: np.ndarray, data: _Fields | None = None) -> tuple[np.ndarray,
                   np.ndarray]:
         """(Det(t), Noise(t) at B = 1) for lanes (cfg[i], t[i, j]); cfg (n,), t (n, m) of integers ≥ 1.
 
@@ -114,58 +138,75 @@ class _Plan:
             table = self.fields(uniq)
         else:
             table, inv = data, np.arange(cfg.size)
-        chunk = max(1, 65_536 // (t2.shape[1] * table.shape[2]))
+        m, k = t2.shape[1], table.values.shape[2]
+        chunk = max(1, _CHUNK // (m * k))
+        work = np.empty((_WORK, min(chunk, cfg.size) * m * k))
         for s in range(0, cfg.size, chunk):
-            d, n = self._eval(table[inv[s:s + chunk]], t2[s:s + chunk])
-            det[s:s + chunk], noise[s:s + chunk] = d, n
+            rows = slice(s, s + chunk) if data is not None else inv[s:s + chunk]
+            det[s:s + chunk], noise[s:s + chunk] = self._eval(table[rows], t2[s:s + chunk], work)
         return (det[:, 0], noise[:, 0]) if squeeze else (det, noise)
 
-    def _eval(self, data: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        g = {f: data[:, i, None, :] for i, f in enumerate(_FIELDS)}  # each (n, 1, k)
+    def _eval(self, data: _Fields, t: np.ndarray, work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(Det, Noise) of the rows of ``data`` at t (n, m): F_t and F_{t+1} of every bin, then the sums over bins.
+
+        Real roots: F_t = sgn^{t−1} r1^{t−1} (1 − x^t)/w, F_{t+1} = sgn^t r1^t (1 + x (1 − x^t)/w); complex roots:
+        F_t = ρ^{t−1} sin(tψ)/sin ψ, F_{t+1} = ρ^t sin((t+1)ψ)/sin ψ. Written into ``work`` (≥ 5 × n·m·k)."""
+        n, m = t.shape
+        k = data.values.shape[2]
+        mod, gt, gt1, w1, w2 = (work[i, :n * m * k].reshape(n, m, k) for i in range(_WORK))
+        flags = np.bitwise_or.reduce(data.flags)
+        v = data.values
+
+        def g(f: str) -> np.ndarray:
+            return v[_F[f], :, None, :]  # (n, 1, k)
+
         tt = t[:, :, None]  # (n, m, 1)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             odd = np.mod(tt, 2.0) == 1.0  # (n, m, 1)
-            mod = np.multiply(tt - 1.0, g["log_mod"])  # (n, m, k)
+            np.multiply(tt - 1.0, g("log_mod"), out=mod)
             np.exp(mod, out=mod)  # r1^{t−1} or ρ^{t−1}
-            # real roots: g_t = (1 − x^t)/w, g_{t+1} = 1 + x g_t ; x^t = sign^t · |x|^t
-            gt = np.multiply(tt, g["L"])
-            np.expm1(gt, out=gt)  # x^t − 1 for x ≥ 0
-            x_neg = g["x"] < 0
-            if x_neg.any():
-                np.subtract(-2.0, gt, out=gt, where=x_neg & odd)
-            gt *= -g["inv_w"]
-            cplx = g["real"] == 0.0
-            w_zero = (g["w_zero"] > 0) & ~cplx  # w = 0 with real roots: a double root
-            if w_zero.any():
-                np.copyto(gt, tt, where=w_zero)
-            gt1 = np.multiply(g["x"], gt)
-            gt1 += 1.0
-            if cplx.any():  # complex roots: sin/cos only where they count (ρ^{t−1} has not underflowed to 0)
-                on = cplx & (mod > 0.0)
-                ang = np.multiply(tt, g["psi"], out=np.empty_like(gt), where=on)  # only `on` is ever read
-                st = np.sin(ang, out=np.empty_like(gt), where=on)
-                ct = np.cos(ang, out=ang, where=on)
-                np.multiply(st, g["inv_sin_psi"], out=gt, where=on)
-                np.multiply(st, g["cos_psi"], out=st, where=on)
-                np.multiply(ct, g["sin_psi"], out=ct, where=on)
-                np.add(st, ct, out=st, where=on)
-                np.multiply(st, g["inv_sin_psi"], out=gt1, where=on)
-                # elsewhere on complex lanes ρ^{t−1} = 0: F_t = F_{t+1} = 0 whatever g holds (here 0 and 1)
-            f_t = np.multiply(mod, gt, out=gt)
-            mod *= g["r1"]
-            f_t1 = np.multiply(mod, gt1, out=gt1)
-            neg = g["sgn_neg"] > 0
-            if neg.any():  # sgn^{t−1} on F_t and sgn^t on F_{t+1} when P < 0
+            if not flags & _MOMENTS:  # plain SGD (Q = 0): x = r2/r1 = 0, so (1 − x^t)/w = 1, F_t = sgn^{t−1} r1^{t−1}
+                np.copyto(gt, mod)
+                np.multiply(mod, g("r1"), out=gt1)
+            else:
+                # real roots: g_t = (1 − x^t)/w, g_{t+1} = 1 + x g_t ; x^t = sign^t · |x|^t
+                np.multiply(tt, g("L"), out=gt)
+                np.expm1(gt, out=gt)  # x^t − 1 for x ≥ 0
+                if flags & _X_NEG:
+                    np.subtract(-2.0, gt, out=gt, where=data.x_neg[:, None, :] & odd)
+                np.multiply(gt, g("neg_inv_w"), out=gt)
+                if flags & _DOUBLE:  # w = 0: g_t = t
+                    np.copyto(gt, tt, where=data.double[:, None, :])
+                np.multiply(g("x"), gt, out=gt1)
+                gt1 += 1.0
+                if flags & _CPLX:  # sin and cos only where they count: elsewhere ρ^{t−1} = 0, so F_t = F_{t+1} = 0
+                    on = mod > 0.0
+                    on &= data.cplx[:, None, :]
+                    np.multiply(tt, g("psi"), out=w2, where=on)
+                    np.sin(w2, out=w1, where=on)  # sin(tψ) ...
+                    np.cos(w2, out=w2, where=on)  # ... cos(tψ)
+                    np.multiply(w1, g("inv_sin_psi"), out=gt, where=on)
+                    np.multiply(w1, g("cos_psi"), out=w1, where=on)
+                    np.multiply(w2, g("sin_psi"), out=w2, where=on)
+                    np.add(w1, w2, out=w1, where=on)  # sin((t+1)ψ)
+                    np.multiply(w1, g("inv_sin_psi"), out=gt1, where=on)
+                np.multiply(mod, gt, out=gt)  # F_t
+                np.multiply(mod, g("r1"), out=mod)
+                np.multiply(mod, gt1, out=gt1)  # F_{t+1}
+            f_t, f_t1 = gt, gt1
+            if flags & _P_NEG:  # sgn^{t−1} on F_t and sgn^t on F_{t+1} when P < 0
+                neg = data.p_neg[:, None, :]
                 np.negative(f_t, out=f_t, where=neg & ~odd)
                 np.negative(f_t1, out=f_t1, where=neg & odd)
-            d = np.multiply(g["kappa"], f_t, out=mod)
+            d = np.multiply(g("kappa"), f_t, out=w1)
             np.subtract(f_t1, d, out=d)
             d *= d
             det = d @ self.wdet
             # Σ wnoise (s∞ − tail) = noise∞ − Σ A F_{t+1}² − Σ A Q² F_t² + Σ C F_{t+1} F_t
-            noise = (g["noise_inf"][:, :, 0] - np.einsum("nmk,nk->nm", f_t1 * f_t1, data[:, _A])
-                     - np.einsum("nmk,nk->nm", f_t * f_t, data[:, _AQ2])
-                     + np.einsum("nmk,nk->nm", f_t1 * f_t, data[:, _C]))
+            noise = data.noise_inf[:, None] - np.einsum("nmk,nk->nm", np.multiply(f_t1, f_t1, out=w1), v[_F["A"]])
+            if flags & _MOMENTS:  # (zero terms otherwise)
+                noise -= np.einsum("nmk,nk->nm", np.multiply(f_t, f_t, out=w1), v[_F["AQ2"]])
+                noise += np.einsum("nmk,nk->nm", np.multiply(f_t1, f_t, out=w1), v[_F["C"]])
         return det, noise
 
 
@@ -205,7 +246,7 @@ def build_plan(spec: Spectrum, power: float, lrs: ArrayLike, aux: ArrayLike, kin
 
 
 def _reached(plan: _Plan, cfg: np.ndarray, t: np.ndarray, bs: np.ndarray, target: float,
-             data: np.ndarray = None) -> np.ndarray:
+             data: _Fields | None = None) -> np.ndarray:
     det, noise = plan.det_noise(cfg, t, data)
     return det + noise / bs <= target
 
@@ -409,13 +450,13 @@ REFINE_BRACKET = 2.0
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
 
 
-def _risk(plan: _Plan, cfg: np.ndarray, t: np.ndarray, bs: np.ndarray, data: np.ndarray) -> np.ndarray:
+def _risk(plan: _Plan, cfg: np.ndarray, t: np.ndarray, bs: np.ndarray, data: _Fields) -> np.ndarray:
     """Risk of lanes ``cfg`` at the integer steps ``t`` (n, m), batch sizes ``bs`` (n,)."""
     det, noise = plan.det_noise(cfg, t, data)
     return det + noise / bs[:, None]
 
 
-def _secant_crossing(plan: _Plan, cfg: np.ndarray, bs: np.ndarray, target: float, data: np.ndarray,
+def _secant_crossing(plan: _Plan, cfg: np.ndarray, bs: np.ndarray, target: float, data: _Fields,
                      lo: np.ndarray, r_lo: np.ndarray, hi: np.ndarray, r_hi: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Narrow integer brackets (lo: risk above target, hi: at or below) to hi = lo + 1.
