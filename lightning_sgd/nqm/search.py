@@ -201,7 +201,7 @@ class _Plan:
             d = np.multiply(g("kappa"), f_t, out=w1)
             np.subtract(f_t1, d, out=d)
             d *= d
-            det = d @ self.wdet
+            det = np.einsum("nmk,k->nm", d, self.wdet)  # (not d @ wdet: BLAS may sum a row differently by position)
             # Σ wnoise (s∞ − tail) = noise∞ − Σ A F_{t+1}² − Σ A Q² F_t² + Σ C F_{t+1} F_t
             noise = data.noise_inf[:, None] - np.einsum("nmk,nk->nm", np.multiply(f_t1, f_t1, out=w1), v[_F["A"]])
             if flags & _MOMENTS:  # (zero terms otherwise)
@@ -450,6 +450,26 @@ REFINE_BRACKET = 2.0
 _GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0
 
 
+def _golden_section(at: Callable[..., list[tuple[np.ndarray, np.ndarray]]], centre: np.ndarray, lo: np.ndarray,
+                    hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Golden-section search of each lane's continuous crossing time over [lo, hi] (``REFINE_ITERATIONS`` steps);
+    ``at(x1, x2, ...)`` returns (steps, crossing time) at each of the points in one call. Returns the best point
+    found, or ``centre`` where that is not strictly better, and the integer steps there."""
+    c, d = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
+    (sc, fc), (sd, fd), (s0, f0) = at(c, d, centre)  # the centre now too: one call instead of three
+    for _ in range(REFINE_ITERATIONS):
+        left = fc <= fd  # minimum in [lo, d]
+        hi = np.where(left, d, hi)
+        lo = np.where(left, lo, c)
+        new = np.where(left, hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo))
+        ((snew, fnew),) = at(new)
+        c, d, fc, fd, sc, sd = (np.where(left, new, d), np.where(left, c, new), np.where(left, fnew, fd),
+                                np.where(left, fc, fnew), np.where(left, snew, sd), np.where(left, sc, snew))
+    left = fc <= fd
+    better = np.minimum(fc, fd) < f0
+    return np.where(better, np.where(left, c, d), centre), np.where(better, np.where(left, sc, sd), s0)
+
+
 def _risk(plan: _Plan, cfg: np.ndarray, t: np.ndarray, bs: np.ndarray, data: _Fields) -> np.ndarray:
     """Risk of lanes ``cfg`` at the integer steps ``t`` (n, m), batch sizes ``bs`` (n,)."""
     det, noise = plan.det_noise(cfg, t, data)
@@ -461,24 +481,33 @@ def _secant_crossing(plan: _Plan, cfg: np.ndarray, bs: np.ndarray, target: float
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Narrow integer brackets (lo: risk above target, hi: at or below) to hi = lo + 1.
 
-    Each round evaluates, per lane, the two integers around the secant estimate of the crossing on
-    log(risk − floor), floor = Noise(∞)/B the steady-state risk: that is close to linear in t once the slowest
-    directions dominate, so a tight bracket usually closes in one or two rounds. A lane whose bracket did not at
-    least halve takes the bisection midpoint next, so no lane does worse than about twice bisection."""
+    Works on f(t) = log(risk − floor) − log(target − floor), floor = Noise(∞)/B the steady-state risk, which is
+    close to linear in t once the slowest directions dominate. Each round evaluates, per lane, two neighbouring
+    integers t, t + 1 around an estimate of the crossing f = 0: first the secant of the bracket's ends, then a
+    Newton step from the last pair (its difference is the slope, and it sits next to the crossing), so a lane
+    usually closes in two or three rounds. A lane whose bracket did not halve twice in a row takes the bisection
+    midpoint next, so no lane does worse than about three times bisection."""
     lo, hi, r_lo, r_hi = lo.copy(), hi.copy(), r_lo.copy(), r_hi.copy()
     floor = plan.noise_inf[cfg] / bs
     log_gap = np.log(target - floor)
-    bisect = np.zeros(lo.size, dtype=bool)
+
+    def gap(r: np.ndarray, i: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.log(np.maximum(r - floor[i, None], 1e-300)) - log_gap[i, None]
+
+    newton = np.full(lo.size, np.nan)  # Newton estimate from the pair nearest the crossing so far (nan: none)
+    best = np.full(lo.size, np.inf)  # |f| at that pair
+    slow = np.zeros(lo.size, dtype=np.int8)  # rounds in a row whose bracket did not halve
     while True:
         idx = np.flatnonzero(hi - lo > 1)
         if idx.size == 0:
             return lo, r_lo, hi, r_hi
         a, b = lo[idx], hi[idx]
+        f = gap(np.stack([r_lo[idx], r_hi[idx]], axis=1), idx)
         with np.errstate(divide="ignore", invalid="ignore"):
-            fa = np.log(np.maximum(r_lo[idx] - floor[idx], 1e-300)) - log_gap[idx]
-            fb = np.log(np.maximum(r_hi[idx] - floor[idx], 1e-300)) - log_gap[idx]
-            est = a + (b - a) * fa / (fa - fb)
-        est = np.where(np.isfinite(est) & ~bisect[idx], est, (a + b) / 2)
+            secant = a + (b - a) * f[:, 0] / (f[:, 0] - f[:, 1])
+        est = np.where((newton[idx] > a) & (newton[idx] < b), newton[idx], secant)
+        est = np.where(np.isfinite(est) & (slow[idx] < 3), est, (a + b) / 2)
         t1 = np.clip(np.floor(est), a + 1, b - 1)
         t = np.stack([t1, np.minimum(t1 + 1, b - 1)], axis=1)  # (n, 2)
         r = _risk(plan, cfg[idx], t, bs[idx], data[idx])
@@ -496,7 +525,14 @@ def _secant_crossing(plan: _Plan, cfg: np.ndarray, bs: np.ndarray, target: float
         take = new_lo > a
         lo[idx[take]] = new_lo[take]
         r_lo[idx[take]] = r[take, j_lo[take]]
-        bisect[idx] = (hi[idx] - lo[idx]) > 0.5 * (b - a)
+        ft = gap(r, idx)
+        slope = ft[:, 1] - ft[:, 0]
+        nearer = (t[:, 1] > t[:, 0]) & (slope < 0) & (np.abs(ft[:, 0]) < best[idx])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            newton[idx[nearer]] = (t[:, 0] - ft[:, 0] / slope)[nearer]
+        best[idx[nearer]] = np.abs(ft[nearer, 0])
+        halved = (hi[idx] - lo[idx]) <= 0.5 * (b - a)
+        slow[idx] = np.where(halved | (slow[idx] >= 3), 0, slow[idx] + 1)
 
 
 def crossing_steps(spec: Spectrum, power: float, kind: str, lrs: np.ndarray, aux: np.ndarray | None,
@@ -647,13 +683,20 @@ def refine(spec: Spectrum, batch_sizes: ArrayLike, lr: ArrayLike, aux: ArrayLike
     x_aux = None if aux is None else np.log1p(-aux[lanes])  # log(1 − β)
     guess = best_steps[lanes]
 
+    n = lanes.size
+    new_steps = None  # integer steps at (x_lr, x_aux), once a golden-section search has evaluated them
+
     def evaluate(log_lr: np.ndarray, log_one_minus: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, continuous crossing time) at (log α, log(1 − β)) per lane; several points per lane may be
+        stacked (arrays of a multiple of n lanes): they are one call, and each lane's answer does not depend on the
+        others."""
         a = None if log_one_minus is None else -np.expm1(log_one_minus)
-        return crossing_steps(spec, power, kind, np.exp(log_lr), a, bs[lanes], target, guess,
-                              effective_lr=effective_lr)
+        reps = log_lr.size // n
+        return crossing_steps(spec, power, kind, np.exp(log_lr), a, np.tile(bs[lanes], reps), target,
+                              np.tile(guess, reps), effective_lr=effective_lr)
 
     def golden(which: str) -> None:
-        nonlocal x_lr, x_aux
+        nonlocal x_lr, x_aux, new_steps
         centre = x_lr if which == "lr" else x_aux
         width = REFINE_BRACKET * np.log(lr_step if which == "lr" else aux_step)
         bounds = lr_bounds if which == "lr" else aux_bounds
@@ -665,34 +708,27 @@ def refine(spec: Spectrum, batch_sizes: ArrayLike, lr: ArrayLike, aux: ArrayLike
                 lo = np.maximum(lo, np.log1p(-min(bounds[1], 1 - 1e-12)))
                 hi = np.minimum(hi, np.log1p(-bounds[0]) if bounds[0] < 1 else hi)
 
-        def at(x: np.ndarray) -> np.ndarray:
-            return evaluate(x, x_aux)[1] if which == "lr" else evaluate(x_lr, x)[1]
+        def at(*xs: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+            x = np.concatenate(xs)
+            if which == "lr":
+                steps_, frac = evaluate(x, None if x_aux is None else np.tile(x_aux, len(xs)))
+            else:
+                steps_, frac = evaluate(np.tile(x_lr, len(xs)), x)
+            return [(steps_[i * n:(i + 1) * n], frac[i * n:(i + 1) * n]) for i in range(len(xs))]
 
-        c, d = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
-        fc, fd = at(c), at(d)
-        for _ in range(REFINE_ITERATIONS):
-            left = fc <= fd  # minimum in [lo, d]
-            hi = np.where(left, d, hi)
-            lo = np.where(left, lo, c)
-            new = np.where(left, hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo))
-            fnew = at(new)
-            c, d, fc, fd = (np.where(left, new, d), np.where(left, c, new), np.where(left, fnew, fd),
-                            np.where(left, fc, fnew))
-        x = np.where(fc <= fd, c, d)
-        f = np.minimum(fc, fd)
-        f0 = at(centre)
-        better = f < f0
+        x, new_steps = _golden_section(at, centre, lo, hi)
         if which == "lr":
-            x_lr = np.where(better, x, x_lr)
+            x_lr = x
         else:
-            x_aux = np.where(better, x, x_aux)
+            x_aux = x
 
     for _ in range(REFINE_ROUNDS if (aux_bounds is not None and lr_bounds is not None) else 1):
         if lr_bounds is not None:
             golden("lr")
         if aux_bounds is not None and x_aux is not None:
             golden("aux")
-    new_steps, _ = evaluate(x_lr, x_aux)
+    if new_steps is None:
+        new_steps, _ = evaluate(x_lr, x_aux)
     if x_aux is not None and aux_bounds is not None and lr_bounds is not None:
         new_steps, x_lr, x_aux = _polish(spec, power, kind, bs[lanes], target, new_steps, x_lr, x_aux,
                                          np.log(lr_step), np.log(aux_step), lr_bounds, aux_bounds, effective_lr)
