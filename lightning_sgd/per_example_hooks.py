@@ -50,14 +50,17 @@ tracks the whole model's in Transformers. The caller takes |G|² over the same p
 **Which engine.** :func:`choose_engine` times the hooks (what they add to a forward and backward that training runs
 anyway) against the ``vmap`` engine's extra pass on a real batch and names the cheaper one.
 
-**Inputs broadcast over the batch.** :meth:`PerExampleNormHooks.arm` takes the batch size n. A layer called on a
-tensor whose leading dimension is not n (BERT's position ids of shape ``(1, T)``, nanoGPT's ``wpe(arange(T))``) has
-an output shared by all examples: autograd sums the examples' gradients before any hook sees it, so its per-example
-gradients cannot be read there. The step is then reported as a problem (the caller falls back to the ``vmap``
-engine, :mod:`lightning_sgd.per_example`) and nothing is hooked on that layer, so the backward runs as usual.
-Expanding such an output to n copies in the forward would make it exact but changes the shapes the model's code
-sees, so it is not done. Not detectable here: a broadcast tensor whose leading dimension happens to equal n; the
-one-time :func:`validate` on a few examples catches such a model.
+**Inputs broadcast over the batch.** :meth:`PerExampleNormHooks.arm` takes the batch size n. A closed-form layer
+called on a tensor whose leading dimension is not n (BERT's position ids of shape ``(1, T)``, nanoGPT's
+``wpe(arange(T))``) has an output shared by all examples: autograd sums the examples' gradients before its output's
+hook. They are read one node earlier instead: where that output is added to (or subtracted from) a tensor holding
+the batch's examples (``tok_emb + pos_emb``), the gradient of the sum is still one slice per example, and a node
+pre-hook reads it there (the addition is found from the inputs of the layers called after it). The closed form then
+runs on the input expanded over the batch. The slices must add up to the gradient that reaches the output; an
+output that is also used any other way (multiplied in, a loss term of its own) is reported as a problem (the caller
+falls back to the ``vmap`` engine, :mod:`lightning_sgd.per_example`) and the backward runs as usual. Not detectable
+on the whole batch: a broadcast tensor whose leading dimension happens to equal n; the one-time :func:`validate` on
+a few examples sees it broadcast and reports it.
 
 **Never in the way of training.** The tensor hooks never change a gradient (``.grad`` is bit-identical to an
 unhooked backward), and an exception inside a hook is recorded as the step's ``problem``, never raised into the
@@ -673,6 +676,99 @@ def _fallback_grads(module: nn.Module, unit: _Unit, call: _Call, cotangents: Seq
     return {k: torch.cat(v) for k, v in parts.items()}, use_vmap
 
 
+#: How far back from a later layer's inputs the consumers of a broadcast output are looked for (autograd nodes).
+_CONSUMER_DEPTH = 8
+_CONSUMER_NODES = 256
+#: Autograd nodes that add a broadcast output to a tensor with the batch's examples (``a ± alpha * b``).
+_ADDS = ("AddBackward0", "SubBackward0")
+
+
+class _Shared:
+    """The per-example output gradients of one broadcast layer call, gathered at the nodes that add its output to
+    per-example tensors (node pre-hooks; see :meth:`PerExampleNormHooks._capture_shared`)."""
+
+    def __init__(self, name: str, node: Any, shape: tuple[int, ...], n: int) -> None:
+        self.name, self.node, self.shape, self.n = name, node, shape, n
+        self.consumers: list[Any] | None = None  # the adding nodes, once found
+        self.unsupported: str | None = None  # why the output cannot be read per example
+        self.grads: Tensor | None = None  # (n, *per-example output shape), summed over the consumers
+        self.lead = False  # output (1, ...) broadcast along its own first dim, else a new leading batch dim
+        self._handles: list[Any] = []
+
+    def watch(self, node: Any, slots: list[int]) -> None:
+        """``node`` takes the output as its operands ``slots``: read the per-example gradients from its output's."""
+        name = type(node).__name__
+        if name not in _ADDS:
+            self.unsupported = self.unsupported or f"its output goes into {name}, not an addition to the examples"
+            return
+        alpha = float(getattr(node, "_saved_alpha", 1.0))
+        signs = [1.0 if slot == 0 else (alpha if name == "AddBackward0" else -alpha) for slot in slots]
+        self.consumers = [*(self.consumers or []), node]
+        self._handles.append(node.register_prehook(lambda grad_outputs: self._read(grad_outputs, sum(signs))))
+
+    def _read(self, grad_outputs: tuple[Tensor | None, ...], sign: float) -> None:
+        g = grad_outputs[0] if grad_outputs else None
+        if g is None or self.unsupported is not None:
+            return
+        if g.dim() >= 1 and g.shape[0] == self.n and tuple(g.shape[1:]) == self.shape[1:] and self.shape[0] == 1:
+            self.lead = True
+        elif not (g.dim() >= 1 and g.shape[0] == self.n and tuple(g.shape[1:]) == self.shape):
+            self.unsupported = (f"the sum it is added into has shape {tuple(g.shape)}, not {self.n} examples of its "
+                                f"output's {self.shape}")
+            return
+        g = _up(g.detach()) * sign
+        self.grads = g if self.grads is None else self.grads + g
+
+    def problem(self, total: Tensor) -> str | None:
+        """Why the gathered per-example gradients are not this step's (``None``: they are), given the gradient that
+        reached the output (their sum, when every consumer was an addition the hooks saw)."""
+        if self.unsupported is not None:
+            return self.unsupported
+        if self.grads is None:
+            return ("no addition of it to a tensor with the batch's examples was found before the next layers (the "
+                    "hooks read a broadcast output's per-example gradients only there)")
+        total = _up(total)
+        gap = torch.linalg.vector_norm(self.grads.sum(0, keepdim=self.lead).reshape(total.shape) - total)
+        if float(gap) > 1e-5 * float(torch.linalg.vector_norm(total)) + 1e-30:
+            return "its output is also used somewhere else than the additions the hooks saw"
+        return None
+
+    def release(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _find_consumers(shared: list[_Shared], tensors: list[Any], n: int | None) -> None:
+    """Look back from ``tensors`` (a later layer's inputs) through at most ``_CONSUMER_DEPTH`` autograd nodes for
+    the nodes that take a pending broadcast output as an operand."""
+    pending = {id(s.node): s for s in shared if s.consumers is None and s.unsupported is None}
+    if not pending:
+        return
+    frontier = [t.grad_fn for t in tensors if isinstance(t, Tensor) and t.grad_fn is not None
+                and t.dim() >= 1 and t.shape[0] == n]
+    seen: set[int] = set()
+    for _ in range(_CONSUMER_DEPTH):
+        following = []
+        for node in frontier:
+            if id(node) in seen or len(seen) >= _CONSUMER_NODES:
+                continue
+            seen.add(id(node))
+            slots: dict[int, list[int]] = {}
+            for slot, (child, _) in enumerate(node.next_functions):
+                if child is None:
+                    continue
+                if id(child) in pending:
+                    slots.setdefault(id(child), []).append(slot)
+                else:
+                    following.append(child)
+            for key, where in slots.items():
+                pending[key].watch(node, where)
+        frontier = following
+        if not frontier:
+            break
+
+
 class PerExampleNormHooks:
     """Forward hooks on a model's layers that turn its next backward pass into per-example norms.
 
@@ -715,6 +811,8 @@ class PerExampleNormHooks:
         self._names = {sub: name for name, sub in module.named_modules()}
         self._params = dict(module.named_parameters())
         self._no_vmap: set[nn.Module] = set()  # fallback modules vmap cannot run: a loop over examples
+        #: layer name -> output shape, for every layer call read as broadcast over the batch so far
+        self.broadcast: dict[str, tuple[int, ...]] = {}
         self._handles: list[Any] = []
         self._recomputing = False
         self._reset()
@@ -726,6 +824,7 @@ class PerExampleNormHooks:
         self._calls: dict[str, int] = {}
         self._pending = 0  # output hooks registered but not yet fired
         self._n: int | None = None
+        self._shared: list[_Shared] = []  # this step's layer calls whose output is broadcast over the batch
         self._rng: dict[nn.Module, list[Tensor]] = {}
 
     @property
@@ -756,6 +855,8 @@ class PerExampleNormHooks:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for shared in self._shared:
+            shared.release()
 
     def _flag(self, problem: str) -> None:
         if self.problem is None:
@@ -776,6 +877,8 @@ class PerExampleNormHooks:
         name = self._names.get(module, "?")
         try:
             if self._capturing():
+                if any(shared.consumers is None for shared in self._shared):
+                    _find_consumers(self._shared, tree_flatten((args, kwargs))[0], self._n)
                 self._capture(module, name, args, kwargs, output)
         except Exception as err:  # noqa: BLE001 - never raise into the user's forward
             self._flag(f"layer {name!r}: {type(err).__name__}: {err}")
@@ -831,6 +934,10 @@ class PerExampleNormHooks:
             return
         if self._n is None and x.dim() >= 1:
             self._n = int(x.shape[0])
+        if self._n is not None and output.grad_fn is not None and x.dim() >= 1 and output.dim() >= 1 and \
+                (output.shape[0] == 1 or (x.shape[0] != self._n and output.shape[0] != self._n)):
+            self._capture_shared(module, unit, x.detach(), output)
+            return
         if x.dim() < (1 if isinstance(module, nn.Embedding) else 2) or x.shape[0] != self._n or \
                 output.shape[0] != self._n:
             self._flag(f"layer {unit.name!r} ({type(module).__name__}) got an input of shape {tuple(x.shape)} whose "
@@ -852,6 +959,40 @@ class PerExampleNormHooks:
                     self._grad_sums[unit.full["bias"]] = bias_sum
             except Exception as err:  # noqa: BLE001 - never raise into the user's backward
                 self._flag(f"layer {unit.name!r}: {type(err).__name__}: {err}")
+
+        output.register_hook(on_grad)
+
+    def _capture_shared(self, module: nn.Module, unit: _Unit, x: Tensor, output: Tensor) -> None:
+        """A closed-form layer whose output is shared by every example (its input is broadcast over the batch:
+        position ids of shape (1, T), ``wpe(arange(T))``). Autograd sums the examples' gradients before the output's
+        hook, so they are read one step earlier: where the output is added to a tensor that has the batch's examples
+        (``tok_emb + pos_emb``), the gradient of that sum holds each example's own (:func:`_find_consumers`, found
+        from the inputs of the layers called after it). The per-example gradients read there must add up to what
+        reaches the output; anything else consuming it leaves a step that is reported, not misread."""
+        shared = _Shared(unit.name, output.grad_fn, tuple(output.shape), self._n)
+        self._shared.append(shared)
+        self.broadcast[unit.name] = shared.shape
+        self._pending += 1
+
+        def on_grad(total: Tensor) -> None:
+            self._pending -= 1
+            try:
+                problem = shared.problem(total.detach())
+                if problem is not None:
+                    self._flag(f"layer {unit.name!r} ({type(module).__name__}) got an input of shape "
+                               f"{tuple(x.shape)} whose leading dimension is not the batch's {self._n} examples: it is "
+                               f"broadcast over the batch, and {problem}")
+                    return
+                assert shared.grads is not None
+                xs = x.expand(shared.n, *x.shape[1:]) if shared.lead else x.unsqueeze(0).expand(shared.n, *x.shape)
+                sq, bias_sum = _layer_sq_norms(module, xs, shared.grads)
+                self._add(unit.name, sq)
+                if bias_sum is not None:
+                    self._grad_sums[unit.full["bias"]] = bias_sum
+            except Exception as err:  # noqa: BLE001 - never raise into the user's backward
+                self._flag(f"layer {unit.name!r}: {type(err).__name__}: {err}")
+            finally:
+                shared.release()
 
         output.register_hook(on_grad)
 
@@ -934,13 +1075,20 @@ def validate(module: nn.Module, batch: Any, *, loss: ModuleLoss | None = None, e
     """
     _check_layers(layers, "validate")
     loss = ModuleLoss(module, "validate") if loss is None else loss
-    k = min(examples, batch_size(batch, "validate"))
+    n = batch_size(batch, "validate")
+    k = min(examples, n)
     head = slice_batch(batch, slice(0, k), "validate")
     with module_eval(module):
         try:
-            got = hook_gradient_stats(module, head, loss=loss, layers=layers).sq_norms
-        except ValueError as err:  # what the hooks reported (a broadcast input, a layer called twice, ...)
+            got, hooks = _hooked_stats(module, head, loss, False, layers)
+            got = got.sq_norms
+        except ValueError as err:  # what the hooks reported (a layer called twice, ...)
             return str(err)
+        ambiguous = [name for name, shape in hooks.broadcast.items() if shape[0] == n]
+        if ambiguous and k < n:
+            return (f"layer {ambiguous[0]!r}'s output (shape {hooks.broadcast[ambiguous[0]]}) is broadcast over the "
+                    f"batch, and its length equals the batch's {n} examples: on the whole batch the hooks cannot tell "
+                    "it from a per-example output")
         try:
             reference = _per_example_stats(module, head, loss=loss, chunk_size=None, per_layer=layers == "norm",
                                            directions=None, quiet=True)
@@ -982,6 +1130,12 @@ def hook_gradient_stats(module: nn.Module, batch: Any, *, loss: ModuleLoss | Non
     if any(isinstance(m, _BatchNorm) and m.training for m in module.modules()):
         raise ValueError("hook_gradient_stats: BatchNorm in train mode couples the examples of a batch; use the "
                          "vmap engine (lightning_sgd.per_example), which runs BatchNorm on its running statistics.")
+    return _hooked_stats(module, batch, loss, per_layer, layers)[0]
+
+
+def _hooked_stats(module: nn.Module, batch: Any, loss: ModuleLoss, per_layer: bool, layers: str
+                  ) -> tuple[PerExampleStats, PerExampleNormHooks]:
+    """:func:`hook_gradient_stats` and the hooks that measured it."""
     n = batch_size(batch, "hook_gradient_stats")
     hooks = PerExampleNormHooks(module, layer_names=per_layer, layers=layers)
     all_params = trainable_parameters(module)
@@ -1003,7 +1157,7 @@ def hook_gradient_stats(module: nn.Module, batch: Any, *, loss: ModuleLoss | Non
         layer_norms = {layer: layer_sq.get(layer, zeros) * factor for layer in dict.fromkeys(map(layer_of, params))}
     mean_grad = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params.values(), grads)]
     return PerExampleStats(sq_norms=sq * factor, layer_sq_norms=layer_norms, mean_grad=mean_grad, projections=None,
-                           n=n)
+                           n=n), hooks
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:

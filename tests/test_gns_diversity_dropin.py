@@ -284,6 +284,7 @@ def test_gns_on_a_dict_batch_module_returning_a_loss_dict(engine):
     module = DictLM()
     fit(module, lm_loader(n=24, batch_size=8), [gns, recorder])
     assert gns.measured == 3 and gns.source_in_use == "per_example"
+    assert gns.engine_in_use == engine  # the hooks read the broadcast position embedding at its addition: no fallback
     for entry in recorder.steps:
         truth = brute_per_example(Float64(module, entry["params"], lm_loss), entry["batch"])
         assert_sample(entry["sample"], truth, rel=1e-4)

@@ -130,7 +130,7 @@ def test_every_convolution_form_is_exact(case):
                           if patches else {"conv"})
     for name, form in forms.items():
         torch.testing.assert_close(form(), truth, rtol=1e-10, atol=0, msg=name)
-    if layer.bias is not None:  # weight and bias together (the strided and pixel-Gram forms take it as an input of ones)
+    if layer.bias is not None:  # weight and bias together (strided and pixel-Gram forms: the bias is an input of ones)
         bias = torch.stack([torch.autograd.grad(layer(x[i:i + 1]), layer.bias, d[i:i + 1])[0] for i in range(B)])
         for name in forms:
             got = engine._conv_form_sq_norms(name, layer, x, d, bias=True)
@@ -392,7 +392,7 @@ def test_choose_engine_never_picks_hooks_that_cannot_measure():
     wrapped(x)
     assert choose_engine(wrapped, (x, torch.tensor([0, 2, 1, 0]))) == "vmap"  # tied weights
     assert choose_engine(tied, batch, layers="norm") == "hooks"  # the norm mode has no vmap twin
-    broadcast = _Net(nn.Embedding(5, 2), call=lambda m, x: torch.tanh(x[..., None] + m(torch.arange(3)))).double()
+    broadcast = _Net(nn.Embedding(5, 2), call=lambda m, x: torch.tanh(x[..., None] * m(torch.arange(3)))).double()
     x = _randn(B, 3)
     broadcast(x)
     assert choose_engine(broadcast, (x, torch.tensor([0, 2, 1, 0]))) == "vmap"  # a layer broadcast over the batch

@@ -217,11 +217,10 @@ def _brute_sq(model, batch):
 
 @pytest.mark.parametrize("kind", ["nanogpt", "bert"])
 @pytest.mark.parametrize("announce", [True, False])
-def test_a_broadcast_layer_is_reported_and_the_users_backward_runs_unchanged(kind, announce):
-    # The hooks cannot be exact for a layer whose output is shared by all examples (autograd sums the examples'
-    # gradients before any hook sees them): the step is flagged, nothing is hooked there, .grad is bit-identical to
-    # an unhooked backward. What callers do: hook_gradient_stats raises, validate returns the sentence, and the
-    # callbacks then measure with the vmap engine, which is exact on these models.
+def test_a_broadcast_layer_is_read_per_example_where_it_is_added_and_the_users_backward_runs_unchanged(kind, announce):
+    # A layer whose output is shared by all examples (wpe(arange(T)), BERT's (1, T) position ids): autograd sums the
+    # examples' gradients before its output's hook, so the hooks read them at the addition into the token
+    # embeddings, where each example's is still its own. Exact against brute force; .grad bit-identical.
     model = (_NanoGPT if kind == "nanogpt" else _Bert)().double()
     batch = _token_batch(kind)
     _step_loss(model.training_step(batch)).backward()
@@ -230,10 +229,53 @@ def test_a_broadcast_layer_is_reported_and_the_users_backward_runs_unchanged(kin
     hooks = PerExampleNormHooks(model)
     hooks.arm(B if announce else None)  # without n: the first layer's leading dim (the token embedding's)
     _step_loss(model.training_step(batch)).backward()
-    _, _, problem = hooks.collect()
-    assert problem is not None and "broadcast" in problem and ("wpe" in problem or "position" in problem)
+    assert hooks.check_bias_sums(1.0) is None
+    sq, _, problem = hooks.collect()
+    assert problem is None
+    assert set(hooks.broadcast) == {"wpe" if kind == "nanogpt" else "position"}
+    torch.testing.assert_close(sq * B**2, _brute_sq(model, batch), rtol=1e-10, atol=0)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), plain))
     model.zero_grad()
+    torch.testing.assert_close(hook_gradient_stats(model, batch).sq_norms, _brute_sq(model, batch), rtol=1e-10,
+                               atol=0)
+    assert validate(model, batch) is None
+
+
+class _ScaledPositions(_NanoGPT):
+    """The broadcast output is multiplied into the examples, not added: its per-example gradients are not read."""
+
+    def training_step(self, batch, batch_idx=0):
+        idx, targets = batch
+        x = self.wte(idx) * torch.sigmoid(self.wpe(torch.arange(idx.shape[1])))
+        x = x + torch.tanh(self.mlp(self.ln(x)))
+        return F.cross_entropy(self.lm_head(x).flatten(0, 1), targets.flatten())
+
+
+class _PositionsTwice(_NanoGPT):
+    """The broadcast output is added to the examples and also used on its own (a term the hooks do not see)."""
+
+    def training_step(self, batch, batch_idx=0):
+        idx, targets = batch
+        pos = self.wpe(torch.arange(idx.shape[1]))
+        x = self.wte(idx) + pos
+        x = x + torch.tanh(self.mlp(self.ln(x)))
+        loss = F.cross_entropy(self.lm_head(x).flatten(0, 1), targets.flatten())
+        return loss + 1e-2 * pos.square().sum()
+
+
+@pytest.mark.parametrize("model_cls", [_ScaledPositions, _PositionsTwice])
+def test_a_broadcast_output_used_other_than_added_is_reported_and_the_vmap_engine_is_exact(model_cls):
+    model = model_cls().double()
+    batch = _token_batch("nanogpt")
+    _step_loss(model.training_step(batch)).backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    hooks = PerExampleNormHooks(model)
+    hooks.arm(B)
+    _step_loss(model.training_step(batch)).backward()
+    _, _, problem = hooks.collect()
+    assert problem is not None and "broadcast" in problem and "wpe" in problem
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), plain))
     with pytest.raises(ValueError, match="broadcast"):
         hook_gradient_stats(model, batch)
     assert "broadcast" in validate(model, batch)
