@@ -55,10 +55,11 @@ class _Fields:
     p_neg: np.ndarray  # (n, k) bool: P < 0
     noise_inf: np.ndarray  # (n,) Noise(∞) at B = 1
     flags: np.ndarray  # (n,) int: bits _CPLX, _X_NEG, _DOUBLE, _P_NEG, _MOMENTS
+    stable: np.ndarray  # (n,) bool: every bin stable
 
     def __getitem__(self, rows: np.ndarray | slice) -> _Fields:
         return _Fields(self.values[:, rows], self.cplx[rows], self.x_neg[rows], self.double[rows], self.p_neg[rows],
-                       self.noise_inf[rows], self.flags[rows])
+                       self.noise_inf[rows], self.flags[rows], self.stable[rows])
 
 
 class _Plan:
@@ -69,11 +70,17 @@ class _Plan:
     """
 
     def __init__(self, coeffs: Callable[[np.ndarray], tuple[np.ndarray, ...]], n_cfg: int, init: ArrayLike,
-                 weight: np.ndarray) -> None:
+                 weight: np.ndarray, *, eager: bool = False) -> None:
         # coeffs(rows) -> (P, Q, kappa, noise_unit), each (len(rows), k); init, weight: (k,)
         self.coeffs = coeffs
         self.wdet = weight * init  # (k,)
         self.weight = weight
+        self.table = None
+        if eager:  # every configuration will be evaluated: its constants once, now
+            self.table = self.fields(np.arange(n_cfg))
+            self.stable_cfg = self.table.stable
+            self.noise_inf = np.where(self.table.stable, self.table.noise_inf, np.inf)
+            return
         stable = np.zeros(n_cfg, dtype=bool)
         noise_inf = np.empty(n_cfg)
         step = max(1, 200_000 // weight.size)
@@ -89,6 +96,8 @@ class _Plan:
 
     def fields(self, rows: np.ndarray) -> _Fields:
         """Constants of the closed form for the configurations ``rows``."""
+        if self.table is not None:
+            return self.table[rows]
         P, Q, kappa, noise_unit = self.coeffs(rows)
         s_inf, p_inf, stable = _sum_constants(P, Q)
         s_inf = np.where(stable, s_inf, 0.0)
@@ -120,7 +129,8 @@ class _Plan:
         moments = (values[_F["x"]] != 0) | (kappa != 0) | (values[_F["AQ2"]] != 0) | (values[_F["C"]] != 0)
         flags = sum(bit * m.any(axis=1) for bit, m in ((_CPLX, cplx), (_X_NEG, x_neg), (_DOUBLE, double),
                                                         (_P_NEG, p_neg), (_MOMENTS, moments)))
-        return _Fields(values, cplx, x_neg, double, p_neg, A.sum(axis=1), np.asarray(flags, dtype=np.int64))
+        return _Fields(values, cplx, x_neg, double, p_neg, A.sum(axis=1), np.asarray(flags, dtype=np.int64),
+                       stable.all(axis=1))
 
     def det_noise(self, cfg: np.ndarray, t: np.ndarray, data: _Fields | None = None) -> tuple[np.ndarray,
                   np.ndarray]:
@@ -222,7 +232,7 @@ def check_target(spec: Spectrum, target: float) -> float:
 def build_plan(spec: Spectrum, power: float, lrs: ArrayLike, aux: ArrayLike, kind: str, *, effective_lr: bool = False,
                pairs: bool = False) -> _Plan:
     """Plan for the (lr × aux) grid (row index = i_lr * n_aux + i_aux); with ``pairs=True`` for the configurations
-    (lrs[i], aux[i]) instead (row index = i)."""
+    (lrs[i], aux[i]) instead (row index = i), all of which are then prepared at once."""
     h_tilde, sigma2, weight = _direction_terms(spec, power)
     lrs = np.asarray(lrs, float)
     aux_arr = None if aux is None else np.asarray(aux, float)
@@ -242,7 +252,7 @@ def build_plan(spec: Spectrum, power: float, lrs: ArrayLike, aux: ArrayLike, kin
         shape = (rows.size, h_tilde.size)
         return tuple(np.broadcast_to(v, shape) for v in (P, Q, kappa, nu * lr * lr * sigma2[None, :]))
 
-    return _Plan(coeffs, len(lrs) if pairs else len(lrs) * n_aux, spec.init, weight)
+    return _Plan(coeffs, len(lrs) if pairs else len(lrs) * n_aux, spec.init, weight, eager=pairs)
 
 
 def _reached(plan: _Plan, cfg: np.ndarray, t: np.ndarray, bs: np.ndarray, target: float,
@@ -251,10 +261,19 @@ def _reached(plan: _Plan, cfg: np.ndarray, t: np.ndarray, bs: np.ndarray, target
     return det + noise / bs <= target
 
 
-def _bisect(plan: _Plan, cfg: np.ndarray, bs: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: float) -> np.ndarray:
-    """Smallest integer t in (lo, hi] with risk ≤ target, given it holds at hi and not at lo (lo ≥ 0)."""
+def _lane_fields(plan: _Plan, cfg: np.ndarray) -> _Fields:
+    """``plan.fields(cfg)``, computed once per distinct configuration (lanes often share one)."""
+    uniq, inv = np.unique(cfg, return_inverse=True)
+    return plan.fields(uniq)[inv]
+
+
+def _bisect(plan: _Plan, cfg: np.ndarray, bs: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: float,
+            data: _Fields | None = None) -> np.ndarray:
+    """Smallest integer t in (lo, hi] with risk ≤ target, given it holds at hi and not at lo (lo ≥ 0).
+    ``data``: the lanes' ``plan.fields(cfg)`` when the caller has them."""
     lo, hi = np.asarray(lo, float).copy(), np.asarray(hi, float).copy()
-    data = plan.fields(cfg)  # computed once, reused by every round
+    if data is None:
+        data = _lane_fields(plan, cfg)  # computed once, reused by every round
     # t = 1 might already do when lo = 0 (t = 0 is the initial risk, above the target by assumption)
     zero = (lo < 1) & (hi > 1)
     if zero.any():
@@ -297,10 +316,11 @@ def _improve(plan: _Plan, cand_cfg: np.ndarray, cand_b: np.ndarray, batch_sizes:
     cand_cfg, cand_b, bs, t_test = cand_cfg[keep], cand_b[keep], bs[keep], t_test[keep]
     if cand_cfg.size == 0:
         return
-    ok = _reached(plan, cand_cfg, t_test, bs, target)
+    data = _lane_fields(plan, cand_cfg)
+    ok = _reached(plan, cand_cfg, t_test, bs, target, data)
     cand_cfg, cand_b, bs, t_test = cand_cfg[ok], cand_b[ok], bs[ok], t_test[ok]
     if cand_cfg.size:
-        hits = _bisect(plan, cand_cfg, bs, np.zeros(cand_cfg.size), t_test, target)
+        hits = _bisect(plan, cand_cfg, bs, np.zeros(cand_cfg.size), t_test, target, data[ok])
         _update(best, best_cfg, hits, cand_cfg, cand_b)
 
 
