@@ -99,34 +99,47 @@ class _Plan:
         if self.table is not None:
             return self.table[rows]
         P, Q, kappa, noise_unit = self.coeffs(rows)
+        values = np.empty((len(_FIELDS),) + Q.shape)
+        v = dict(zip(_FIELDS, values))  # each (n, k)
         s_inf, p_inf, stable = _sum_constants(P, Q)
         s_inf = np.where(stable, s_inf, 0.0)
         p_inf = np.where(stable, p_inf, 0.0)
         wnoise = np.where(stable, self.weight * noise_unit, 0.0)  # ½ h n ν² at B = 1
         Pa = np.abs(P)
         disc = Pa * Pa - 4.0 * Q
+        real = disc >= 0
+        cplx = ~real
         with np.errstate(divide="ignore", invalid="ignore"):
             sq = np.sqrt(np.maximum(disc, 0.0))
             r1 = np.maximum(0.5 * (Pa + sq), 1e-300)  # dominant real root of x² − |P|x + Q
             w = np.minimum(sq / r1, 2.0)  # 1 − r2/r1
-            x = 1.0 - w
-            # log|x| accurately near x = 1 (critical damping), −inf at x = 0
-            L = np.where(x > 0.5, np.log1p(-np.where(x > 0.5, w, 0.0)), np.log(np.abs(x)))
+            x = np.subtract(1.0, w, out=v["x"])
+            # log|x|, accurately near x = 1 (critical damping) through log1p(−w); −inf at x = 0
+            np.log(np.abs(x), out=v["L"])
+            np.log1p(-w, out=v["L"], where=x > 0.5)
             rho = np.sqrt(np.maximum(Q, 1e-300))
-            real = disc >= 0
-            sin_psi = np.where(real, 1.0, np.sqrt(np.maximum(-disc, 0.0)) / (2.0 * rho))
-            cos_psi = np.where(real, 1.0, Pa / (2.0 * rho))
-        A = wnoise * s_inf
-        fields = {
-            "kappa": kappa, "A": A, "AQ2": A * Q * Q, "C": 2.0 * wnoise * Q * p_inf,
-            "psi": np.arctan2(sin_psi, cos_psi),
-            "log_mod": np.where(real, np.log(r1), np.log(rho)), "r1": np.where(real, r1, rho), "L": L, "x": x,
-            "neg_inv_w": np.where(w > 0, -1.0 / np.where(w > 0, w, 1.0), -0.0), "cos_psi": cos_psi,
-            "sin_psi": sin_psi, "inv_sin_psi": 1.0 / sin_psi,
-        }
-        values = np.stack([np.broadcast_to(fields[f], Q.shape) for f in _FIELDS])
-        cplx, x_neg, double, p_neg = ~real, x < 0, real & (w <= 0), P < 0
-        moments = (values[_F["x"]] != 0) | (kappa != 0) | (values[_F["AQ2"]] != 0) | (values[_F["C"]] != 0)
+            two_rho = 2.0 * rho
+            v["sin_psi"].fill(1.0)  # (1 for real roots, unused)
+            np.divide(np.sqrt(np.maximum(-disc, 0.0)), two_rho, out=v["sin_psi"], where=cplx)
+            v["cos_psi"].fill(1.0)
+            np.divide(Pa, two_rho, out=v["cos_psi"], where=cplx)
+            np.arctan2(v["sin_psi"], v["cos_psi"], out=v["psi"])
+            np.divide(1.0, v["sin_psi"], out=v["inv_sin_psi"])
+            np.log(r1, out=v["log_mod"])  # log r1, or log ρ for complex roots
+            np.log(rho, out=v["log_mod"], where=cplx)
+            np.copyto(v["r1"], r1)  # r1, or ρ for complex roots
+            np.copyto(v["r1"], rho, where=cplx)
+            v["neg_inv_w"].fill(-0.0)  # −1/w, 0 at w = 0
+            np.divide(-1.0, w, out=v["neg_inv_w"], where=w > 0)
+        np.copyto(v["kappa"], kappa)
+        A = np.multiply(wnoise, s_inf, out=v["A"])
+        np.multiply(A, Q, out=v["AQ2"])
+        v["AQ2"] *= Q
+        np.multiply(2.0, wnoise, out=v["C"])
+        v["C"] *= Q
+        v["C"] *= p_inf
+        x_neg, double, p_neg = x < 0, real & (w <= 0), P < 0
+        moments = (x != 0) | (kappa != 0) | (v["AQ2"] != 0) | (v["C"] != 0)
         flags = sum(bit * m.any(axis=1) for bit, m in ((_CPLX, cplx), (_X_NEG, x_neg), (_DOUBLE, double),
                                                         (_P_NEG, p_neg), (_MOMENTS, moments)))
         return _Fields(values, cplx, x_neg, double, p_neg, A.sum(axis=1), np.asarray(flags, dtype=np.int64),
