@@ -274,6 +274,20 @@ def _reached(plan: _Plan, cfg: np.ndarray, t: np.ndarray, bs: np.ndarray, target
     return det + noise / bs <= target
 
 
+class _Shrinking:
+    """The fields of the lanes still active in a loop whose active set only shrinks: re-gathered only when it
+    shrinks, from the previous (smaller) gather, instead of every round."""
+
+    def __init__(self, data: _Fields) -> None:
+        self.lanes, self.data = np.arange(data.flags.size), data
+
+    def __call__(self, idx: np.ndarray) -> _Fields:  # idx: sorted subset of the previous call's idx
+        if idx.size < self.lanes.size:
+            self.data = self.data[np.searchsorted(self.lanes, idx)]
+            self.lanes = idx
+        return self.data
+
+
 def _lane_fields(plan: _Plan, cfg: np.ndarray) -> _Fields:
     """``plan.fields(cfg)``, computed once per distinct configuration (lanes often share one)."""
     uniq, inv = np.unique(cfg, return_inverse=True)
@@ -293,12 +307,13 @@ def _bisect(plan: _Plan, cfg: np.ndarray, bs: np.ndarray, lo: np.ndarray, hi: np
         at1 = _reached(plan, cfg[zero], np.ones(zero.sum()), bs[zero], target, data[zero])
         hi[np.flatnonzero(zero)[at1]] = 1.0
         lo[zero] = np.maximum(lo[zero], 1.0)
+    active = _Shrinking(data)
     while True:
         idx = np.flatnonzero(hi - lo > 1)
         if idx.size == 0:
             return hi
         mid = np.floor((lo[idx] + hi[idx]) / 2)
-        ok = _reached(plan, cfg[idx], mid, bs[idx], target, data[idx])
+        ok = _reached(plan, cfg[idx], mid, bs[idx], target, active(idx))
         hi[idx[ok]] = mid[ok]
         lo[idx[~ok]] = mid[~ok]
 
@@ -531,6 +546,7 @@ def _secant_crossing(plan: _Plan, cfg: np.ndarray, bs: np.ndarray, target: float
     newton = np.full(lo.size, np.nan)  # Newton estimate from the pair nearest the crossing so far (nan: none)
     best = np.full(lo.size, np.inf)  # |f| at that pair
     slow = np.zeros(lo.size, dtype=np.int8)  # rounds in a row whose bracket did not halve
+    active = _Shrinking(data)
     while True:
         idx = np.flatnonzero(hi - lo > 1)
         if idx.size == 0:
@@ -543,7 +559,7 @@ def _secant_crossing(plan: _Plan, cfg: np.ndarray, bs: np.ndarray, target: float
         est = np.where(np.isfinite(est) & (slow[idx] < 3), est, (a + b) / 2)
         t1 = np.clip(np.floor(est), a + 1, b - 1)
         t = np.stack([t1, np.minimum(t1 + 1, b - 1)], axis=1)  # (n, 2)
-        r = _risk(plan, cfg[idx], t, bs[idx], data[idx])
+        r = _risk(plan, cfg[idx], t, bs[idx], active(idx))
         reached = r <= target
         rows = np.arange(idx.size)
         t_hi = np.where(reached, t, np.inf)
