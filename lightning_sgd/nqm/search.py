@@ -295,9 +295,13 @@ def _lane_fields(plan: _Plan, cfg: np.ndarray) -> _Fields:
 
 
 def _bisect(plan: _Plan, cfg: np.ndarray, bs: np.ndarray, lo: np.ndarray, hi: np.ndarray, target: float,
-            data: _Fields | None = None) -> np.ndarray:
+            data: _Fields | None = None, group: np.ndarray | None = None) -> np.ndarray:
     """Smallest integer t in (lo, hi] with risk ≤ target, given it holds at hi and not at lo (lo ≥ 0).
-    ``data``: the lanes' ``plan.fields(cfg)`` when the caller has them."""
+    ``data``: the lanes' ``plan.fields(cfg)`` when the caller has them.
+
+    ``group`` (ints, one per lane): only each group's smallest t is wanted. A lane stops as soon as its lo is at
+    or above the smallest hi in its group (its t > lo cannot beat that lane's), and then returns lo + 1: more than
+    its group's minimum, so the minimum and the lanes attaining it are exactly those of the full bisection."""
     lo, hi = np.asarray(lo, float).copy(), np.asarray(hi, float).copy()
     if data is None:
         data = _lane_fields(plan, cfg)  # computed once, reused by every round
@@ -307,8 +311,15 @@ def _bisect(plan: _Plan, cfg: np.ndarray, bs: np.ndarray, lo: np.ndarray, hi: np
         at1 = _reached(plan, cfg[zero], np.ones(zero.sum()), bs[zero], target, data[zero])
         hi[np.flatnonzero(zero)[at1]] = 1.0
         lo[zero] = np.maximum(lo[zero], 1.0)
+    if group is not None:
+        group = np.unique(group, return_inverse=True)[1]
     active = _Shrinking(data)
     while True:
+        if group is not None:  # lanes that cannot reach their group's minimum are done
+            g_min = np.full(group.max() + 1, np.inf)
+            np.minimum.at(g_min, group, hi)
+            out = (lo >= g_min[group]) & (hi - lo > 1)
+            hi[out] = lo[out] + 1.0
         idx = np.flatnonzero(hi - lo > 1)
         if idx.size == 0:
             return hi
@@ -348,7 +359,7 @@ def _improve(plan: _Plan, cand_cfg: np.ndarray, cand_b: np.ndarray, batch_sizes:
     ok = _reached(plan, cand_cfg, t_test, bs, target, data)
     cand_cfg, cand_b, bs, t_test = cand_cfg[ok], cand_b[ok], bs[ok], t_test[ok]
     if cand_cfg.size:
-        hits = _bisect(plan, cand_cfg, bs, np.zeros(cand_cfg.size), t_test, target, data[ok])
+        hits = _bisect(plan, cand_cfg, bs, np.zeros(cand_cfg.size), t_test, target, data[ok], group=cand_b)
         _update(best, best_cfg, hits, cand_cfg, cand_b)
 
 
@@ -365,7 +376,7 @@ def _certify(plan: _Plan, batch_sizes: ArrayLike, best: np.ndarray, best_cfg: np
     ci, bi = np.nonzero(ok)
     if ci.size:
         c = cfg[rows][ci]
-        hits = _bisect(plan, c, batch_sizes[bi], np.zeros(ci.size), t_test[rows][ci, bi], target)
+        hits = _bisect(plan, c, batch_sizes[bi], np.zeros(ci.size), t_test[rows][ci, bi], target, group=bi)
         _update(best, best_cfg, hits, c, bi)
 
 
@@ -445,7 +456,7 @@ def grid_steps(
         if bi.size:
             k = k_best[bi]
             lo = np.where(k > 0, t_grid[np.maximum(k - 1, 0)], 0.0)
-            hits = _bisect(plan, cfg0[ci], batch_sizes[bi], lo, t_grid[k], target)
+            hits = _bisect(plan, cfg0[ci], batch_sizes[bi], lo, t_grid[k], target, group=bi)
             _update(best, best_cfg, hits, cfg0[ci], bi)
         # level-1 centres: the best coarse lr of the ``n_centres`` best coarse aux columns, per batch size
         aux_of = cfg0 % n_aux
