@@ -75,8 +75,10 @@ def test_materialized_and_gram_forms_equal_the_explicit_per_example_gradient(t):
     a, d = torch.randn(5, t, 7, generator=g, dtype=torch.float64), torch.randn(5, t, 3, generator=g,
                                                                                   dtype=torch.float64)
     truth = torch.einsum("bto,bti->boi", d, a).pow(2).sum((1, 2))
+    bias = d.sum(1).pow(2).sum(1)  # the bias gradient of a layer with input a: Σ_t d_t
     for form in ("auto", "materialize", "gram"):
         torch.testing.assert_close(_sq_norm_of_products(a, d, form), truth, rtol=1e-12, atol=0)
+        torch.testing.assert_close(_sq_norm_of_products(a, d, form, bias=True), truth + bias, rtol=1e-12, atol=0)
 
 
 def test_unsupported_layers_names_only_what_even_the_fallback_cannot_handle():
