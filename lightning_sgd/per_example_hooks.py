@@ -1038,7 +1038,7 @@ class PerExampleNormHooks:
         sq_norms, layers = None, {}
         if self._sq:
             names = list(self._sq)
-            rows = torch.stack([t.double() for name in names for t in self._sq[name]])  # (parts, B)
+            rows = torch.stack([t for name in names for t in self._sq[name]]).double()  # (parts, B)
             sq_norms = rows.sum(0)
             if self.layer_names:
                 sizes = [len(self._sq[name]) for name in names]
