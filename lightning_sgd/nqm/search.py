@@ -58,7 +58,17 @@ class _Fields:
     stable: np.ndarray  # (n,) bool: every bin stable
 
     def __getitem__(self, rows: np.ndarray | slice) -> _Fields:
-        return _Fields(self.values[:, rows], self.cplx[rows], self.x_neg[rows], self.double[rows], self.p_neg[rows],
+        if isinstance(rows, np.ndarray):
+            if rows.dtype == bool:
+                if rows.all():
+                    return self
+                rows = np.flatnonzero(rows)
+            elif rows.size == self.flags.size and np.array_equal(rows, np.arange(rows.size)):
+                return self
+            values = np.take(self.values, rows, axis=1)  # (faster than fancy indexing on the middle axis)
+        else:
+            values = self.values[:, rows]
+        return _Fields(values, self.cplx[rows], self.x_neg[rows], self.double[rows], self.p_neg[rows],
                        self.noise_inf[rows], self.flags[rows], self.stable[rows])
 
 
