@@ -17,8 +17,12 @@ Search (``exhaustive=False``, the default):
 
 Steps are integers ≥ 1: the first t with risk ≤ target, assuming that once reached the risk stays below the
 target. That holds when the risk decays monotonically; a strongly oscillating configuration (underdamped
-momentum, or αh̃ > 1) can dip below the target early, and the bisection then reports a later crossing. The tests
-compare against a step-by-step scan. inf means never (unstable, or steady-state risk above the target).
+momentum, or αh̃ > 1) can dip below the target early, and the search then reports one of its crossings, not
+necessarily the first. The tests compare against a step-by-step scan. inf means never (unstable, or steady-state
+risk above the target).
+
+Only the lanes that can still be a batch size's minimum are bisected to the end (see :func:`_bisect`), and the
+closed form is evaluated in place, chunk by chunk, with sin/cos only on complex-root bins.
 """
 
 from __future__ import annotations
