@@ -159,11 +159,12 @@ class _Plan:
         return _Fields(values, cplx, x_neg, double, p_neg, A.sum(axis=1), np.asarray(flags, dtype=np.int64),
                        stable.all(axis=1))
 
-    def det_noise(self, cfg: np.ndarray, t: np.ndarray, data: _Fields | None = None) -> tuple[np.ndarray,
-                  np.ndarray]:
+    def det_noise(self, cfg: np.ndarray, t: np.ndarray, data: _Fields | None = None,
+                  rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(Det(t), Noise(t) at B = 1) for lanes (cfg[i], t[i, j]); cfg (n,), t (n, m) of integers ≥ 1.
 
-        ``data`` = ``self.fields(cfg)`` when the caller already has it (bisection reuses it every round).
+        ``data`` = ``self.fields(cfg)`` when the caller already has it (bisection reuses it every round), or a
+        table of constants with ``rows`` the row of each lane in it (gathered chunk by chunk).
         """
         t = np.asarray(t, float)
         squeeze = t.ndim == 1
@@ -171,16 +172,14 @@ class _Plan:
         det = np.empty(t2.shape)
         noise = np.empty(t2.shape)
         if data is None:
-            uniq, inv = np.unique(cfg, return_inverse=True)
-            table = self.fields(uniq)
-        else:
-            table, inv = data, np.arange(cfg.size)
-        m, k = t2.shape[1], table.values.shape[2]
+            uniq, rows = np.unique(cfg, return_inverse=True)
+            data = self.fields(uniq)
+        m, k = t2.shape[1], data.values.shape[2]
         chunk = max(1, _CHUNK // (m * k))
         work = np.empty((_WORK, min(chunk, cfg.size) * m * k))
         for s in range(0, cfg.size, chunk):
-            rows = slice(s, s + chunk) if data is not None else inv[s:s + chunk]
-            det[s:s + chunk], noise[s:s + chunk] = self._eval(table[rows], t2[s:s + chunk], work)
+            part = data[slice(s, s + chunk) if rows is None else rows[s:s + chunk]]
+            det[s:s + chunk], noise[s:s + chunk] = self._eval(part, t2[s:s + chunk], work)
         return (det[:, 0], noise[:, 0]) if squeeze else (det, noise)
 
     def _eval(self, data: _Fields, t: np.ndarray, work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -283,8 +282,8 @@ def build_plan(spec: Spectrum, power: float, lrs: ArrayLike, aux: ArrayLike, kin
 
 
 def _reached(plan: _Plan, cfg: np.ndarray, t: np.ndarray, bs: np.ndarray, target: float,
-             data: _Fields | None = None) -> np.ndarray:
-    det, noise = plan.det_noise(cfg, t, data)
+             data: _Fields | None = None, rows: np.ndarray | None = None) -> np.ndarray:
+    det, noise = plan.det_noise(cfg, t, data, rows)
     return det + noise / bs <= target
 
 
@@ -369,11 +368,12 @@ def _improve(plan: _Plan, cand_cfg: np.ndarray, cand_b: np.ndarray, batch_sizes:
     cand_cfg, cand_b, bs, t_test = cand_cfg[keep], cand_b[keep], bs[keep], t_test[keep]
     if cand_cfg.size == 0:
         return
-    data = _lane_fields(plan, cand_cfg)
-    ok = _reached(plan, cand_cfg, t_test, bs, target, data)
+    uniq, inv = np.unique(cand_cfg, return_inverse=True)
+    table = plan.fields(uniq)  # once per configuration, for the test and the bisection
+    ok = _reached(plan, cand_cfg, t_test, bs, target, table, inv)
     cand_cfg, cand_b, bs, t_test = cand_cfg[ok], cand_b[ok], bs[ok], t_test[ok]
     if cand_cfg.size:
-        hits = _bisect(plan, cand_cfg, bs, np.zeros(cand_cfg.size), t_test, target, data[ok], group=cand_b)
+        hits = _bisect(plan, cand_cfg, bs, np.zeros(cand_cfg.size), t_test, target, table[inv[ok]], group=cand_b)
         _update(best, best_cfg, hits, cand_cfg, cand_b)
 
 
