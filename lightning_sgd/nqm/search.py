@@ -171,7 +171,9 @@ class _Plan:
         t2 = t[:, None] if squeeze else t
         det = np.empty(t2.shape)
         noise = np.empty(t2.shape)
-        if data is None:
+        if data is None and self.table is not None:  # all constants at hand: gather per chunk
+            data, rows = self.table, cfg
+        elif data is None:
             uniq, rows = np.unique(cfg, return_inverse=True)
             data = self.fields(uniq)
         m, k = t2.shape[1], data.values.shape[2]
