@@ -86,19 +86,44 @@ def test_grouped_bisection_finds_each_groups_minimum_and_every_lane_attaining_it
     lrs = default_lr_grid(model.max_curvature(0.0), kind="momentum")
     plan = build_plan(model.spectrum, 0.0, lrs, default_momentum_grid(), "momentum", effective_lr=True)
     rng = np.random.default_rng(0)
-    bs = np.repeat(2.0 ** np.arange(0, 13, 3), 40)  # 5 groups (batch sizes) of 40 configurations
-    group = np.repeat(np.arange(5), 40)
+    bs = np.repeat(2.0 ** np.arange(0, 13, 3), 60)  # 5 groups (batch sizes) of 60 configurations
+    group = np.repeat(np.arange(5), 60)
     cfg = rng.choice(np.flatnonzero(plan.stable_cfg & (plan.noise_inf < 0.005)), bs.size)
-    hi = np.full(bs.size, 2.0**24)  # everything reached by then (noise floor below half the target)
-    plain = _bisect(plan, cfg, bs, np.zeros(bs.size), hi, 0.01)
-    grouped = _bisect(plan, cfg, bs, np.zeros(bs.size), hi, 0.01, group=group)
+    # brackets of different widths within a group, so that lanes do not all move in step
+    first = _bisect(plan, cfg, bs, np.zeros(bs.size), np.full(bs.size, 2.0**24), 0.01)
+    lo = np.floor(first * rng.uniform(0.0, 0.9, bs.size))
+    hi = np.minimum(np.ceil(first * rng.uniform(1.0, 8.0, bs.size)), 2.0**24)
+    det, noise = plan.det_noise(cfg, np.maximum(lo, 1.0))
+    valid = (first < 2.0**24) & ((lo == 0) | (det + noise / bs > 0.01))
+    det, noise = plan.det_noise(cfg, hi)
+    valid &= det + noise / bs <= 0.01  # (a bisection's precondition: above the target at lo, at or below at hi)
+    cfg, bs, group, lo, hi = cfg[valid], bs[valid], group[valid], lo[valid], hi[valid]
+    plain = _bisect(plan, cfg, bs, lo, hi, 0.01)
+    grouped = _bisect(plan, cfg, bs, lo, hi, 0.01, group=group)
     for g in range(5):
         lanes = group == g
+        assert lanes.sum() >= 15
         best = plain[lanes].min()
         assert grouped[lanes].min() == best
         assert np.array_equal(plain[lanes] == best, grouped[lanes] == best)  # the same lanes attain it
         assert np.all(grouped[lanes][plain[lanes] > best] > best)  # the others report more, never less
     assert np.sum(grouped != plain) > 0  # (and some lanes did stop early)
+
+
+def test_grouped_bisection_at_the_edges_of_the_groups_minimum():
+    # lanes whose lower end sits exactly at, or one below, the group's best upper end: the first can only lose,
+    # the second may still tie (same configuration) or lose (a slower one); "lose" must report more than the minimum
+    model = NQM(dim=1000, bins=30)
+    plan = build_plan(model.spectrum, 0.0, np.array([0.5, 0.05]) / model.max_curvature(0.0), None, "sgd")
+    fast, slow = _bisect(plan, np.array([0, 1]), np.full(2, 256.0), np.zeros(2), np.full(2, 2.0**24), 0.01)
+    assert slow > fast + 2
+    cfg = np.array([0, 0, 1, 1, 1])
+    lo = np.array([0.0, fast - 1, fast, fast - 1, fast - 2])
+    hi = np.array([fast, fast + 5, 2 * slow, 2 * slow, 2 * slow])
+    grouped = _bisect(plan, cfg, np.full(5, 256.0), lo, hi, 0.01, group=np.zeros(5, dtype=int))
+    assert grouped[0] == grouped[1] == fast  # both lanes of the fast configuration attain the minimum
+    assert np.all(grouped[2:] > fast)  # the slow one's lanes stop early, reporting more than the minimum
+    assert np.array_equal(_bisect(plan, cfg, np.full(5, 256.0), lo, hi, 0.01), [fast, fast, slow, slow, slow])
 
 
 def test_crossing_steps_of_a_lane_do_not_depend_on_the_other_lanes():
