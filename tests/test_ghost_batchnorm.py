@@ -16,6 +16,7 @@ import torch
 import yaml
 from torch import nn
 
+from lightning_sgd.plugins import ghost_batchnorm
 from lightning_sgd.plugins.ghost_batchnorm import GhostBatchNorm, GhostBatchNormCallback, convert_to_ghost_batchnorm
 
 
@@ -62,12 +63,20 @@ def _ghost_chunks(x, g):
     return torch.split(x, sizes)
 
 
+@pytest.fixture(params=["per_chunk", "vectorized"])
+def chunk_path(request, monkeypatch):
+    """Both ways of normalizing the full chunks (one call per chunk: CPU; chunks in the channel axis: accelerators),
+    each checked on CPU."""
+    monkeypatch.setattr(ghost_batchnorm, "_vectorize", lambda input: request.param == "vectorized")
+    return request.param
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("bn_cls,shape", [(nn.BatchNorm1d, (7,)), (nn.BatchNorm1d, (7, 9)),
                                           (nn.BatchNorm2d, (7, 4, 3)), (nn.BatchNorm3d, (7, 2, 3, 2))])
 # 4 chunks of 32; 4 chunks + a remainder of 9; 3 chunks + one of 33 (remainder 1); one chunk of 33 (N = G + 1)
 @pytest.mark.parametrize("batch", [128, 137, 129, 33])
-def test_ghost_equals_bn_on_each_chunk(bn_cls, shape, momentum, batch):
+def test_ghost_equals_bn_on_each_chunk(bn_cls, shape, momentum, batch, chunk_path):
     bn, ghost = _pair(bn_cls, shape[0], ghost=32, momentum=momentum)
     with torch.no_grad():
         bn.num_batches_tracked.fill_(3)  # the cumulative average must continue from an existing count
@@ -94,7 +103,13 @@ def test_ghost_equals_bn_on_each_chunk(bn_cls, shape, momentum, batch):
     torch.testing.assert_close(ghost(x), bn(x), rtol=1e-12, atol=1e-12)
 
 
-def test_float32_matches_chunks():
+def test_cpu_normalizes_chunk_by_chunk():
+    # The per-chunk path is the one CPU runs (faster there: benchmarks/ghost_bn.py); accelerators vectorize.
+    assert not ghost_batchnorm._vectorize(torch.zeros(2, 3))
+    assert ghost_batchnorm._vectorize(torch.zeros(2, 3, device="meta"))
+
+
+def test_float32_matches_chunks(chunk_path):
     bn, ghost = _pair(nn.BatchNorm2d, 8, ghost=32, dtype=torch.float32)
     x = torch.randn(128, 8, 4, 4)
     ref = torch.cat([bn(c) for c in x.split(32)])
