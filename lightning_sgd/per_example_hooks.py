@@ -425,38 +425,42 @@ def _conv_form(conv: nn.Module, x: Tensor, d: Tensor) -> str:
 
 
 # Closed forms per layer type, Opacus-style: each takes (module, input x, output gradient d (upcast), batch size b,
-# whether the weight / the bias is trainable) and returns the (B,) squared norms of the per-example weight
-# contributions (or None) and the (B, ...) per-example bias contributions (or None); or, where it is cheaper to take
-# the bias along with the weight, a _Both: the (B,) squared norms of both and the batch sum of the bias's.
-_Form = Callable[[nn.Module, Tensor, Tensor, int, bool, bool], "tuple[Tensor | None, Tensor | None] | _Both"]
+# whether the weight / the bias is trainable) and returns the (B,) squared norms of the per-example contributions to
+# the layer's trainable parameters together, and the batch sum of the bias contributions (None without a trainable
+# bias). Where the bias is cheaper taken along with the weight (as an input of ones) the form does so; the others
+# add its norms with _with_bias.
+_Form = Callable[[nn.Module, Tensor, Tensor, int, bool, bool], tuple[Tensor, Tensor | None]]
 
 
-@dataclass
-class _Both:
-    sq: Tensor  # (B,) squared norms of the per-example weight and bias contributions together
-    bias_sum: Tensor  # the batch sum of the bias contributions
+def _with_bias(sq: Tensor | None, bias_grad: Tensor | None, d: Tensor) -> tuple[Tensor, Tensor | None]:
+    """A form's result from the (B,) weight squared norms (or None) and the (B, ...) per-example bias
+    contributions (or None)."""
+    if bias_grad is None:
+        return (sq if sq is not None else d.new_zeros(d.shape[0])), None
+    bias_sq = _rows(bias_grad).square().sum(1)
+    return (bias_sq if sq is None else sq + bias_sq), bias_grad.sum(0)
 
 
 def _linear_form(module: nn.Module, x: Tensor, d: Tensor, b: int, weight: bool,
-                 bias: bool) -> tuple[Tensor | None, Tensor | None] | _Both:
+                 bias: bool) -> tuple[Tensor, Tensor | None]:
     d3 = d.reshape(b, -1, d.shape[-1])  # (B, T, out)
     if weight and bias:  # the bias as an input that is 1 everywhere
-        return _Both(_sq_norm_of_products(_up(x).reshape(b, -1, x.shape[-1]), d3, bias=True), d3.sum((0, 1)))
+        return _sq_norm_of_products(_up(x).reshape(b, -1, x.shape[-1]), d3, bias=True), d3.sum((0, 1))
     sq = _sq_norm_of_products(_up(x).reshape(b, -1, x.shape[-1]), d3) if weight else None
-    return sq, d3.sum(1) if bias else None
+    return _with_bias(sq, d3.sum(1) if bias else None, d)
 
 
 def _convolution_form(module: nn.Module, x: Tensor, d: Tensor, b: int, weight: bool,
-                      bias: bool) -> tuple[Tensor | None, Tensor | None] | _Both:
+                      bias: bool) -> tuple[Tensor, Tensor | None]:
     if not weight:
-        return None, d.reshape(b, d.shape[1], -1).sum(2) if bias else None  # bias: (B, out)
+        return _with_bias(None, d.reshape(b, d.shape[1], -1).sum(2) if bias else None, d)  # bias: (B, out)
     x = _up(x)
     sq = _conv_form_sq_norms(_conv_form(module, x, d), module, x, d, bias)
-    return _Both(sq, d.sum([0, *range(2, d.dim())])) if bias else (sq, None)
+    return sq, d.sum([0, *range(2, d.dim())]) if bias else None
 
 
 def _embedding_form(module: nn.Module, x: Tensor, d: Tensor, b: int, weight: bool,
-                    bias: bool) -> tuple[Tensor | None, Tensor | None]:
+                    bias: bool) -> tuple[Tensor, Tensor | None]:
     idx = x.reshape(b, -1)  # (B, T)
     d3 = d.reshape(b, idx.shape[1], -1)  # (B, T, dim)
     if module.padding_idx is not None:
@@ -473,7 +477,7 @@ def _unit_affine(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
 
 
 def _layer_norm_form(module: nn.Module, x: Tensor, d: Tensor, b: int, weight: bool,
-                     bias: bool) -> tuple[Tensor | None, Tensor | None]:
+                     bias: bool) -> tuple[Tensor, Tensor | None]:
     x = _up(x)
     if isinstance(module, nn.RMSNorm):
         x_hat = F.rms_norm(x, module.normalized_shape, eps=module.eps)
@@ -484,11 +488,11 @@ def _layer_norm_form(module: nn.Module, x: Tensor, d: Tensor, b: int, weight: bo
     # x̂ is this form's own tensor: multiplied in place (one activation-sized allocation fewer: fresh pages of that
     # size cost as much as the product inside a backward)
     sq = x_hat.mul_(d).reshape(b, -1, width).sum(1).square().sum(1) if weight else None
-    return sq, d.reshape(b, -1, *module.normalized_shape).sum(1) if bias else None  # bias: (B, *normalized_shape)
+    return _with_bias(sq, d.reshape(b, -1, *module.normalized_shape).sum(1) if bias else None, d)
 
 
 def _channel_norm_form(module: nn.Module, x: Tensor, d: Tensor, b: int, weight: bool,
-                       bias: bool) -> tuple[Tensor | None, Tensor | None]:
+                       bias: bool) -> tuple[Tensor, Tensor | None]:
     if isinstance(module, nn.GroupNorm):
         x_hat = F.group_norm(_up(x), module.num_groups, eps=module.eps)
     elif isinstance(module, _BATCH_NORMS):  # eval mode (train mode is refused before): running statistics
@@ -500,7 +504,7 @@ def _channel_norm_form(module: nn.Module, x: Tensor, d: Tensor, b: int, weight: 
                                 use_input_stats=instance_stats, eps=module.eps)
     channels = x_hat.shape[1]
     sq = x_hat.mul_(d).reshape(b, channels, -1).sum(2).square().sum(1) if weight else None  # Σ over positions
-    return sq, d.reshape(b, channels, -1).sum(2) if bias else None
+    return _with_bias(sq, d.reshape(b, channels, -1).sum(2) if bias else None, d)
 
 
 _FORMS: tuple[tuple[tuple[type, ...], _Form], ...] = (
@@ -522,13 +526,7 @@ def _layer_sq_norms(module: nn.Module, x: Tensor, d: Tensor) -> tuple[Tensor, Te
     form = next((f for types, f in _FORMS if isinstance(module, types)), None)
     if form is None:  # pragma: no cover - only closed-form units reach here (_closed_form_miss)
         raise TypeError(f"unsupported layer {type(module).__name__}")
-    out = form(module, x, d, b, weight, bias)
-    if isinstance(out, _Both):
-        return out.sq, out.bias_sum
-    sq, bias_grad = out
-    parts = [p for p in (sq, None if bias_grad is None else _rows(bias_grad).square().sum(1)) if p is not None]
-    total = sum(parts[1:], parts[0]) if parts else torch.zeros(b, dtype=d.dtype, device=d.device)
-    return total, None if bias_grad is None else bias_grad.sum(0)
+    return form(module, x, d, b, weight, bias)
 
 
 class _NotPerExample(Exception):
@@ -698,9 +696,9 @@ class _Shared:
     """The per-example output gradients of one broadcast layer call, gathered at the nodes that add its output to
     per-example tensors (node pre-hooks; see :meth:`PerExampleNormHooks._capture_shared`)."""
 
-    def __init__(self, name: str, node: Any, shape: tuple[int, ...], n: int) -> None:
-        self.name, self.node, self.shape, self.n = name, node, shape, n
-        self.consumers: list[Any] | None = None  # the adding nodes, once found
+    def __init__(self, node: Any, shape: tuple[int, ...], n: int) -> None:
+        self.node, self.shape, self.n = node, shape, n
+        self.found = False  # an adding node is watched
         self.unsupported: str | None = None  # why the output cannot be read per example
         self.grads: Tensor | None = None  # (n, *per-example output shape), summed over the consumers
         self.lead = False  # output (1, ...) broadcast along its own first dim, else a new leading batch dim
@@ -714,7 +712,7 @@ class _Shared:
             return
         alpha = float(getattr(node, "_saved_alpha", 1.0))
         signs = [1.0 if slot == 0 else (alpha if name == "AddBackward0" else -alpha) for slot in slots]
-        self.consumers = [*(self.consumers or []), node]
+        self.found = True
         self._handles.append(node.register_prehook(lambda grad_outputs: self._read(grad_outputs, sum(signs))))
 
     def _read(self, grad_outputs: tuple[Tensor | None, ...], sign: float) -> None:
@@ -753,7 +751,7 @@ class _Shared:
 def _find_consumers(shared: list[_Shared], tensors: list[Any], n: int | None) -> None:
     """Look back from ``tensors`` (a later layer's inputs) through at most ``_CONSUMER_DEPTH`` autograd nodes for
     the nodes that take a pending broadcast output as an operand."""
-    pending = {id(s.node): s for s in shared if s.consumers is None and s.unsupported is None}
+    pending = {id(s.node): s for s in shared if not s.found and s.unsupported is None}
     if not pending:
         return
     frontier = [t.grad_fn for t in tensors if isinstance(t, Tensor) and t.grad_fn is not None
@@ -888,7 +886,7 @@ class PerExampleNormHooks:
         name = self._names.get(module, "?")
         try:
             if self._capturing():
-                if any(shared.consumers is None for shared in self._shared):
+                if any(not shared.found for shared in self._shared):
                     _find_consumers(self._shared, tree_flatten((args, kwargs))[0], self._n)
                 self._capture(module, name, args, kwargs, output)
         except Exception as err:  # noqa: BLE001 - never raise into the user's forward
@@ -964,14 +962,19 @@ class PerExampleNormHooks:
         def on_grad(d: Tensor) -> None:
             self._pending -= 1
             try:
-                sq, bias_sum = _layer_sq_norms(module, x, d.detach())
-                self._add(unit.name, sq)
-                if bias_sum is not None:
-                    self._grad_sums[unit.full["bias"]] = bias_sum
+                self._record(module, unit, x, d.detach())
             except Exception as err:  # noqa: BLE001 - never raise into the user's backward
                 self._flag(f"layer {unit.name!r}: {type(err).__name__}: {err}")
 
         output.register_hook(on_grad)
+
+    def _record(self, module: nn.Module, unit: _Unit, x: Tensor, d: Tensor) -> None:
+        """A closed-form call's per-example squared norms from its input ``x`` and output gradients ``d``, both with
+        the batch's examples in dim 0."""
+        sq, bias_sum = _layer_sq_norms(module, x, d)
+        self._add(unit.name, sq)
+        if bias_sum is not None:
+            self._grad_sums[unit.full["bias"]] = bias_sum
 
     def _capture_shared(self, module: nn.Module, unit: _Unit, x: Tensor, output: Tensor) -> None:
         """A closed-form layer whose output is shared by every example (its input is broadcast over the batch:
@@ -980,7 +983,7 @@ class PerExampleNormHooks:
         (``tok_emb + pos_emb``), the gradient of that sum holds each example's own (:func:`_find_consumers`, found
         from the inputs of the layers called after it). The per-example gradients read there must add up to what
         reaches the output; anything else consuming it leaves a step that is reported, not misread."""
-        shared = _Shared(unit.name, output.grad_fn, tuple(output.shape), self._n)
+        shared = _Shared(output.grad_fn, tuple(output.shape), self._n)
         self._shared.append(shared)
         self.broadcast[unit.name] = shared.shape
         self._pending += 1
@@ -996,10 +999,7 @@ class PerExampleNormHooks:
                     return
                 assert shared.grads is not None
                 xs = x.expand(shared.n, *x.shape[1:]) if shared.lead else x.unsqueeze(0).expand(shared.n, *x.shape)
-                sq, bias_sum = _layer_sq_norms(module, xs, shared.grads)
-                self._add(unit.name, sq)
-                if bias_sum is not None:
-                    self._grad_sums[unit.full["bias"]] = bias_sum
+                self._record(module, unit, xs, shared.grads)
             except Exception as err:  # noqa: BLE001 - never raise into the user's backward
                 self._flag(f"layer {unit.name!r}: {type(err).__name__}: {err}")
             finally:
@@ -1091,8 +1091,8 @@ def validate(module: nn.Module, batch: Any, *, loss: ModuleLoss | None = None, e
     head = slice_batch(batch, slice(0, k), "validate")
     with module_eval(module):
         try:
-            got, hooks = _hooked_stats(module, head, loss, False, layers)
-            got = got.sq_norms
+            stats, hooks = _hooked_stats(module, head, loss, False, layers)
+            got = stats.sq_norms
         except ValueError as err:  # what the hooks reported (a layer called twice, ...)
             return str(err)
         ambiguous = [name for name, shape in hooks.broadcast.items() if shape[0] == n]
