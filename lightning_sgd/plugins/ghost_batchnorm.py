@@ -186,20 +186,11 @@ class GhostBatchNorm(_BatchNorm):
         chunk_vars: list[Tensor] = []
         # split, not sliced: the backward of a split assembles the input's gradient once, where each slice's backward
         # would write a full-size zero tensor (on CPU that made the layer 4x slower than the chunks' own work)
-        vectorize = _vectorize(input)
-        pieces = list(input.split(([k * g] if vectorize else [g] * k) + ([r] if r else []) if k else [r]))
-        rest_input = pieces.pop() if r else None
+        vectorize = k > 0 and _vectorize(input)
+        pieces = list(input.split(([k * g] if vectorize else [g] * k) + ([r] if r else [])))
 
-        if k and not vectorize:
-            for piece in pieces:
-                mean = torch.zeros(c, device=input.device, dtype=stats_dtype) if track else None
-                var = torch.zeros(c, device=input.device, dtype=stats_dtype) if track else None
-                outs.append(F.batch_norm(piece, mean, var, self.weight, self.bias, True, 1.0, self.eps))
-                if track:
-                    chunk_means.append(mean.view(1, c))
-                    chunk_vars.append(var.view(1, c))
-        elif k:  # full chunks into the channel axis: (k*g, C, *S) -> (k, g, C, *S) -> (g, k, C, *S) -> (g, k*C, *S)
-            head = pieces[0].reshape(k, g, c, *spatial).transpose(0, 1).reshape(g, k * c, *spatial)
+        if vectorize:  # full chunks into the channel axis: (k*g, C, *S) -> (k, g, C, *S) -> (g, k*C, *S)
+            head = pieces.pop(0).reshape(k, g, c, *spatial).transpose(0, 1).reshape(g, k * c, *spatial)
             weight = self.weight.repeat(k) if self.weight is not None else None
             bias = self.bias.repeat(k) if self.bias is not None else None
             # momentum 1 on zero buffers: the kernel writes each chunk's mean and UNBIASED variance into them.
@@ -211,14 +202,15 @@ class GhostBatchNorm(_BatchNorm):
                 chunk_means.append(means.view(k, c))
                 chunk_vars.append(variances.view(k, c))
 
-        if r:  # the last chunk: a remainder of >= 2 examples, or the last full chunk plus a remainder of one
-            rest_mean = torch.zeros(c, device=input.device, dtype=stats_dtype) if track else None
-            rest_var = torch.zeros(c, device=input.device, dtype=stats_dtype) if track else None
-            outs.append(F.batch_norm(rest_input, rest_mean, rest_var, self.weight, self.bias, True, 1.0,
-                                     self.eps))  # (r, C, *S)
+        # One native call per remaining piece: every ghost batch on CPU; on accelerators the last chunk only (a
+        # remainder of >= 2 examples, or the last full chunk plus a remainder of one).
+        for piece in pieces:
+            mean = torch.zeros(c, device=input.device, dtype=stats_dtype) if track else None
+            var = torch.zeros(c, device=input.device, dtype=stats_dtype) if track else None
+            outs.append(F.batch_norm(piece, mean, var, self.weight, self.bias, True, 1.0, self.eps))
             if track:
-                chunk_means.append(rest_mean.view(1, c))
-                chunk_vars.append(rest_var.view(1, c))
+                chunk_means.append(mean.view(1, c))
+                chunk_vars.append(var.view(1, c))
 
         if track:
             self._update_running_stats(torch.cat(chunk_means), torch.cat(chunk_vars))
